@@ -1,0 +1,3 @@
+"""lorag: one runtime for domain-specialised LLMs (LoRA adapters + RAG + guards)."""
+
+__version__ = "0.1.0"

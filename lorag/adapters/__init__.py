@@ -1,0 +1,1 @@
+"""Adapters: registry (validate, version, load/unload) and LoRA training."""

@@ -1,0 +1,275 @@
+"""The adapter registry: names, versions, engine ids, persisted in the state directory.
+
+A registered adapter is copied under the state directory so that a version is
+immutable (editing the source directory later changes nothing that is served)
+and so that a restart finds everything it served before. Engine ids
+(`lora_int_id`) are never reused: a new version always gets a new id, so the
+engine can never serve stale weights under a recycled id.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lorag.adapters.validate import AdapterInfo, AdapterInvalid
+from lorag.errors import ConflictError, LoragError, NotFoundError
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
+REGISTRY_FILE = "registry.json"
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    """One immutable version of a named adapter, as the engine will load it."""
+
+    name: str
+    version: str
+    lora_int_id: int
+    path: str
+    source: str
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    base_model: str
+    created_at: float
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+@dataclass
+class _Named:
+    current: str
+    versions: dict[str, AdapterVersion] = field(default_factory=dict)
+
+
+def split_ref(ref: str) -> tuple[str, str | None]:
+    """'legal@v2' -> ('legal', 'v2'); 'legal' -> ('legal', None)."""
+    name, _, version = ref.partition("@")
+    return name, (version or None)
+
+
+def check_name(name: str, version: str | None = None) -> None:
+    if not NAME_PATTERN.match(name):
+        raise AdapterInvalid(
+            f"Adapter name {name!r} is invalid: use letters, digits, '.', '_' or '-' (max 64), starting with a letter or digit."
+        )
+    if version is not None and not VERSION_PATTERN.match(version):
+        raise AdapterInvalid(f"Adapter version {version!r} is invalid: use letters, digits, '.', '_' or '-' (max 32).")
+
+
+class AdapterRegistry:
+    """Thread-safe registry backed by `<state>/adapters/registry.json` (atomic rewrites)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.root = state_dir / "adapters"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._file = self.root / REGISTRY_FILE
+        self._lock = threading.RLock()
+        self._names: dict[str, _Named] = {}
+        self._next_id = 1
+        self._load()
+
+    # -- reading -----------------------------------------------------------------
+
+    def resolve(self, ref: str) -> AdapterVersion:
+        """The version a request for `ref` gets now ('name' -> its current version)."""
+        name, version = split_ref(ref)
+        with self._lock:
+            named = self._names.get(name)
+            if named is None:
+                raise NotFoundError(f"The model '{ref}' does not exist.", param="model")
+            chosen = version or named.current
+            entry = named.versions.get(chosen)
+            if entry is None:
+                known = ", ".join(sorted(named.versions))
+                raise NotFoundError(
+                    f"The model '{ref}' does not exist (versions of '{name}': {known}).", param="model"
+                )
+            return entry
+
+    def current(self) -> list[AdapterVersion]:
+        """The current version of every name."""
+        with self._lock:
+            return [n.versions[n.current] for _, n in sorted(self._names.items())]
+
+    def all_versions(self) -> list[AdapterVersion]:
+        with self._lock:
+            return [v for _, n in sorted(self._names.items()) for _, v in sorted(n.versions.items())]
+
+    def describe(self, name: str) -> dict:
+        with self._lock:
+            named = self._names.get(name)
+            if named is None:
+                raise NotFoundError(f"No adapter named '{name}'.")
+            return {
+                "name": name,
+                "current": named.current,
+                "versions": [version_to_json(v) for _, v in sorted(named.versions.items())],
+            }
+
+    # -- writing -----------------------------------------------------------------
+
+    def register(
+        self,
+        name: str,
+        source: Path,
+        info: AdapterInfo,
+        *,
+        version: str | None = None,
+        activate: bool = True,
+    ) -> AdapterVersion:
+        """Copy a validated adapter in and record it; `activate` makes it the name's current version."""
+        check_name(name, version)
+        with self._lock, self._file_lock():
+            named = self._names.get(name)
+            version = version or self._next_version(named)
+            if named and version in named.versions:
+                raise ConflictError(f"Adapter {name}@{version} already exists; pick a new version.")
+            target = self.root / name / version
+            _copy_atomically(source, target)
+            entry = AdapterVersion(
+                name=name,
+                version=version,
+                lora_int_id=self._next_id,
+                path=str(target),
+                source=str(source),
+                rank=info.rank,
+                alpha=info.alpha,
+                target_modules=info.target_modules,
+                base_model=info.base_model,
+                created_at=time.time(),
+            )
+            self._next_id += 1
+            if named is None:
+                named = self._names[name] = _Named(current=version)
+            named.versions[version] = entry
+            if activate:
+                named.current = version
+            self._save()
+            return entry
+
+    def activate(self, name: str, version: str) -> AdapterVersion:
+        """Point `name` at `version`; requests already running keep the version they started with."""
+        with self._lock, self._file_lock():
+            entry = self.resolve(f"{name}@{version}")
+            self._names[name].current = version
+            self._save()
+            return entry
+
+    def unregister(self, name: str, version: str | None = None) -> list[AdapterVersion]:
+        """Forget one version (or all of a name); returns what was removed. Files are deleted by the caller."""
+        with self._lock, self._file_lock():
+            named = self._names.get(name)
+            if named is None:
+                raise NotFoundError(f"No adapter named '{name}'.")
+            if version is None:
+                removed = list(named.versions.values())
+                del self._names[name]
+            else:
+                entry = named.versions.pop(version, None)
+                if entry is None:
+                    raise NotFoundError(f"No adapter version '{name}@{version}'.")
+                removed = [entry]
+                if not named.versions:
+                    del self._names[name]
+                elif named.current == version:
+                    named.current = max(named.versions.values(), key=lambda v: v.created_at).version
+            self._save()
+            return removed
+
+    def delete_files(self, entry: AdapterVersion) -> None:
+        shutil.rmtree(entry.path, ignore_errors=True)
+        parent = Path(entry.path).parent
+        if parent.exists() and not any(parent.iterdir()):
+            parent.rmdir()
+
+    # -- persistence -------------------------------------------------------------
+
+    def _next_version(self, named: _Named | None) -> str:
+        numbers = [int(v[1:]) for v in (named.versions if named else {}) if re.fullmatch(r"v\d+", v)]
+        return f"v{max(numbers, default=0) + 1}"
+
+    @contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        """Serialise writers across processes (the CLI and a server on the same state dir)."""
+        with open(self.root / ".lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                self._load()
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _load(self) -> None:
+        if not self._file.exists():
+            return
+        try:
+            data = json.loads(self._file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise LoragError(f"Adapter registry {self._file} is unreadable: {err}") from None
+        self._next_id = int(data.get("next_id", 1))
+        names: dict[str, _Named] = {}
+        for name, raw in data.get("adapters", {}).items():
+            versions = {
+                v: AdapterVersion(**{**e, "target_modules": tuple(e["target_modules"])})
+                for v, e in raw["versions"].items()
+            }
+            names[name] = _Named(current=raw["current"], versions=versions)
+        self._names = names
+
+    def _save(self) -> None:
+        data = {
+            "next_id": self._next_id,
+            "adapters": {
+                name: {
+                    "current": n.current,
+                    "versions": {v: version_to_json(e) for v, e in n.versions.items()},
+                }
+                for name, n in self._names.items()
+            },
+        }
+        _write_atomically(self._file, json.dumps(data, indent=2))
+
+
+def version_to_json(entry: AdapterVersion) -> dict:
+    data = asdict(entry)
+    data["target_modules"] = list(entry.target_modules)
+    return data
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _copy_atomically(source: Path, target: Path) -> None:
+    """Copy the adapter's config and weights (only) so a crash never leaves half a version."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        for item in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copy2(source / item, staging / item)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

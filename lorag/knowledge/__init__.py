@@ -1,0 +1,1 @@
+"""Knowledge bases: ingestion with llama-index, Chroma storage, hybrid retrieval, citations."""

@@ -1,0 +1,1 @@
+"""Serving core: vLLM engine, request path, OpenAI-compatible server, auth."""

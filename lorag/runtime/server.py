@@ -1,0 +1,159 @@
+"""The FastAPI application: routers, error shape, request ids, health and readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import structlog
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from lorag import __version__
+from lorag.adapters.registry import AdapterRegistry
+from lorag.adapters.service import AdapterService
+from lorag.config import Settings
+from lorag.logging import get_logger
+from lorag.runtime import admin_api, openai_api
+from lorag.runtime.engine import Engine
+from lorag.runtime.errors import error_response, install_error_handlers
+from lorag.runtime.pipeline import Runtime
+
+log = get_logger("lorag.server")
+# Routers of other parts, included when that part is installed in this checkout.
+OPTIONAL_ROUTERS = ("lorag.knowledge.api",)
+
+
+class RequestContext:
+    """Pure ASGI middleware: request id, body size limit, one log event per request.
+
+    Pure ASGI rather than BaseHTTPMiddleware: it must not buffer or slow down streams.
+    """
+
+    def __init__(self, app: Any, max_body: int) -> None:
+        self.app = app
+        self.max_body = max_body
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        request_id = (headers.get(b"x-request-id") or b"").decode(errors="replace")[:64] or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            response = error_response(413, f"Request body is larger than {self.max_body} bytes.",
+                                      "invalid_request_error", code="request_too_large")
+            await response(scope, receive, send)
+            return
+        status = {"code": 0}
+
+        async def send_wrapper(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        started = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            log.info("http_request", method=scope.get("method"), path=scope.get("path"), status=status["code"],
+                     duration_ms=round((time.perf_counter() - started) * 1000, 2))
+            structlog.contextvars.unbind_contextvars("request_id")
+
+
+def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
+    """Build the app; the engine starts in the lifespan unless one is passed in already started."""
+    registry = AdapterRegistry(settings.state_path)
+    engine = engine or Engine(settings)
+    adapters = AdapterService(settings, registry, engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.ready = False
+        if engine.llm is None:
+            await engine.start()
+        await preload_adapters(settings, adapters)
+        app.state.ready = True
+        log.info("server_ready", model=settings.model.served_name,
+                 adapters=[e.ref for e in registry.current()])
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            for module_name in OPTIONAL_ROUTERS:
+                closer = getattr(_optional(module_name), "close_service", None)
+                if closer is not None:
+                    closer(app)
+            engine.shutdown()
+            log.info("server_stopped")
+
+    app = FastAPI(title="lorag", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.runtime = Runtime(settings, engine, registry)
+    app.state.adapters = adapters
+    app.state.ready = False
+    install_error_handlers(app)
+    app.include_router(openai_api.router)
+    app.include_router(admin_api.router)
+    for module_name in OPTIONAL_ROUTERS:
+        module = _optional(module_name)
+        if module is not None:
+            app.include_router(module.router)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        """Liveness: the process answers and the engine has not died."""
+        if engine.llm is not None and not engine.alive:
+            return error_response(503, "The engine has stopped.", "server_error", code="engine_dead")
+        return JSONResponse({"status": "ok", "version": __version__})
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        """Readiness: the engine is up, healthy, and the registered adapters are loaded."""
+        if not app.state.ready:
+            return error_response(503, "Starting: the engine is not ready yet.", "server_error", code="not_ready")
+        try:
+            await asyncio.wait_for(engine.check_health(), timeout=5)
+        except Exception as err:
+            return error_response(503, f"Not ready: {err}", "server_error", code="engine_unhealthy")
+        return JSONResponse({"status": "ready", "model": settings.model.served_name})
+
+    app.add_middleware(RequestContext, max_body=settings.server.max_request_bytes)
+    return app
+
+
+async def preload_adapters(settings: Settings, adapters: AdapterService) -> None:
+    """Load what the registry already holds (a restart), then the adapters named in config or flags."""
+    for entry in adapters.registry.current():
+        await adapters.engine.load_adapter(entry)  # type: ignore[union-attr]
+    for name, spec in settings.adapters.preload.items():
+        if _already_registered(adapters, name, spec.version, spec.path):
+            continue
+        await adapters.add(name, Path(spec.path), version=spec.version, trusted=True)
+
+
+def _already_registered(adapters: AdapterService, name: str, version: str | None, path: str) -> bool:
+    """Same name, same source (and version, when given): a restart, nothing to do."""
+    source = str(Path(path).expanduser().resolve())
+    for entry in adapters.registry.all_versions():
+        if entry.name == name and entry.source == source and version in (None, entry.version):
+            return True
+    return False
+
+
+def _optional(module_name: str) -> Any:
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name == module_name:
+            return None
+        raise

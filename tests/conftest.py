@@ -1,0 +1,172 @@
+"""Shared fixtures: a tiny model and adapters built locally, and a real `lorag serve` process.
+
+Starting vLLM costs ~20 s on CPU, so one server serves the whole session; tests
+that need their own (restart) start it themselves with `start_server`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lorag.devmodel import build_random_adapter, build_tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = Path(os.environ.get("LORAG_TEST_MODELS", ROOT / ".lorag-test-models"))
+ADMIN_KEY = "sk-admin-test-key"
+USER_KEY = "sk-user-test-key"
+MAX_LORAS = 2
+MAX_RANK = 8
+SERVED_ADAPTERS = ("alpha", "beta", "gamma", "delta")
+
+
+@dataclass
+class Models:
+    base: Path
+    adapters: dict[str, Path]  # name -> PEFT dir, all under `root`
+    root: Path
+
+
+@pytest.fixture(scope="session")
+def models() -> Models:
+    """Tiny base model plus six distinct random adapters (cached between runs)."""
+    base = build_tiny_model(MODELS / "tiny-llama")
+    names = (*SERVED_ADAPTERS, "swap1", "swap2")
+    adapters = {
+        name: build_random_adapter(base, MODELS / "adapters" / name, seed=index + 1, rank=MAX_RANK)
+        for index, name in enumerate(names)
+    }
+    return Models(base=base, adapters=adapters, root=MODELS / "adapters")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+    state_dir: Path
+    config_path: Path
+
+    @property
+    def api(self) -> str:
+        return f"{self.url}/v1"
+
+    def log_events(self) -> list[dict]:
+        events = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                try:
+                    events.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+        return events
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return int(self.process.returncode)
+
+
+def write_config(path: Path, models: Models, state_dir: Path, port: int, preload: bool = True) -> Path:
+    preload_lines = "".join(
+        f'[adapters.preload.{name}]\npath = "{models.adapters[name]}"\n' for name in SERVED_ADAPTERS
+    ) if preload else ""
+    path.write_text(f"""
+state_dir = "{state_dir}"
+
+[model]
+path = "{models.base}"
+name = "tiny-base"
+max_model_len = 512
+
+[engine]
+max_loras = {MAX_LORAS}
+max_lora_rank = {MAX_RANK}
+enforce_eager = true
+kv_cache_memory_bytes = 268435456
+
+[server]
+port = {port}
+api_keys = [
+  {{ key = "{ADMIN_KEY}", name = "ops", admin = true }},
+  {{ key = "{USER_KEY}", name = "app" }},
+]
+
+[adapters]
+allowed_roots = ["{models.root}"]
+{preload_lines}""")
+    return path
+
+
+def start_server(models: Models, workdir: Path, *, preload: bool = True, state_dir: Path | None = None) -> Server:
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    state_dir = state_dir or workdir / "state"
+    config = write_config(workdir / "lorag.toml", models, state_dir, port, preload)
+    log_path = workdir / "server.log"
+    env = {**os.environ, "LORAG_LOG_FORMAT": "json", "VLLM_LOGGING_LEVEL": "WARNING"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lorag.cli", "serve", "--config", str(config)],
+        stdout=log_path.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=workdir,
+    )
+    server = Server(f"http://127.0.0.1:{port}", process, log_path, state_dir, config)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{server.url}/ready", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    server.stop()
+    raise RuntimeError(f"server did not become ready:\n{log_path.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="session")
+def server(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start_server(models, tmp_path_factory.mktemp("server"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server: Server):  # -> openai.OpenAI
+    import openai
+
+    return openai.OpenAI(base_url=server.api, api_key=USER_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def async_client(server: Server):  # -> openai.AsyncOpenAI
+    import openai
+
+    return openai.AsyncOpenAI(base_url=server.api, api_key=USER_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def admin(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=120) as http:
+        yield http
