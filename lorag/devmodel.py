@@ -88,7 +88,6 @@ def build_tiny_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
-        torch_dtype="float32",
     )
     model = LlamaForCausalLM(config)
     model.save_pretrained(out, safe_serialization=True)
@@ -115,7 +114,7 @@ def build_random_adapter(
     if (out / "adapter_config.json").exists():
         return out
     torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(str(model_path), torch_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,

@@ -6,6 +6,7 @@ that need their own (restart) start it themselves with `start_server`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -71,10 +72,8 @@ class Server:
         events = []
         for line in self.log_path.read_text(errors="replace").splitlines():
             if line.startswith("{"):
-                try:
+                with contextlib.suppress(json.JSONDecodeError):
                     events.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
         return events
 
     def stop(self) -> int:

@@ -14,7 +14,7 @@ import pytest
 from lorag.adapters.registry import AdapterRegistry
 from lorag.adapters.validate import AdapterInfo, AdapterInvalid, check_inside_roots
 from lorag.devmodel import build_random_adapter
-from tests.conftest import ADMIN_KEY, MAX_RANK, USER_KEY, Models, Server, start_server
+from tests.conftest import ADMIN_KEY, USER_KEY, Models, Server, start_server
 
 MESSAGES = [{"role": "user", "content": "Summarise the policy."}]
 

@@ -24,10 +24,10 @@ API_KEY_ENV = "LORAG_API_KEY"
 class Target:
     """Either a server's admin API or the local registry."""
 
-    def __init__(self, settings: Settings, server: str | None, api_key: str | None) -> None:
+    def __init__(self, settings: Settings, server: str | None, api_key: str | None, offline: bool) -> None:
         self.settings = settings
         self.client: Any = None
-        url = server or _answering_server(settings)
+        url = None if offline else server or _answering_server(settings)
         if url:
             import httpx
 
@@ -78,12 +78,13 @@ pass_target = click.make_pass_decorator(Target)
 @click.option("--model", help="Base model path (for validation when no server runs).")
 @click.option("--server", envvar=SERVER_ENV, help="A running server's URL (default: the configured one, if it answers).")
 @click.option("--api-key", envvar=API_KEY_ENV, help="Admin API key for the server.")
+@click.option("--offline", is_flag=True, help="Edit the registry directly even if a server answers.")
 @click.pass_context
 def adapters_group(ctx: click.Context, config: str | None, state_dir: str | None, model: str | None,
-                   server: str | None, api_key: str | None) -> None:
+                   server: str | None, api_key: str | None, offline: bool) -> None:
     """Register, list, switch and remove LoRA adapters."""
     settings = load_settings(config, {"state_dir": state_dir, "model.path": model})
-    ctx.obj = Target(settings, server, api_key)
+    ctx.obj = Target(settings, server, api_key, offline)
 
 
 @adapters_group.command("add")

@@ -139,7 +139,7 @@ def resolve_model_dir(model_path: str) -> Path:
 def _first_projection(root: Path, safe_open: Any) -> tuple[str, tuple[int, int]]:
     for shard in sorted(root.glob("*.safetensors")):
         with safe_open(str(shard), framework="pt") as handle:
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
                 if key.endswith(("q_proj.weight", "qkv_proj.weight")):
                     return key, tuple(handle.get_slice(key).get_shape())  # type: ignore[return-value]
     raise RuntimeError(f"No attention projection found in {root}; set engine.base_via_null_adapter = 'off'.")

@@ -235,7 +235,7 @@ class Runtime:
                             index=prompt_index * job.n + completion.index,
                             text=completion.text,
                             token_ids=list(completion.token_ids),
-                            logprobs=completion.logprobs,
+                            logprobs=completion.logprobs,  # type: ignore[arg-type]
                             finish_reason=_finish_reason(completion.finish_reason)
                             if completion.finished()
                             else None,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import os
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -85,9 +87,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         app.state.ready = True
         log.info("server_ready", model=settings.model.served_name,
                  adapters=[e.ref for e in registry.current()])
+        watchdog = asyncio.create_task(watch_engine(app, engine))
         try:
             yield
         finally:
+            watchdog.cancel()
             app.state.ready = False
             for module_name in OPTIONAL_ROUTERS:
                 closer = getattr(_optional(module_name), "close_service", None)
@@ -129,6 +133,16 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     app.add_middleware(RequestContext, max_body=settings.server.max_request_bytes)
     return app
+
+
+async def watch_engine(app: FastAPI, engine: Engine, interval_s: float = 1.0) -> None:
+    """When the engine dies: stop being ready, and shut down with exit code 1 so a supervisor restarts us."""
+    while engine.alive:
+        await asyncio.sleep(interval_s)
+    app.state.ready = False
+    app.state.exit_code = 1
+    log.error("engine_dead", action="shutting down; exit code 1")
+    os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's handler: drain and stop
 
 
 async def preload_adapters(settings: Settings, adapters: AdapterService) -> None:
