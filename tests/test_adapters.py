@@ -41,8 +41,8 @@ def test_hot_swap_under_traffic(models: Models, server: Server, admin: httpx.Cli
         failures: list[BaseException] = []
         stop = asyncio.Event()
 
-        async def traffic(model: str) -> None:
-            while not stop.is_set():
+        async def traffic(model: str, until: asyncio.Event = stop) -> None:
+            while not until.is_set():
                 try:
                     text, adapter = await answer(async_client, model)
                     results.append((model, text, adapter))
@@ -56,7 +56,8 @@ def test_hot_swap_under_traffic(models: Models, server: Server, admin: httpx.Cli
         await asyncio.sleep(1)
         r = await admin_call("POST", "/admin/adapters", json={"name": "live", "path": str(models.adapters["swap1"])})
         assert r.status_code == 201, r.text
-        workers += [asyncio.create_task(traffic("live")), asyncio.create_task(traffic("live@v1"))]
+        stop_v1 = asyncio.Event()
+        workers += [asyncio.create_task(traffic("live")), asyncio.create_task(traffic("live@v1", stop_v1))]
         await asyncio.sleep(1.5)
         r = await admin_call("POST", "/admin/adapters",
                              json={"name": "live", "path": str(models.adapters["swap2"]), "version": "v2"})
@@ -68,6 +69,9 @@ def test_hot_swap_under_traffic(models: Models, server: Server, admin: httpx.Cli
         assert (await admin_call("POST", "/admin/adapters/live/activate", json={"version": "v2"})).status_code == 200
         await asyncio.sleep(1)
         assert (await admin_call("DELETE", "/admin/adapters/swapref1")).status_code == 200
+        stop_v1.set()
+        # the version requests for "live" got until a moment ago goes, while they still run
+        assert (await admin_call("DELETE", "/admin/adapters/live", params={"version": "v1"})).status_code == 200
         await asyncio.sleep(1)
         stop.set()
         await asyncio.gather(*workers)

@@ -222,7 +222,10 @@ class LocalChat(ChatBackend):
         from lorag.runtime.engine import Engine
         from lorag.runtime.pipeline import Runtime
 
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        from lorag.logging import LOG_LEVEL_ENV, configure_logging
+
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # the terminal is for the answer
+        configure_logging(level=os.environ.get(LOG_LEVEL_ENV, "warning"))
         self.loop = asyncio.new_event_loop()
         engine = Engine(settings)
         self.loop.run_until_complete(engine.start())
@@ -247,4 +250,8 @@ class LocalChat(ChatBackend):
 
     def close(self) -> None:
         self.runtime.engine.shutdown()
+        pending = asyncio.all_tasks(self.loop)
+        for task in pending:
+            task.cancel()
+        self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         self.loop.close()
