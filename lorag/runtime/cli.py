@@ -219,10 +219,9 @@ class LocalChat(ChatBackend):
 
     def __init__(self, settings: Settings) -> None:
         from lorag.adapters.registry import AdapterRegistry
+        from lorag.logging import LOG_LEVEL_ENV, configure_logging
         from lorag.runtime.engine import Engine
         from lorag.runtime.pipeline import Runtime
-
-        from lorag.logging import LOG_LEVEL_ENV, configure_logging
 
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # the terminal is for the answer
         configure_logging(level=os.environ.get(LOG_LEVEL_ENV, "warning"))
