@@ -6,7 +6,8 @@ Both servers run one after the other in this one run (alternating per round);
 the load is streamed chat completions with a fixed prompt, a fixed output length
 (ignore_eos) and models cycling over the base model and three adapters, at
 concurrency 1 and 16. Prints medians over rounds and the lorag/vLLM ratios.
-Targets (issue 2): throughput >= 0.95x vLLM, TTFT within +10%.
+Targets: lorag throughput >= 0.95x vLLM, TTFT within +10%; plugins on (PII +
+blocklist + formatting) >= 0.95x plugins off.
 """
 
 from __future__ import annotations
@@ -63,8 +64,22 @@ def vllm_command(model: Path, adapters: dict[str, Path], port: int, max_loras: i
             "--lora-modules", *lora_modules, *extra_args]
 
 
+PLUGINS_ON = """
+[plugins]
+default = ["pii", "blocklist", "formatting"]
+[plugins.settings.blocklist]
+terms = ["project falcon", "internal only"]
+[plugins.settings.formatting]
+style = "markdown"
+"""
+PLUGINS_OFF = """
+[plugins]
+default = []
+"""
+
+
 def lorag_command(model: Path, adapters: dict[str, Path], port: int, max_loras: int,
-                  workdir: Path) -> tuple[list[str], dict[str, str]]:
+                  workdir: Path, plugins: bool) -> tuple[list[str], dict[str, str]]:
     preload = "".join(f'[adapters.preload.{n}]\npath = "{p}"\n' for n, p in adapters.items())
     config = workdir / f"lorag-{port}.toml"
     config.write_text(f"""
@@ -81,7 +96,7 @@ enforce_eager = true
 kv_cache_memory_bytes = {KV_BYTES}
 [server]
 port = {port}
-{preload}""")
+{preload}{PLUGINS_ON if plugins else PLUGINS_OFF}""")
     env = {"LORAG_LOG_LEVEL": "warning"}
     return [sys.executable, "-m", "lorag.cli", "serve", "--config", str(config)], env
 
@@ -161,7 +176,7 @@ def run_server(kind: str, args: argparse.Namespace, model: Path, adapters: dict[
     if kind == "vllm":
         command, env = vllm_command(model, adapters, port, args.max_loras + 1, []), {}
     else:
-        command, env = lorag_command(model, adapters, port, args.max_loras, workdir)
+        command, env = lorag_command(model, adapters, port, args.max_loras, workdir, kind == "lorag+plugins")
     process = start(command, env, url, workdir / f"{kind}-{port}.log")
     try:
         results = []
@@ -192,7 +207,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--max-loras", type=int, default=3, help="lorag's max_loras; raw vLLM gets one more "
                         "slot, as lorag's engine does (base requests use a null adapter there).")
-    parser.add_argument("--servers", nargs="+", default=["vllm", "lorag"])
+    parser.add_argument("--servers", nargs="+", default=["vllm", "lorag", "lorag+plugins"],
+                        choices=["vllm", "lorag", "lorag+plugins"],
+                        help="the first is the baseline of the ratios; lorag+plugins runs PII, blocklist, formatting")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
 
@@ -219,6 +236,11 @@ def main() -> None:
             base_ttft = median_of(results, baseline, c, "ttft_ms")
             print(f"{kind:<14} {c:>4} {tps:9.1f} {ttft:9.1f} {lat:9.1f} {tps / base_tps:7.3f} {ttft / base_ttft:7.3f}")
     failures = sum(r.failures for r in results)
+    if "lorag" in args.servers and "lorag+plugins" in args.servers:
+        for c in args.concurrency:
+            ratio = (median_of(results, "lorag+plugins", c, "tokens_per_s")
+                     / median_of(results, "lorag", c, "tokens_per_s"))
+            print(f"plugins on / off, c={c}: throughput x{ratio:.3f}")
     print(f"failed requests: {failures}")
 
 

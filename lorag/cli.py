@@ -32,8 +32,18 @@ class LazyGroup(click.Group):
     def __init__(self, *args: Any, lazy: dict[str, str], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.lazy = lazy
+        self._plugin_commands_added = False
+
+    def add_plugin_commands(self) -> None:
+        """Commands from plugins' register_commands hook, added on first need."""
+        if not self._plugin_commands_added:
+            self._plugin_commands_added = True
+            from lorag.plugins.cli import add_plugin_commands
+
+            add_plugin_commands(self)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
+        self.add_plugin_commands()
         return sorted(set(super().list_commands(ctx)) | set(self.lazy))
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
@@ -47,7 +57,11 @@ class LazyGroup(click.Group):
                 raise
             command: click.Command = getattr(module, attr)
             return command
-        return super().get_command(ctx, cmd_name)
+        found = super().get_command(ctx, cmd_name)
+        if found is None and not self._plugin_commands_added:
+            self.add_plugin_commands()
+            found = super().get_command(ctx, cmd_name)
+        return found
 
 
 @click.group(cls=LazyGroup, lazy=SUBCOMMANDS, context_settings={"help_option_names": ["-h", "--help"]})

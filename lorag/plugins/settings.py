@@ -74,7 +74,7 @@ class PluginsSettings(BaseModel):
     )
     modules: dict[str, str] = Field(
         default_factory=dict,
-        description="Extra plugins from importable modules: name -> 'package.module' (no packaging needed).",
+        description="Extra plugins, no packaging needed: name -> 'package.module' or 'path/to/file.py'.",
     )
     settings: dict[str, dict[str, Any]] = Field(default_factory=dict)
     domains: dict[str, DomainPlugins] = Field(default_factory=dict)
@@ -92,8 +92,8 @@ class PluginsSettings(BaseModel):
     def _module_names(cls, value: dict[str, str]) -> dict[str, str]:
         _check_names(list(value))
         for name, module in value.items():
-            if not re.match(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$", module):
-                raise ValueError(f"{name}: {module!r} is not a module path like 'package.module'")
+            if not (module.endswith(".py") or re.match(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$", module)):
+                raise ValueError(f"{name}: {module!r} is neither a module like 'package.module' nor a .py file")
         return value
 
     def domain(self, name: str) -> DomainPlugins:

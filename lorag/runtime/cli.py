@@ -228,7 +228,10 @@ class LocalChat(ChatBackend):
         self.loop = asyncio.new_event_loop()
         engine = Engine(settings)
         self.loop.run_until_complete(engine.start())
-        self.runtime = Runtime(settings, engine, AdapterRegistry(settings.state_path))
+        from lorag.plugins.runtime import PluginHost
+
+        self.runtime = Runtime(settings, engine, AdapterRegistry(settings.state_path),
+                               PluginHost.from_settings(settings))
 
     def default_model(self) -> str:
         return self.runtime.base_model
@@ -238,7 +241,7 @@ class LocalChat(ChatBackend):
         from lorag.runtime.protocol import ChatCompletionRequest
 
         request = ChatCompletionRequest.model_validate({"model": model, "messages": messages, "stream": True, **params})
-        job = self.runtime.prepare_chat(request, new_request_id("chat"))
+        job = self.loop.run_until_complete(self.runtime.prepare_chat(request, new_request_id("chat")))
         deltas: AsyncIterator[Any] = self.runtime.generate(job)
         while True:
             try:

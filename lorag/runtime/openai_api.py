@@ -57,13 +57,8 @@ async def chat_completions(
     runtime: Runtime = Depends(get_runtime),
     _: Principal = Depends(require_key),
 ) -> Any:
-    request_id = request_id_for(request, "chatcmpl")
-    job = runtime.prepare_chat(body, request_id)
-    if body.stream:
-        chunks = stream_chat(runtime, job, body)
-        return StreamingResponse(sse(chunks), media_type="text/event-stream", headers=_stream_headers(job))
-    choices = await until_disconnected(request, runtime.complete(job))
-    return JSONResponse(chat_response(job, body, choices, runtime), headers={"x-request-id": job.request_id})
+    job = await runtime.prepare_chat(body, request_id_for(request, "chatcmpl"))
+    return await respond(request, runtime, job, body, stream_chat, chat_response)
 
 
 @router.post("/v1/completions")
@@ -73,13 +68,17 @@ async def completions(
     runtime: Runtime = Depends(get_runtime),
     _: Principal = Depends(require_key),
 ) -> Any:
-    request_id = request_id_for(request, "cmpl")
-    job = runtime.prepare_completion(body, request_id)
+    job = await runtime.prepare_completion(body, request_id_for(request, "cmpl"))
+    return await respond(request, runtime, job, body, stream_completion, completion_response)
+
+
+async def respond(request: Request, runtime: Runtime, job: Job, body: Any, streamer: Any, builder: Any) -> Any:
+    """SSE when the client asked for a stream, one JSON response otherwise (the same text either way)."""
     if body.stream:
-        chunks = stream_completion(runtime, job, body)
+        chunks = streamer(runtime, job, body)
         return StreamingResponse(sse(chunks), media_type="text/event-stream", headers=_stream_headers(job))
     choices = await until_disconnected(request, runtime.complete(job))
-    return JSONResponse(completion_response(job, body, choices, runtime), headers={"x-request-id": job.request_id})
+    return JSONResponse(builder(job, body, choices, runtime), headers={"x-request-id": job.request_id})
 
 
 # -- helpers --------------------------------------------------------------------
@@ -134,7 +133,7 @@ def usage(job: Job, completion_tokens: int) -> dict[str, int]:
 
 
 def lorag_extras(job: Job) -> dict[str, Any]:
-    return {"adapter": job.target.adapter_ref, "request_id": job.request_id, "timings": job.timings}
+    return {**job.extras, "adapter": job.target.adapter_ref, "request_id": job.request_id, "timings": job.timings}
 
 
 # -- chat -----------------------------------------------------------------------

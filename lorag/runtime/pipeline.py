@@ -1,25 +1,31 @@
 """The request path, end to end, in one place.
 
-    resolve model -> (hooks: request) -> prompt (chat template, context check)
-    -> sampling params (hooks) -> generate with the adapter -> (hooks: output)
+    resolve model -> hooks: request_received (redact / block input)
+    -> prompt (chat template, context check) -> hooks: sampling_params
+    -> generate with the adapter -> hooks: output stream (hold-back filters)
+    -> hooks: output_complete (pass / fix / retry / refuse) -> hooks: format
     -> choices and usage
 
-`openai_api` turns what this module yields into OpenAI JSON / SSE; this module
-knows nothing about HTTP. Every stage logs one event with its duration.
+Streamed and non-streamed requests take exactly the same path (a non-streamed
+one just collects the deltas), so both give the same text. `openai_api` turns
+what this module yields into OpenAI JSON / SSE; this module knows nothing about
+HTTP. Every stage logs one event with its duration.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorag.adapters.registry import AdapterRegistry, AdapterVersion
+from lorag.adapters.registry import AdapterRegistry, AdapterVersion, split_ref
 from lorag.config import Settings
 from lorag.errors import LoragError, NotFoundError
 from lorag.logging import get_logger, stage
+from lorag.plugins.runtime import ContentBlocked, PluginHost, RequestHooks
 from lorag.runtime.engine import Engine
 from lorag.runtime.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
@@ -40,6 +46,11 @@ class Target:
     @property
     def adapter_ref(self) -> str | None:
         return self.adapter.ref if self.adapter else None
+
+    @property
+    def domain(self) -> str:
+        """The name plugins are configured under: the model asked for, without a version."""
+        return split_ref(self.model)[0]
 
 
 @dataclass
@@ -74,6 +85,9 @@ class Job:
     params: Any  # vllm.SamplingParams
     n: int
     stream: bool
+    hooks: RequestHooks
+    messages: list[dict[str, Any]] | None = None  # chat only: what a retry extends
+    extras: dict[str, Any] = field(default_factory=dict)  # plugins' additions to the `lorag` field
     timings: dict[str, float] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -81,14 +95,20 @@ class Job:
     def prompt_tokens(self) -> int:
         return sum(len(p) for p in self.prompts)
 
+    @property
+    def can_retry(self) -> bool:
+        return self.messages is not None and self.n == 1
+
 
 class Runtime:
-    """Everything a request needs: settings, the engine, the adapter registry."""
+    """Everything a request needs: settings, the engine, the adapter registry, the plugins."""
 
-    def __init__(self, settings: Settings, engine: Engine, registry: AdapterRegistry) -> None:
+    def __init__(self, settings: Settings, engine: Engine, registry: AdapterRegistry,
+                 plugins: PluginHost) -> None:
         self.settings = settings
         self.engine = engine
         self.registry = registry
+        self.plugins = plugins
 
     @property
     def base_model(self) -> str:
@@ -110,9 +130,8 @@ class Runtime:
 
     # -- stage 2: prompt ---------------------------------------------------------
 
-    def chat_prompt(self, request: ChatCompletionRequest) -> list[int]:
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
         tokenizer = self.engine.tokenizer
-        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
         try:
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as err:  # jinja errors: the template refused these messages
@@ -120,11 +139,11 @@ class Runtime:
                              param="messages") from None
         return list(tokenizer.encode(text, add_special_tokens=False))
 
-    def text_prompts(self, request: CompletionRequest) -> list[list[int]]:
+    def text_prompts(self, raw_prompts: list[str | list[int]]) -> list[list[int]]:
         tokenizer = self.engine.tokenizer
         vocab = len(tokenizer)
         prompts: list[list[int]] = []
-        for prompt in request.prompts():
+        for prompt in raw_prompts:
             if isinstance(prompt, str):
                 prompts.append(list(tokenizer.encode(prompt)))
             else:
@@ -157,7 +176,8 @@ class Runtime:
 
     # -- stage 3: sampling parameters -------------------------------------------
 
-    def sampling_params(self, request: SamplingFields, max_tokens: int, logprobs: int | None) -> Any:
+    async def sampling_params(self, request: SamplingFields, max_tokens: int, logprobs: int | None,
+                              hooks: RequestHooks, response_format: dict[str, Any] | None = None) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -180,6 +200,7 @@ class Runtime:
             "min_tokens": request.min_tokens,
         }
         kwargs.update({k: v for k, v in optional.items() if v is not None})
+        kwargs = await hooks.asampling_params(kwargs, response_format)
         try:
             return SamplingParams(**kwargs)
         except Exception as err:  # vLLM's own validation (VLLMValidationError, ValueError)
@@ -187,82 +208,164 @@ class Runtime:
 
     # -- the two entry points ----------------------------------------------------
 
-    def prepare_chat(self, request: ChatCompletionRequest, request_id: str) -> Job:
-        timings: dict[str, float] = {}
-        with stage(log, "resolve", model=request.model) as info:
-            started = time.perf_counter()
-            target = self.resolve(request.model)
+    def _start(self, model: str, request_id: str) -> tuple[Target, RequestHooks]:
+        with stage(log, "resolve", model=model) as info:
+            target = self.resolve(model)
+            hooks = self.plugins.for_request(request_id=request_id, domain=target.domain)
             info["adapter"] = target.adapter_ref
+        return target, hooks
+
+    async def _input_hooks(self, hooks: RequestHooks, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Redact or refuse the input; a refusal (ContentBlocked) is a 400 before any generation."""
+        with stage(log, "request_hooks", plugins=len(hooks.plugins)):
+            try:
+                return await hooks.arequest_received(messages)
+            except ContentBlocked as blocked:
+                log.info("request_blocked", plugin=blocked.plugin)
+                raise
+
+    async def prepare_chat(self, request: ChatCompletionRequest, request_id: str) -> Job:
+        started = time.perf_counter()
+        target, hooks = self._start(request.model, request_id)
+        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+        messages = await self._input_hooks(hooks, messages)
         with stage(log, "prompt") as info:
-            prompt = self.chat_prompt(request)
+            prompt = self.chat_prompt(messages)
             max_tokens = self.output_budget(len(prompt), request.output_limit)
             info["prompt_tokens"] = len(prompt)
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        params = self.sampling_params(request, max_tokens, logprobs)
-        timings["prepare_ms"] = _ms_since(started)
-        return Job(request_id, target, [prompt], params, request.n, request.stream, timings)
+        params = await self.sampling_params(request, max_tokens, logprobs, hooks, request.response_format)
+        job = Job(request_id, target, [prompt], params, request.n, request.stream, hooks, messages=messages)
+        job.timings["prepare_ms"] = _ms_since(started)
+        return job
 
-    def prepare_completion(self, request: CompletionRequest, request_id: str) -> Job:
-        timings: dict[str, float] = {}
-        with stage(log, "resolve", model=request.model) as info:
-            started = time.perf_counter()
-            target = self.resolve(request.model)
-            info["adapter"] = target.adapter_ref
+    async def prepare_completion(self, request: CompletionRequest, request_id: str) -> Job:
+        started = time.perf_counter()
+        target, hooks = self._start(request.model, request_id)
+        raw = request.prompts()
+        for i, prompt in enumerate(raw):
+            if isinstance(prompt, str):  # text prompts pass the input hooks as one user turn
+                checked = await self._input_hooks(hooks, [{"role": "user", "content": prompt}])
+                raw[i] = str(checked[-1]["content"])
         with stage(log, "prompt") as info:
-            prompts = self.text_prompts(request)
+            prompts = self.text_prompts(raw)
             budgets = [self.output_budget(len(p), request.output_limit) for p in prompts]
             info["prompt_tokens"] = sum(len(p) for p in prompts)
-        params = self.sampling_params(request, min(budgets), request.logprobs)
-        timings["prepare_ms"] = _ms_since(started)
-        return Job(request_id, target, prompts, params, request.n, request.stream, timings)
+        params = await self.sampling_params(request, min(budgets), request.logprobs, hooks)
+        job = Job(request_id, target, prompts, params, request.n, request.stream, hooks)
+        job.timings["prepare_ms"] = _ms_since(started)
+        return job
 
-    # -- stage 4: generate -------------------------------------------------------
+    # -- stage 4: generate, through the output hooks ---------------------------
 
-    async def generate(self, job: Job) -> AsyncIterator[Delta]:
-        """Deltas of every choice (prompt i, sample j -> choice i*n + j), in engine order."""
+    async def generate(self, job: Job) -> AsyncGenerator[Delta, None]:
+        """Filtered deltas of every choice (prompt i, sample j -> choice i*n + j)."""
         started = time.perf_counter()
-        first_token_at: float | None = None
-        completion_tokens = 0
+        counts = {"completion_tokens": 0}
         try:
             for prompt_index, prompt in enumerate(job.prompts):
-                engine_id = job.request_id if len(job.prompts) == 1 else f"{job.request_id}-{prompt_index}"
-                async for output in self.engine.generate(prompt, job.params, engine_id, job.target.adapter):
-                    for completion in output.outputs:
-                        if first_token_at is None and completion.token_ids:
-                            first_token_at = time.perf_counter()
-                        completion_tokens += len(completion.token_ids)
-                        yield Delta(
-                            index=prompt_index * job.n + completion.index,
-                            text=completion.text,
-                            token_ids=list(completion.token_ids),
-                            logprobs=completion.logprobs,  # type: ignore[arg-type]
-                            finish_reason=_finish_reason(completion.finish_reason)
-                            if completion.finished()
-                            else None,
-                        )
+                async with aclosing(self._filtered(job, prompt_index, prompt, counts, started)) as deltas:
+                    async for delta in deltas:
+                        yield delta
         finally:
             job.timings["generate_ms"] = _ms_since(started)
-            if first_token_at is not None:
-                job.timings["ttft_ms"] = round((first_token_at - started) * 1000, 2)
             log.info("generate", duration_ms=job.timings["generate_ms"], adapter=job.target.adapter_ref,
-                     prompt_tokens=job.prompt_tokens, completion_tokens=completion_tokens)
+                     prompt_tokens=job.prompt_tokens, **counts)
+
+    async def _filtered(self, job: Job, prompt_index: int, prompt: list[int], counts: dict[str, int],
+                        started: float) -> AsyncGenerator[Delta, None]:
+        """One prompt's choices through the output filters, validators and formatters (with retries)."""
+        hooks = job.hooks
+        for attempt in range(hooks.max_retries + 1):
+            streams: dict[int, Any] = {}
+            sent: dict[int, str] = {}
+            done: set[int] = set()  # choices that finished or were blocked
+            retry = None
+            async with aclosing(self._engine_deltas(job, prompt_index, prompt, counts, started)) as raw_deltas:
+                async for raw in raw_deltas:
+                    if raw.index not in streams:
+                        streams[raw.index], sent[raw.index] = hooks.output_stream(raw.index), ""
+                    stream = streams[raw.index]
+                    if raw.index in done:
+                        continue  # blocked earlier; the engine still produces its siblings
+                    text = stream.feed(raw.text)
+                    finish = raw.finish_reason
+                    if stream.blocked is None and finish is not None:
+                        text += stream.finish()
+                    if stream.blocked is not None:
+                        text, finish = text + _refusal(sent[raw.index] + text, stream.blocked), "content_filter"
+                    elif finish is not None:
+                        verdict = hooks.output_complete(stream.text, raw.index)
+                        if verdict.action == "retry":
+                            if not (job.can_retry and attempt < hooks.max_retries):
+                                raise hooks.rejection(verdict)
+                            retry = (stream.text, verdict.message or "")
+                            break
+                        if verdict.action == "refuse":
+                            text, finish = text + _refusal(sent[raw.index] + text, verdict.message or ""), "content_filter"
+                        else:
+                            final, updates = hooks.format(verdict.text, {"lorag": {}}, [], raw.index)
+                            job.extras.update(updates.get("lorag") or {})
+                            text = final[len(sent[raw.index]):]
+                    sent[raw.index] += text
+                    if finish is not None:
+                        done.add(raw.index)
+                    yield Delta(raw.index, text, raw.token_ids, raw.logprobs, finish)
+                    if len(done) == job.n:
+                        break  # every choice is over: closing the stream aborts what the engine still runs
+            if retry is None:
+                job.extras["attempts"] = attempt + 1
+                return
+            prompt = await self._retry_prompt(job, *retry)
+        raise AssertionError("unreachable: the last attempt either returns or raises")
+
+    async def _retry_prompt(self, job: Job, answer: str, message: str) -> list[int]:
+        """The conversation plus the rejected answer and the validator's message, as the next prompt."""
+        assert job.messages is not None
+        job.messages = [*job.messages, {"role": "assistant", "content": answer}, {"role": "user", "content": message}]
+        prompt = self.chat_prompt(job.messages)
+        self.output_budget(len(prompt), job.params.max_tokens)
+        log.info("retry", reason=message[:200])
+        return prompt
+
+    async def _engine_deltas(self, job: Job, prompt_index: int, prompt: list[int], counts: dict[str, int],
+                             started: float) -> AsyncGenerator[Delta, None]:
+        engine_id = f"{job.request_id}-{prompt_index}-{uuid.uuid4().hex[:6]}"
+        async for output in self.engine.generate(prompt, job.params, engine_id, job.target.adapter):
+            for completion in output.outputs:
+                if "ttft_ms" not in job.timings and completion.token_ids:
+                    job.timings["ttft_ms"] = _ms_since(started)
+                counts["completion_tokens"] += len(completion.token_ids)
+                yield Delta(
+                    index=prompt_index * job.n + completion.index,
+                    text=completion.text,
+                    token_ids=list(completion.token_ids),
+                    logprobs=completion.logprobs,  # type: ignore[arg-type]
+                    finish_reason=_finish_reason(completion.finish_reason) if completion.finished() else None,
+                )
 
     async def complete(self, job: Job) -> list[Choice]:
         """Run a job to the end and return its choices in index order."""
         choices: dict[int, Choice] = {}
-        async for delta in self.generate(job):
-            choice = choices.setdefault(delta.index, Choice(index=delta.index))
-            choice.text += delta.text
-            choice.token_ids.extend(delta.token_ids)
-            if delta.logprobs:
-                choice.logprobs.extend(delta.logprobs)
-            if delta.finish_reason:
-                choice.finish_reason = delta.finish_reason
+        async with aclosing(self.generate(job)) as deltas:
+            async for delta in deltas:
+                choice = choices.setdefault(delta.index, Choice(index=delta.index))
+                choice.text += delta.text
+                choice.token_ids.extend(delta.token_ids)
+                if delta.logprobs:
+                    choice.logprobs.extend(delta.logprobs)
+                if delta.finish_reason:
+                    choice.finish_reason = delta.finish_reason
         return [choices[i] for i in sorted(choices)]
 
 
 def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _refusal(sent: str, message: str) -> str:
+    """The block message, on its own paragraph when part of the answer was already sent."""
+    return f"\n\n{message}" if sent else message
 
 
 def _finish_reason(reason: str | None) -> str:

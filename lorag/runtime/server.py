@@ -22,6 +22,7 @@ from lorag.adapters.registry import AdapterRegistry
 from lorag.adapters.service import AdapterService
 from lorag.config import Settings
 from lorag.logging import get_logger
+from lorag.plugins.runtime import PluginHost
 from lorag.runtime import admin_api, openai_api
 from lorag.runtime.engine import Engine
 from lorag.runtime.errors import error_response, install_error_handlers
@@ -75,6 +76,7 @@ class RequestContext:
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     """Build the app; the engine starts in the lifespan unless one is passed in already started."""
     registry = AdapterRegistry(settings.state_path)
+    plugins = PluginHost.from_settings(settings)
     engine = engine or Engine(settings)
     adapters = AdapterService(settings, registry, engine)
 
@@ -102,7 +104,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     app = FastAPI(title="lorag", version=__version__, lifespan=lifespan)
     app.state.settings = settings
-    app.state.runtime = Runtime(settings, engine, registry)
+    app.state.runtime = Runtime(settings, engine, registry, plugins)
+    app.state.plugins = plugins
     app.state.adapters = adapters
     app.state.ready = False
     install_error_handlers(app)

@@ -1,0 +1,88 @@
+"""`lorag plugins ...`, and plugin-provided commands on the root group.
+
+`lorag plugins list` loads plugins exactly as the server would (built-ins, entry
+points filtered by $LORAG_LOAD_PLUGINS, [plugins] modules) and, with a config,
+validates every domain's plugin settings, so a bad lorag.toml fails here first.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from lorag.config import Settings, load_settings
+from lorag.logging import get_logger
+from lorag.plugins.manager import LoadedPlugins, cli_plugins, describe, impls_of
+
+log = get_logger("lorag.plugins")
+
+
+@click.group("plugins")
+def plugins_group() -> None:
+    """Inspect installed plugins: versions, hooks, tools and the domains that use them."""
+
+
+def _host(config: str | None) -> Any:
+    from lorag.plugins.runtime import PluginHost
+
+    settings: Settings = load_settings(config)
+    return PluginHost.from_settings(settings)
+
+
+@plugins_group.command("list")
+@click.option("--config", "-c", type=click.Path(dir_okay=False),
+              help="lorag.toml (default: $LORAG_CONFIG or ./lorag.toml).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def list_plugins(config: str | None, as_json: bool) -> None:
+    """Every plugin: version, source, status, hooks, and the domains that enable it ("*": the default)."""
+    host = _host(config)
+    rows = []
+    for name, record in sorted(host.records.items()):
+        rows.append({
+            "name": record.name,
+            "version": record.version,
+            "source": record.distribution if record.source == "entry point" else record.source,
+            "status": record.status,
+            "error": record.error,
+            "hooks": record.hooks,
+            "domains": host.domains_using(name),
+            "tools": sorted(t.name for t in host.tools.values() if t.plugin == record.name),
+        })
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    widths = {key: max(len(key), *(len(str(r[key] or "")) for r in rows)) for key in
+              ("name", "version", "source", "status")}
+    header = "  ".join(key.upper().ljust(widths[key]) for key in widths) + "  DOMAINS"
+    click.echo(header)
+    for row in rows:
+        cells = "  ".join(str(row[key] or "").ljust(widths[key]) for key in widths)
+        click.echo(f"{cells}  {', '.join(row['domains']) or '-'}")
+        if row["hooks"]:
+            click.echo(f"    hooks: {', '.join(row['hooks'])}")
+        if row["tools"]:
+            click.echo(f"    tools: {', '.join(row['tools'])}")
+        if row["error"]:
+            click.echo(f"    {row['status']}: {row['error']}")
+
+
+@plugins_group.command("tools")
+@click.option("--config", "-c", type=click.Path(dir_okay=False))
+def list_tools(config: str | None) -> None:
+    """Tools plugins offer, as the OpenAI `tools` entries the models would see."""
+    host = _host(config)
+    click.echo(json.dumps([tool.openai_schema() | {"plugin": tool.plugin} for tool in host.tools.values()],
+                          indent=2))
+
+
+def add_plugin_commands(group: click.Group, loaded: LoadedPlugins | None = None) -> None:
+    """Run register_commands for each loaded plugin; a crash there is one line on stderr."""
+    loaded = loaded or cli_plugins()
+    for name in [n for n, r in loaded.records.items() if r.ok]:
+        for impl in impls_of(loaded.pm, "register_commands", name):
+            try:
+                impl.function(group)
+            except Exception as err:
+                click.echo(f"warning: plugin '{name}' could not add its commands: {describe(err)}", err=True)
