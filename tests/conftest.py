@@ -118,13 +118,16 @@ allowed_roots = ["{models.root}"]
     return path
 
 
-def start_server(models: Models, workdir: Path, *, preload: bool = True, state_dir: Path | None = None) -> Server:
+def start_server(models: Models, workdir: Path, *, preload: bool = True, state_dir: Path | None = None,
+                 extra_config: str = "", env: dict[str, str] | None = None) -> Server:
+    """A `lorag serve` subprocess on a free port; `extra_config` is appended to its lorag.toml."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     state_dir = state_dir or workdir / "state"
     config = write_config(workdir / "lorag.toml", models, state_dir, port, preload)
+    config.write_text(config.read_text() + extra_config)
     log_path = workdir / "server.log"
-    env = {**os.environ, "LORAG_LOG_FORMAT": "json", "VLLM_LOGGING_LEVEL": "WARNING"}
+    env = {"LORAG_LOG_FORMAT": "json", "VLLM_LOGGING_LEVEL": "WARNING", **(env or dict(os.environ))}
     process = subprocess.Popen(
         [sys.executable, "-m", "lorag.cli", "serve", "--config", str(config)],
         stdout=log_path.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=workdir,

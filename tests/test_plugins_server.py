@@ -19,13 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import jsonschema
 import openai
 import pytest
 
 from lorag.plugins.manager import LOAD_ENV
-from tests.conftest import USER_KEY, Models, Server, free_port, write_config
+from tests.conftest import USER_KEY, Models, Server, start_server
 from tests.plugins.host import HERE, ROOT, install_example_plugin
 
 pytestmark = pytest.mark.engine
@@ -98,32 +97,13 @@ enabled = ["json_schema"]
 
 @pytest.fixture(scope="module")
 def plugin_server(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    workdir = tmp_path_factory.mktemp("plugin-server")
     site = install_example_plugin(tmp_path_factory.mktemp("site"))
-    port = free_port()
-    config = write_config(workdir / "lorag.toml", models, workdir / "state", port)
-    config.write_text(config.read_text() + plugin_config(models))
-    env = {**os.environ, "LORAG_LOG_FORMAT": "json", "VLLM_LOGGING_LEVEL": "WARNING"}
+    env = dict(os.environ)
     env.pop(LOAD_ENV, None)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site) if site else None, str(ROOT),
                                                        env.get("PYTHONPATH")]))
-    log_path = workdir / "server.log"
-    process = subprocess.Popen([sys.executable, "-m", "lorag.cli", "serve", "--config", str(config)],
-                               stdout=log_path.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=workdir)
-    server = Server(f"http://127.0.0.1:{port}", process, log_path, workdir / "state", config)
-    deadline = time.monotonic() + 240
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{server.url}/ready", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            server.stop()
-            raise RuntimeError(f"server did not become ready:\n{log_path.read_text()[-4000:]}")
-        time.sleep(1)
+    server = start_server(models, tmp_path_factory.mktemp("plugin-server"), extra_config=plugin_config(models),
+                          env=env)
     yield server
     server.stop()
 
