@@ -161,3 +161,8 @@ def remove(target: Target, ref: str) -> None:
     else:
         removed = [e.ref for e in target.service().remove(name, version)]
     click.echo("removed " + ", ".join(removed))
+
+
+from lorag.adapters.train_cli import train_command  # noqa: E402
+
+adapters_group.add_command(train_command)

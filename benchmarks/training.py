@@ -1,0 +1,165 @@
+"""Training benchmark: `lorag adapters train` vs a plain peft + transformers loop, same model, data and settings.
+
+    .venv/bin/python benchmarks/training.py [--examples 128] [--epochs 2] [--rounds 5] [--threads 1]
+
+Both run one after the other in this one run (alternating per round) on a tiny Llama
+(hidden 256, 4 layers, random weights) built in a temp dir, on the same tokenized chat
+examples, LoRA (rank 16, all linear layers), AdamW, linear schedule, gradient clipping,
+batch size, max length, epochs and seed. lorag's side is what the CLI runs (progress
+callback, epoch-end checkpoints, final save and validation); the plain loop saves its
+adapter once at the end. Throughput counts input tokens (padding excluded):
+ - loop:       tokens / time in the training loop (lorag: TrainResult.seconds, which
+               includes its epoch-end checkpoints);
+ - end to end: tokens / whole call (model load, tokenization for lorag, training, saving);
+ - cpu:        tokens / CPU seconds of the whole call: with one torch thread this is the
+               work done, and it is far less disturbed than wall time when other
+               processes share the cores.
+Prints medians over rounds and the lorag/plain ratios. Target: >= 0.95x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from lorag.adapters.data import Example, load_examples  # noqa: E402
+from lorag.adapters.train import TrainSettings, collate, resolve_target_modules  # noqa: E402
+from lorag.devmodel import TINY_CORPUS, build_tiny_model  # noqa: E402
+
+WORDS = TINY_CORPUS.split()
+
+
+def write_data(path: Path, n: int, seed: int) -> Path:
+    """Chat examples of varied length (~30-250 tokens) from the tokenizer's own corpus words."""
+    rng = random.Random(seed)
+    with path.open("w") as handle:
+        for _ in range(n):
+            question = " ".join(rng.choices(WORDS, k=rng.randint(5, 25)))
+            answer = " ".join(rng.choices(WORDS, k=rng.randint(5, 60)))
+            messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+            handle.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+def run_lorag(settings: TrainSettings, data: Path, run_dir: Path) -> dict[str, float]:
+    from lorag.adapters.train_cli import _train_with_progress
+
+    started, cpu_started = time.perf_counter(), time.process_time()
+    result = _train_with_progress(settings, data, run_dir, False, "bench")
+    total = time.perf_counter() - started
+    return {"tokens": result.tokens, "loop_s": result.seconds, "total_s": total, "steps": result.steps,
+            "cpu_s": time.process_time() - cpu_started}
+
+
+def run_plain(settings: TrainSettings, examples: list[Example], out: Path, pad_id: int) -> dict[str, float]:
+    """The loop a person writes with peft + transformers: no checkpoints, no callbacks."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    started, cpu_started = time.perf_counter(), time.process_time()
+    model = AutoModelForCausalLM.from_pretrained(settings.model_path, dtype=torch.float32)
+    model.config.use_cache = False
+    torch.manual_seed(settings.seed)
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=resolve_target_modules(model, settings.target_modules), task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    steps_per_epoch = math.ceil(len(examples) / settings.batch_size)
+    total_steps = steps_per_epoch * settings.epochs
+    warmup = int(total_steps * settings.warmup_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
+    peft_model.train()
+    tokens = 0
+    loop_started = time.perf_counter()
+    for epoch in range(settings.epochs):
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(settings.seed * 1_000_003 + epoch)).tolist()
+        for start in range(0, len(order), settings.batch_size):
+            chunk = [examples[i] for i in order[start : start + settings.batch_size]]
+            batch = collate(chunk, pad_id, "cpu")
+            loss = peft_model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens += sum(len(e.input_ids) for e in chunk)
+            loss.item()  # a loop that prints its loss reads it
+    loop_s = time.perf_counter() - loop_started
+    peft_model.save_pretrained(str(out), safe_serialization=True)
+    return {"tokens": tokens, "loop_s": loop_s, "total_s": time.perf_counter() - started, "steps": total_steps,
+            "cpu_s": time.process_time() - cpu_started}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (this machine's cores are shared)")
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from lorag.logging import configure_logging
+
+    configure_logging(level="warning")
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="lorag-train-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        model = build_tiny_model(tmp / "model", hidden_size=256, layers=4)
+        data = write_data(tmp / "data.jsonl", args.examples, seed=0)
+        settings = TrainSettings(model_path=str(model), rank=16, alpha=32, dropout=0.05, learning_rate=2e-4,
+                                 epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length,
+                                 val_split=0, seed=0)
+        tokenizer = AutoTokenizer.from_pretrained(str(model))
+        examples = load_examples(data, tokenizer, args.max_length)
+        pad_id = tokenizer.pad_token_id
+        print(f"model: hidden 256, 4 layers; {len(examples)} examples, "
+              f"{sum(len(e.input_ids) for e in examples)} tokens/epoch, {args.epochs} epochs, "
+              f"batch {args.batch_size}, rank 16 all-linear, {args.threads} thread(s)")
+        results: dict[str, list[dict[str, float]]] = {"lorag": [], "plain": []}
+        for round_ in range(args.rounds):
+            order = ("lorag", "plain") if round_ % 2 == 0 else ("plain", "lorag")
+            for which in order:
+                out = tmp / f"{which}-{round_}"
+                result = (run_lorag(settings, data, out) if which == "lorag"
+                          else run_plain(settings, examples, out, pad_id))
+                results[which].append(result)
+                print(f"round {round_ + 1} {which:5s}: {result['steps']:.0f} steps, "
+                      f"loop {result['tokens'] / result['loop_s']:8.0f} tok/s, "
+                      f"end to end {result['tokens'] / result['total_s']:8.0f} tok/s, "
+                      f"cpu {result['tokens'] / result['cpu_s']:8.0f} tok/s")
+        summary: dict[str, Any] = {}
+        for which, rows in results.items():
+            summary[which] = {
+                "loop": statistics.median(r["tokens"] / r["loop_s"] for r in rows),
+                "end_to_end": statistics.median(r["tokens"] / r["total_s"] for r in rows),
+                "cpu": statistics.median(r["tokens"] / r["cpu_s"] for r in rows),
+            }
+        for kind in ("loop", "end_to_end", "cpu"):
+            ratio = summary["lorag"][kind] / summary["plain"][kind]
+            print(f"median {kind:10s}: lorag {summary['lorag'][kind]:8.0f} tok/s, plain {summary['plain'][kind]:8.0f} "
+                  f"tok/s, ratio {ratio:.3f} (target >= 0.95)")
+
+
+if __name__ == "__main__":
+    main()
