@@ -161,8 +161,9 @@ def client(server: Server):  # -> openai.OpenAI
     return openai.OpenAI(base_url=server.api, api_key=USER_KEY, max_retries=0, timeout=120)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def async_client(server: Server):  # -> openai.AsyncOpenAI
+    """Per test: its connection pool belongs to the event loop of that test's asyncio.run()."""
     import openai
 
     return openai.AsyncOpenAI(base_url=server.api, api_key=USER_KEY, max_retries=0, timeout=120)
