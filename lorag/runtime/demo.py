@@ -7,6 +7,7 @@ the demo shows is the machinery (per-request adapters, hot-swap, the API).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -98,6 +99,7 @@ Ctrl-C stops the server.""")
 @click.option("--exit-after-samples", is_flag=True, help="Stop the server after printing the samples.")
 def demo(state_dir: str, port: int, setup_only: bool, exit_after_samples: bool) -> None:
     """Build a tiny model with three adapters, serve it, and show each adapter's answer."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the terminal for the demo itself
     click.echo(f"Setting up the demo under {state_dir} (reused on the next run) ...")
     config = setup_demo(Path(state_dir), port)
     click.echo(f"Wrote {config}")
