@@ -301,15 +301,25 @@ class RequestHooks:
                 params = result
         return params
 
+    def _inline(self, hook: str) -> bool:
+        """Only built-ins (bounded work) on this hook: a thread hop would cost more than the call."""
+        return all(impl.inline for impl in self._plan.hooks[hook])
+
     async def arequest_received(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """request_received off the event loop (a slow plugin then never stalls other requests)."""
+        if self._inline("request_received"):
+            return self.request_received(messages)
         return await asyncio.to_thread(self.request_received, messages)
 
     async def acontext_retrieved(self, query: str, chunks: list[Any]) -> list[Any]:
+        if self._inline("context_retrieved"):
+            return self.context_retrieved(query, chunks)
         return await asyncio.to_thread(self.context_retrieved, query, chunks)
 
     async def asampling_params(self, params: dict[str, Any],
                                response_format: dict[str, Any] | None) -> dict[str, Any]:
+        if self._inline("sampling_params"):
+            return self.sampling_params(params, response_format)
         return await asyncio.to_thread(self.sampling_params, params, response_format)
 
     # -- during and after generation --------------------------------------------
