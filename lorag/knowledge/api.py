@@ -1,0 +1,182 @@
+"""HTTP routes for knowledge bases: list, show and query for API keys; writes for admins.
+
+The server includes `router` and sets `app.state.settings`; the service is opened on
+first use and shared with the request pipeline (lorag.knowledge.service.shared_service),
+so a document ingested through these routes is searchable by the next request,
+without a restart. Handlers are plain functions: FastAPI runs them in its thread
+pool, off the event loop, because embedding and Chroma calls block.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from pydantic import BaseModel, ConfigDict, Field
+
+from lorag.errors import LoragError
+from lorag.knowledge.errors import IngestInputError, PayloadTooLarge
+from lorag.knowledge.ingest import IngestReport, SourceFile
+from lorag.knowledge.service import UPLOAD_PREFIX, KnowledgeService, shared_service
+from lorag.runtime.auth import Principal, require_admin, require_key
+
+router = APIRouter(tags=["knowledge"])
+KeyHolder = Annotated[Principal, Depends(require_key)]
+Admin = Annotated[Principal, Depends(require_admin)]
+_GUARD = threading.Lock()
+
+
+def get_service(request: Request) -> KnowledgeService:
+    """The app's knowledge service, opened on first use (a failure is retried next request)."""
+    app = request.app
+    service: KnowledgeService | None = getattr(app.state, "knowledge", None)
+    if service is None or service.closed:
+        with _GUARD:
+            service = getattr(app.state, "knowledge", None)
+            if service is None or service.closed:
+                service = shared_service(app.state.settings)
+                app.state.knowledge = service
+    return service
+
+
+def close_service(app: Any) -> None:
+    """Release the store (and its lock) at shutdown."""
+    service: KnowledgeService | None = getattr(app.state, "knowledge", None)
+    if service is not None:
+        service.close()
+        app.state.knowledge = None
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class QueryRequest(_Body):
+    query: str
+    top_k: int | None = Field(default=None, ge=1, le=1000)
+    mode: Literal["vector", "keyword", "hybrid"] | None = None
+    filters: dict[str, Any] | None = None
+    score_threshold: float | None = None
+    rerank: bool | None = None
+
+
+class CreateRequest(_Body):
+    name: str
+    description: str = ""
+
+
+class IngestPathsRequest(_Body):
+    paths: list[str] = Field(min_length=1)
+    recursive: bool = True
+    sync: bool = False
+    create: bool = False
+
+
+@router.get("/v1/knowledge")
+def list_knowledge(request: Request, _: KeyHolder) -> dict[str, Any]:
+    return {"object": "list", "data": get_service(request).list_bases()}
+
+
+@router.get("/v1/knowledge/{kb}")
+def show_knowledge(kb: str, request: Request, _: KeyHolder) -> dict[str, Any]:
+    return get_service(request).show(kb)
+
+
+@router.post("/v1/knowledge/{kb}/query")
+def query_knowledge(
+    kb: str, body: QueryRequest, request: Request, _: KeyHolder
+) -> dict[str, Any]:
+    """Hits shaped like `lorag kb query --json`; `kb` may name several bases, comma-separated."""
+    names = [name for name in kb.split(",") if name]
+    hits = get_service(request).query(
+        names,
+        body.query,
+        top_k=body.top_k,
+        mode=body.mode,
+        filters=body.filters,
+        score_threshold=body.score_threshold,
+        rerank=body.rerank,
+    )
+    return {"hits": [hit.to_dict() for hit in hits]}
+
+
+@router.post("/v1/knowledge", status_code=201)
+def create_knowledge(body: CreateRequest, request: Request, _: Admin) -> dict[str, Any]:
+    return get_service(request).create(body.name, body.description)
+
+
+@router.delete("/v1/knowledge/{kb}")
+def drop_knowledge(kb: str, request: Request, _: Admin) -> dict[str, Any]:
+    get_service(request).drop(kb)
+    return {"name": kb, "deleted": True}
+
+
+@router.post("/v1/knowledge/{kb}/documents")
+def upload_documents(
+    kb: str,
+    request: Request,
+    files: Annotated[list[UploadFile], File()],
+    _: Admin,
+    create: Annotated[bool, Form()] = False,
+) -> dict[str, Any]:
+    """Ingest uploaded files; each becomes the document `upload:<filename>` (re-uploading replaces it)."""
+    service = get_service(request)
+    limit = service.settings.ingest.max_upload_bytes
+    sources: list[SourceFile] = []
+    refused: list[dict[str, str]] = []
+    for upload in files:
+        name = _upload_name(upload.filename)
+        data = upload.file.read(limit + 1)
+        if len(data) > limit:
+            refused.append({"source": UPLOAD_PREFIX + name, "reason": f"too large: over {limit} bytes (knowledge.ingest.max_upload_bytes)", "kind": "too_large"})
+            continue
+        sources.append(SourceFile(source=UPLOAD_PREFIX + name, name=name, data=data, origin="upload"))
+    if refused and not sources:
+        raise PayloadTooLarge("; ".join(f"{r['source']}: {r['reason']}" for r in refused), param="files")
+    report = service.ingest_files(kb, sources, create=create)
+    return _report(report, refused)
+
+
+@router.post("/v1/knowledge/{kb}/ingest")
+def ingest_paths(
+    kb: str, body: IngestPathsRequest, request: Request, _: Admin
+) -> dict[str, Any]:
+    """Ingest files on the server's own disk, only from under knowledge.ingest.allowed_roots."""
+    service = get_service(request)
+    roots = service.settings.ingest.allowed_roots
+    if not roots:
+        raise LoragError(
+            "ingesting server-side paths is disabled: set knowledge.ingest.allowed_roots, or upload files",
+            param="paths",
+            code="path_not_allowed",
+        )
+    report = service.ingest_paths(
+        kb, body.paths, recursive=body.recursive, sync=body.sync, allowed_roots=roots, create=body.create
+    )
+    return _report(report, [])
+
+
+@router.delete("/v1/knowledge/{kb}/documents")
+def remove_documents(
+    kb: str,
+    request: Request,
+    _: Admin,
+    source: Annotated[list[str], Query(description="Source of a document (repeatable).")],
+) -> dict[str, Any]:
+    return get_service(request).remove(kb, source).to_dict()
+
+
+def _upload_name(filename: str | None) -> str:
+    name = (filename or "").replace("\\", "/").strip().lstrip("/")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if not parts or ".." in parts:
+        raise IngestInputError(f"unusable upload file name {filename!r}", param="files")
+    return "/".join(parts)
+
+
+def _report(report: IngestReport, refused: list[dict[str, str]]) -> dict[str, Any]:
+    result = report.to_dict()
+    result["skipped"] = refused + result["skipped"]
+    result["failed"] = len(refused) + len(report.failed)
+    return result

