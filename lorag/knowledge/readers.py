@@ -12,10 +12,12 @@ import csv
 import io
 import json
 import re
+import tempfile
 import unicodedata
 import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
@@ -65,7 +67,18 @@ class ReadResult:
 
 
 def file_type_of(name: str) -> str | None:
-    return SUPPORTED.get(Path(name).suffix.lower())
+    """The built-in type for the file's extension, else the extension a plugin reads."""
+    suffix = Path(name).suffix.lower()
+    if suffix in SUPPORTED:
+        return SUPPORTED[suffix]
+    return suffix if plugin_reader(suffix) is not None else None
+
+
+def plugin_reader(suffix: str) -> Any | None:
+    """A reader a plugin registered for `suffix` (register_knowledge_readers hook)."""
+    from lorag.plugins.manager import knowledge_readers
+
+    return knowledge_readers().get(suffix)
 
 
 def read_bytes(name: str, data: bytes, segment_chars: int = 2000) -> ReadResult:
@@ -78,7 +91,7 @@ def read_bytes(name: str, data: bytes, segment_chars: int = 2000) -> ReadResult:
         )
     if not data.strip():
         raise EmptyDocument("empty file")
-    reader = _READERS[file_type]
+    reader = _READERS.get(file_type) or partial(_read_with_plugin, plugin_reader(file_type), name)
     try:
         title, segments = reader(data, segment_chars)
     except UnreadableFile:
@@ -89,6 +102,21 @@ def read_bytes(name: str, data: bytes, segment_chars: int = 2000) -> ReadResult:
     if not segments:
         raise EmptyDocument(f"no text found in this {file_type} file")
     return ReadResult(file_type=file_type, title=(title or Path(name).stem).strip(), segments=segments)
+
+
+def _read_with_plugin(reader: Any, name: str, data: bytes, segment_chars: int) -> tuple[str, list[Segment]]:
+    """A llama-index BaseReader (class or factory) from a plugin: one segment per Document it returns."""
+    instance = reader() if isinstance(reader, type) or not hasattr(reader, "load_data") else reader
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(name).name
+        path.write_bytes(data)
+        documents = instance.load_data(path)
+    segments = []
+    for document in documents:
+        meta = document.metadata or {}
+        segments.append(Segment(text=document.text, page=meta.get("page"), section=meta.get("section")))
+    title = next((str(d.metadata["title"]) for d in documents if (d.metadata or {}).get("title")), "")
+    return title, segments
 
 
 # ---------------------------------------------------------------------------- text

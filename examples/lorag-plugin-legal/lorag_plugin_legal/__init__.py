@@ -1,4 +1,5 @@
-"""lorag plugin for a legal-information domain: a validator, a formatter, a tool and a CLI command.
+"""lorag plugin for a legal-information domain: a validator, a formatter, a tool, a CLI command
+and a knowledge reader for `.statute` files.
 
 Every function below is a lorag hook (see docs/plugins.md); each takes only the
 arguments it needs.
@@ -78,3 +79,26 @@ def register_commands(cli: click.Group) -> None:
         """Print the limitation period for CLAIM."""
         found = limitation_period(claim, jurisdiction)  # type: ignore[arg-type]
         click.echo(f"{found['claim']} in {found['jurisdiction']}: {found['years']} years ({found['source']})")
+
+
+class StatuteReader:
+    """Reads `.statute` files: one section per `§` heading, so citations point at the section."""
+
+    def load_data(self, file: Any, extra_info: dict[str, Any] | None = None) -> list[Any]:
+        from pathlib import Path
+
+        from llama_index.core import Document
+
+        text = Path(file).read_text(encoding="utf-8")
+        title, _, body = text.partition("\n")
+        documents = []
+        for part in re.split(r"(?m)^(?=§)", body):
+            if part.strip():
+                heading = part.strip().splitlines()[0]
+                documents.append(Document(text=part.strip(), metadata={"section": heading, "title": title.strip()}))
+        return documents
+
+
+@hookimpl
+def register_knowledge_readers(register: Any) -> None:
+    register(".statute", StatuteReader)
