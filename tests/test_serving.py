@@ -145,6 +145,9 @@ def test_unknown_model_and_bad_requests_get_openai_errors(server: Server, client
     assert httpx.get(f"{server.url}/nope").json()["error"]["type"] == "not_found_error"
     too_big = httpx.post(f"{server.api}/completions", headers=headers, content=b"x" * (5 << 20))
     assert too_big.status_code == 413
+    upload = httpx.post(f"{server.api}/knowledge/no-such-kb/documents", headers={"authorization": headers["authorization"]},
+                        files={"files": ("big.txt", b"word " * (1 << 20))})  # 5 MiB: above the JSON limit, within uploads'
+    assert upload.status_code != 413, upload.text
     assert greedy_chat(client, "alpha")  # still serving
 
 

@@ -39,9 +39,10 @@ class RequestContext:
     Pure ASGI rather than BaseHTTPMiddleware: it must not buffer or slow down streams.
     """
 
-    def __init__(self, app: Any, max_body: int) -> None:
+    def __init__(self, app: Any, max_body: int, max_upload: int) -> None:
         self.app = app
         self.max_body = max_body
+        self.max_upload = max_upload  # multipart file uploads (knowledge ingestion) have their own ceiling
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -51,8 +52,10 @@ class RequestContext:
         request_id = (headers.get(b"x-request-id") or b"").decode(errors="replace")[:64] or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body:
-            response = error_response(413, f"Request body is larger than {self.max_body} bytes.",
+        upload = headers.get(b"content-type", b"").startswith(b"multipart/form-data")
+        limit = self.max_upload if upload else self.max_body
+        if length is not None and length.isdigit() and int(length) > limit:
+            response = error_response(413, f"Request body is larger than {limit} bytes.",
                                       "invalid_request_error", code="request_too_large")
             await response(scope, receive, send)
             return
@@ -134,7 +137,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             return error_response(503, f"Not ready: {err}", "server_error", code="engine_unhealthy")
         return JSONResponse({"status": "ready", "model": settings.model.served_name})
 
-    app.add_middleware(RequestContext, max_body=settings.server.max_request_bytes)
+    app.add_middleware(RequestContext, max_body=settings.server.max_request_bytes,
+                       max_upload=max(settings.knowledge.ingest.max_upload_bytes + (1 << 20), settings.server.max_request_bytes))
     return app
 
 
