@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from click.testing import CliRunner
 from pydantic import BaseModel, ConfigDict
 
 from lorag.config import ConfigError
+from lorag.knowledge.retrieval import Hit
 from lorag.plugins import ContentBlocked, PluginContext, Replace, Verdict, hookimpl
 from lorag.plugins.cli import add_plugin_commands
 from lorag.plugins.errors import PluginError
@@ -102,16 +102,6 @@ def test_hook_request_received_returning_garbage_is_a_named_error() -> None:
     host = make_host({"sloppy": Sloppy()}, default=["sloppy"])
     with pytest.raises(PluginError, match="Plugin 'sloppy' returned str from request_received"):
         hooks_for(host).request_received([{"role": "user", "content": "x"}])
-
-
-@dataclass
-class Hit:
-    kb: str
-    source: str
-    location: str
-    text: str
-    score: float
-    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 def test_hook_context_retrieved_drops_and_reranks_chunks() -> None:
