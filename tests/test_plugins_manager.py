@@ -59,9 +59,11 @@ def test_example_plugin_loads_from_its_entry_point(example_plugin: dict[str, str
     record = loaded.records["legal"]
     assert (record.status, record.source, record.distribution, record.version) == \
         ("ok", "entry point", "lorag-plugin-legal", "0.1.0")
-    assert set(record.hooks) == {"format_output", "output_complete", "register_commands", "register_tools",
-                                 "request_received", "settings_model"}
+    assert set(record.hooks) == {"format_output", "output_complete", "register_commands",
+                                 "register_knowledge_readers", "register_tools", "request_received",
+                                 "settings_model"}
     assert loaded.tools["limitation_period"].plugin == "legal"
+    assert loaded.knowledge_readers[".statute"][0] == "legal"
 
 
 @pytest.mark.parametrize("value", ["legal", "lorag-plugin-legal", "LORAG_PLUGIN_LEGAL"])
