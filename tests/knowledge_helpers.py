@@ -304,3 +304,18 @@ def assert_consistent(service: Any, kb: str) -> None:
         assert key in committed, f"orphan chunk of {key}"
         per_version[key] = per_version.get(key, 0) + 1
     assert per_version == {k: n for k, n in committed.items() if n}, (per_version, committed)
+
+
+def hold_store_lock(state_dir: Path, **popen: Any) -> subprocess.Popen:
+    """Another process holding the embedded store's lock; it prints 'held' once it has it."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from lorag.knowledge.store import StoreLock; "
+            "StoreLock(Path(sys.argv[1])).acquire(); print('held', flush=True); time.sleep(60)",
+            str(state_dir / "knowledge" / "chroma"),
+        ],
+        stdout=subprocess.PIPE,
+        **popen,
+    )

@@ -34,6 +34,7 @@ from tests.knowledge_helpers import (
     ROOT,
     ChromaServer,
     assert_consistent,
+    hold_store_lock,
     knowledge_overrides,
     snapshot,
     toml_for,
@@ -457,17 +458,7 @@ def test_a_second_process_gets_a_clear_in_use_error(tmp_path: Path) -> None:
     assert ok.returncode == 0, ok.stderr.decode()
 
     # And the other way round: a store held by another process refuses this one.
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time; from pathlib import Path; from lorag.knowledge.store import StoreLock; "
-            "StoreLock(Path(sys.argv[1])).acquire(); print('held', flush=True); time.sleep(60)",
-            str(tmp_path / "state" / "knowledge" / "chroma"),
-        ],
-        stdout=subprocess.PIPE,
-        env=_env(),
-    )
+    holder = hold_store_lock(tmp_path / "state", env=_env())
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == b"held"
         with pytest.raises(StoreInUse, match=f"in use by process {holder.pid}") as caught:

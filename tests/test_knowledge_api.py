@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from lorag.config import load_settings
 from lorag.errors import LoragError
 from lorag.knowledge.api import close_service, router
-from tests.knowledge_helpers import free_port, write_corpus
+from tests.knowledge_helpers import free_port, hold_store_lock, write_corpus
 
 pytestmark = pytest.mark.timeout(300)
 ADMIN = {"Authorization": "Bearer sk-admin-knowledge"}
@@ -170,24 +170,12 @@ def test_knowledge_api(server: tuple[str, Path, FastAPI], tmp_path: Path) -> Non
 
 
 def test_the_api_reports_a_store_held_by_another_process(tmp_path: Path) -> None:
-    import subprocess
-    import sys
 
     from tests.knowledge_helpers import ROOT
 
     config = tmp_path / "lorag.toml"
     config.write_text(f'state_dir = "{tmp_path / "state"}"\n', encoding="utf-8")
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time; from pathlib import Path; from lorag.knowledge.store import StoreLock; "
-            "StoreLock(Path(sys.argv[1])).acquire(); print('held', flush=True); time.sleep(60)",
-            str(tmp_path / "state" / "knowledge" / "chroma"),
-        ],
-        stdout=subprocess.PIPE,
-        cwd=ROOT,
-    )
+    holder = hold_store_lock(tmp_path / "state", cwd=ROOT)
     app = build_app(load_settings(config))
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
