@@ -7,15 +7,17 @@ key's dotted path and what was expected.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lorag.knowledge.settings import KnowledgeSettings
 from lorag.plugins.settings import PluginsSettings
+from lorag.runtime.domain_settings import DomainSettings, RoutingSettings, check_domain_names
 
 CONFIG_ENV = "LORAG_CONFIG"
 STATE_ENV = "LORAG_STATE_DIR"
@@ -63,9 +65,55 @@ class EngineSettings(Strict):
 
 
 class ApiKey(Strict):
-    key: str = Field(min_length=8)
+    """A key clients send as `Authorization: Bearer <key>`, and what it may reach.
+
+    `hash = "sha256:<hex>"` instead of `key` keeps the secret itself out of lorag.toml.
+    An admin key reaches everything, so it takes no narrower scopes.
+    """
+
+    key: str | None = Field(default=None, min_length=8)
+    hash: str | None = Field(default=None, pattern=r"^sha256:[0-9a-f]{64}$", description="sha256:<hex> of the key.")
     name: str = ""
     admin: bool = False
+    domains: list[str] | None = Field(default=None, description="Domains this key may use (absent: all).")
+    knowledge: bool = Field(default=True, description="May query knowledge bases directly (/v1/knowledge).")
+    overrides: bool = Field(default=True, description="May override retrieval or the adapter per request.")
+
+    @model_validator(mode="after")
+    def _one_secret_and_sane_scopes(self) -> ApiKey:
+        if (self.key is None) == (self.hash is None):
+            raise ValueError("set exactly one of `key` or `hash` (hash = \"sha256:<hex of the key>\")")
+        ApiKey.check_scopes(self.admin, self.domains, self.knowledge, self.overrides)
+        return self
+
+    @staticmethod
+    def check_scopes(admin: bool, domains: list[str] | None, knowledge: bool, overrides: bool) -> None:
+        """Refuse scopes that mean nothing; the key store (lorag keys create) uses the same rule."""
+        if admin and (domains is not None or not knowledge or not overrides):
+            raise ValueError("an admin key has every scope; drop `domains`, `knowledge` and `overrides`, or `admin`")
+        if domains is not None and any(not d.strip() for d in domains):
+            raise ValueError("domain names must not be empty")
+
+    @property
+    def sha256(self) -> str:
+        """`sha256:<hex>` of the key, whichever way it was configured."""
+        if self.hash is not None:
+            return self.hash
+        return "sha256:" + hashlib.sha256((self.key or "").encode()).hexdigest()
+
+
+class LimitsSettings(Strict):
+    """Per-key admission limits (`[server.limits]`): what one key may take from a shared engine.
+
+    0 switches a limit off. The token rate is a bucket per key, charged
+    prompt + max_tokens per request and refilled every second.
+    """
+
+    max_messages: int = Field(default=1024, ge=0, description="Messages in one chat request.")
+    max_concurrent_per_key: int = Field(default=64, ge=0, description="Requests one key may have in flight.")
+    tokens_per_s_per_key: float = Field(default=0, ge=0, description="Token bucket refill per second.")
+    token_burst_per_key: int = Field(default=0, ge=0, description="Token bucket size (0: 10 s of refill).")
+    generation_timeout_s: float = Field(default=600, ge=0, description="One request's generation, at most.")
 
 
 class ServerSettings(Strict):
@@ -74,6 +122,19 @@ class ServerSettings(Strict):
     api_keys: list[ApiKey] = Field(default_factory=list)
     max_request_bytes: int = Field(default=4 << 20, gt=0)
     cors_origins: list[str] = Field(default_factory=list)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    # SIGTERM: stop accepting, let in-flight requests (streams too) finish for this long, then exit.
+    drain_timeout_s: int = Field(default=30, ge=0)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _key_names_unique(cls, keys: list[ApiKey]) -> list[ApiKey]:
+        # Domains grant access by key name, so one name must mean one key.
+        names = [k.name for k in keys if k.name]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"key names must be unique: {', '.join(duplicates)}")
+        return keys
 
 
 class AdapterSettings(Strict):
@@ -97,7 +158,22 @@ class Settings(Strict):
     adapters: AdaptersSettings = Field(default_factory=AdaptersSettings)
     knowledge: KnowledgeSettings = Field(default_factory=KnowledgeSettings)
     plugins: PluginsSettings = Field(default_factory=PluginsSettings)
-    domains: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    domains: dict[str, DomainSettings] = Field(default_factory=dict)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+
+    @model_validator(mode="after")
+    def _domains_fit_together(self) -> Settings:
+        check_domain_names(self.domains, self.model.served_name)
+        if self.routing.fallback is not None and self.routing.fallback not in self.domains:
+            raise ValueError(f"routing.fallback: {self.routing.fallback!r} is not a domain")
+        for name, domain in self.domains.items():
+            if domain.plugins is None:
+                continue
+            # One place holds each domain's plugins: [plugins.domains.<name>] or the domain's own table.
+            if name in self.plugins.domains and self.plugins.domains[name] != domain.plugins:
+                raise ValueError(f"domains.{name}.plugins: also set in [plugins.domains.{name}]; keep one")
+            self.plugins.domains[name] = domain.plugins
+        return self
 
     @field_validator("state_dir")
     @classmethod

@@ -28,6 +28,7 @@ ADMIN_KEY = "sk-admin-test-key"
 USER_KEY = "sk-user-test-key"
 MAX_LORAS = 2
 MAX_RANK = 8
+BASE_NAME = "tiny-base"
 SERVED_ADAPTERS = ("alpha", "beta", "gamma", "delta")
 
 
@@ -87,7 +88,8 @@ class Server:
         return int(self.process.returncode)
 
 
-def write_config(path: Path, models: Models, state_dir: Path, port: int, preload: bool = True) -> Path:
+def write_config(path: Path, models: Models, state_dir: Path, port: int, preload: bool = True,
+                 extra_keys: str = "") -> Path:
     preload_lines = "".join(
         f'[adapters.preload.{name}]\npath = "{models.adapters[name]}"\n' for name in SERVED_ADAPTERS
     ) if preload else ""
@@ -96,7 +98,7 @@ state_dir = "{state_dir}"
 
 [model]
 path = "{models.base}"
-name = "tiny-base"
+name = "{BASE_NAME}"
 max_model_len = 512
 
 [engine]
@@ -110,7 +112,7 @@ port = {port}
 api_keys = [
   {{ key = "{ADMIN_KEY}", name = "ops", admin = true }},
   {{ key = "{USER_KEY}", name = "app" }},
-]
+{extra_keys}]
 
 [adapters]
 allowed_roots = ["{models.root}"]
@@ -119,12 +121,15 @@ allowed_roots = ["{models.root}"]
 
 
 def start_server(models: Models, workdir: Path, *, preload: bool = True, state_dir: Path | None = None,
-                 extra_config: str = "", env: dict[str, str] | None = None) -> Server:
-    """A `lorag serve` subprocess on a free port; `extra_config` is appended to its lorag.toml."""
+                 extra_config: str = "", env: dict[str, str] | None = None, extra_keys: str = "") -> Server:
+    """A `lorag serve` subprocess on a free port; `extra_config` is appended to its lorag.toml.
+
+    `extra_keys`: more inline tables for server.api_keys, each followed by a comma.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     state_dir = state_dir or workdir / "state"
-    config = write_config(workdir / "lorag.toml", models, state_dir, port, preload)
+    config = write_config(workdir / "lorag.toml", models, state_dir, port, preload, extra_keys)
     config.write_text(config.read_text() + extra_config)
     log_path = workdir / "server.log"
     env = {"LORAG_LOG_FORMAT": "json", "VLLM_LOGGING_LEVEL": "WARNING", **(env or dict(os.environ))}

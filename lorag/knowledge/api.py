@@ -19,10 +19,10 @@ from lorag.errors import LoragError
 from lorag.knowledge.errors import IngestInputError, PayloadTooLarge
 from lorag.knowledge.ingest import IngestReport, SourceFile
 from lorag.knowledge.service import UPLOAD_PREFIX, KnowledgeService, shared_service
-from lorag.runtime.auth import Principal, require_admin, require_key
+from lorag.runtime.auth import Principal, require_admin, require_knowledge
 
 router = APIRouter(tags=["knowledge"])
-KeyHolder = Annotated[Principal, Depends(require_key)]
+KeyHolder = Annotated[Principal, Depends(require_knowledge)]  # keys with the knowledge scope
 Admin = Annotated[Principal, Depends(require_admin)]
 _GUARD = threading.Lock()
 
@@ -74,21 +74,25 @@ class IngestPathsRequest(_Body):
 
 
 @router.get("/v1/knowledge")
-def list_knowledge(request: Request, _: KeyHolder) -> dict[str, Any]:
-    return {"object": "list", "data": get_service(request).list_bases()}
+def list_knowledge(request: Request, principal: KeyHolder) -> dict[str, Any]:
+    """The bases this key may read (a domain-scoped key sees its domains' bases)."""
+    bases = [b for b in get_service(request).list_bases() if _visible(request, principal, [b["name"]])]
+    return {"object": "list", "data": bases}
 
 
 @router.get("/v1/knowledge/{kb}")
-def show_knowledge(kb: str, request: Request, _: KeyHolder) -> dict[str, Any]:
+def show_knowledge(kb: str, request: Request, principal: KeyHolder) -> dict[str, Any]:
+    _check_visible(request, principal, [kb])
     return get_service(request).show(kb)
 
 
 @router.post("/v1/knowledge/{kb}/query")
 def query_knowledge(
-    kb: str, body: QueryRequest, request: Request, _: KeyHolder
+    kb: str, body: QueryRequest, request: Request, principal: KeyHolder
 ) -> dict[str, Any]:
     """Hits shaped like `lorag kb query --json`; `kb` may name several bases, comma-separated."""
     names = [name for name in kb.split(",") if name]
+    _check_visible(request, principal, names)
     hits = get_service(request).query(
         names,
         body.query,
@@ -165,6 +169,16 @@ def remove_documents(
     source: Annotated[list[str], Query(description="Source of a document (repeatable).")],
 ) -> dict[str, Any]:
     return get_service(request).remove(kb, source).to_dict()
+
+
+def _visible(request: Request, principal: Principal, kbs: list[str]) -> bool:
+    catalog = request.app.state.runtime.domains
+    return all(catalog.kb_visible(principal, kb) for kb in kbs)
+
+
+def _check_visible(request: Request, principal: Principal, kbs: list[str]) -> None:
+    """403 before any lookup, so a scoped key cannot even learn which other bases exist."""
+    request.app.state.runtime.domains.check_kbs(principal, kbs)
 
 
 def _upload_name(filename: str | None) -> str:

@@ -451,6 +451,14 @@ def shared_service(settings: Settings) -> KnowledgeService:
         return service
 
 
+def close_shared(settings: Settings) -> None:
+    """Close the process-wide service for these settings, if one was opened (releases the store lock)."""
+    with _SHARED_GUARD:
+        service = _SHARED.pop(_key(settings), None)
+    if service is not None:
+        service.close()
+
+
 def _forget(service: KnowledgeService) -> None:
     with _SHARED_GUARD:
         for key, value in list(_SHARED.items()):

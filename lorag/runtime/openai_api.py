@@ -18,7 +18,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from lorag.errors import LoragError
 from lorag.runtime.auth import Principal, require_key
 from lorag.runtime.errors import error_body
+from lorag.runtime.limits import admit
+from lorag.runtime.metrics import observe
 from lorag.runtime.pipeline import Choice, Delta, Job, Runtime, new_request_id
+from lorag.runtime.prompt import citation
 from lorag.runtime.protocol import ChatCompletionRequest, CompletionRequest
 
 router = APIRouter()
@@ -32,16 +35,28 @@ def get_runtime(request: Request) -> Runtime:
 
 @router.get("/v1/models")
 async def list_models(
-    runtime: Runtime = Depends(get_runtime), _: Principal = Depends(require_key)
+    runtime: Runtime = Depends(get_runtime), principal: Principal = Depends(require_key)
 ) -> dict[str, Any]:
+    """Domains the key may use (and 'auto'), then the base model and adapters for unscoped keys."""
     created = int(time.time())
     base = runtime.base_model
-    data: list[dict[str, Any]] = [
-        {"id": base, "object": "model", "created": created, "owned_by": "lorag", "root": base,
-         "parent": None, "max_model_len": runtime.engine.max_model_len}
-    ]
+    data: list[dict[str, Any]] = []
+    usable = runtime.domains.usable(principal)
+    for domain in usable:
+        data.append({"id": domain.name, "object": "model", "created": created, "owned_by": "lorag",
+                     "root": domain.settings.adapter or base, "parent": base,
+                     "lorag": {"domain": domain.name, **domain.summary()}})
+    if usable:
+        data.append({"id": "auto", "object": "model", "created": created, "owned_by": "lorag", "root": base,
+                     "parent": base, "lorag": {"routes_to": [d.name for d in usable]}})
+    if not (principal.admin or principal.domains is None):
+        return {"object": "list", "data": data}
+    data.append({"id": base, "object": "model", "created": created, "owned_by": "lorag", "root": base,
+                 "parent": None, "max_model_len": runtime.engine.max_model_len})
     for entry in runtime.registry.current():
         for model_id in (entry.name, entry.ref):
+            if model_id in runtime.domains:
+                continue  # the domain of that name answers it
             data.append({
                 "id": model_id, "object": "model", "created": int(entry.created_at), "owned_by": "lorag",
                 "root": entry.ref, "parent": base,
@@ -55,9 +70,9 @@ async def chat_completions(
     body: ChatCompletionRequest,
     request: Request,
     runtime: Runtime = Depends(get_runtime),
-    _: Principal = Depends(require_key),
+    principal: Principal = Depends(require_key),
 ) -> Any:
-    job = await runtime.prepare_chat(body, request_id_for(request, "chatcmpl"))
+    job = await runtime.prepare_chat(body, request_id_for(request, "chatcmpl"), principal)
     return await respond(request, runtime, job, body, stream_chat, chat_response)
 
 
@@ -66,18 +81,20 @@ async def completions(
     body: CompletionRequest,
     request: Request,
     runtime: Runtime = Depends(get_runtime),
-    _: Principal = Depends(require_key),
+    principal: Principal = Depends(require_key),
 ) -> Any:
-    job = await runtime.prepare_completion(body, request_id_for(request, "cmpl"))
+    job = await runtime.prepare_completion(body, request_id_for(request, "cmpl"), principal)
     return await respond(request, runtime, job, body, stream_completion, completion_response)
 
 
 async def respond(request: Request, runtime: Runtime, job: Job, body: Any, streamer: Any, builder: Any) -> Any:
     """SSE when the client asked for a stream, one JSON response otherwise (the same text either way)."""
+    seen = observe(request, job)  # metrics: status, stage timings, tokens
+    guard = admit(request, job)  # the key's token rate (429) and the generation deadline
     if body.stream:
-        chunks = streamer(runtime, job, body)
+        chunks = seen.stream(guard.stream(streamer(runtime, job, body)))
         return StreamingResponse(sse(chunks), media_type="text/event-stream", headers=_stream_headers(job))
-    choices = await until_disconnected(request, runtime.complete(job))
+    choices = seen.done(await guard.run(until_disconnected(request, runtime.complete(job))))
     return JSONResponse(builder(job, body, choices, runtime), headers={"x-request-id": job.request_id})
 
 
@@ -133,7 +150,14 @@ def usage(job: Job, completion_tokens: int) -> dict[str, int]:
 
 
 def lorag_extras(job: Job) -> dict[str, Any]:
-    return {**job.extras, "adapter": job.target.adapter_ref, "request_id": job.request_id, "timings": job.timings}
+    """What OpenAI clients ignore and lorag's users read: who answered, from what, how fast."""
+    extras = {**job.extras, "domain": job.target.profile.name if job.target.profile else None,
+              "adapter": job.target.adapter_ref, "request_id": job.request_id,
+              "citations": [citation(number, hit) for number, hit in enumerate(job.citations, start=1)],
+              "timings": job.timings}
+    if job.target.route is not None:
+        extras["route"] = job.target.route.to_dict()
+    return extras
 
 
 # -- chat -----------------------------------------------------------------------

@@ -1,10 +1,13 @@
 """The request path, end to end, in one place.
 
-    resolve model -> hooks: request_received (redact / block input)
-    -> prompt (chat template, context check) -> hooks: sampling_params
-    -> generate with the adapter -> hooks: output stream (hold-back filters)
+    resolve model -> domain ("auto": routed), adapter, access
+    -> hooks: request_received (redact / block input)
+    -> retrieve from the domain's knowledge bases -> hooks: context_retrieved
+    -> prompt (system + examples + numbered context + conversation, fitted to the window)
+    -> hooks: sampling_params -> generate with the adapter
+    -> hooks: output stream (hold-back filters)
     -> hooks: output_complete (pass / fix / retry / refuse) -> hooks: format
-    -> choices and usage
+    -> choices, usage, and the `lorag` extras (domain, adapter, citations, timings)
 
 Streamed and non-streamed requests take exactly the same path (a non-streamed
 one just collects the deltas), so both give the same text. `openai_api` turns
@@ -14,20 +17,33 @@ HTTP. Every stage logs one event with its duration.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorag.adapters.registry import AdapterRegistry, AdapterVersion, split_ref
 from lorag.config import Settings
-from lorag.errors import LoragError, NotFoundError
+from lorag.errors import LoragError, NotFoundError, PermissionDenied
 from lorag.logging import get_logger, stage
 from lorag.plugins.runtime import ContentBlocked, PluginHost, RequestHooks
+from lorag.runtime.domains import Domain, DomainCatalog
 from lorag.runtime.engine import Engine
-from lorag.runtime.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from lorag.runtime.prompt import build_messages, fit_prompt
+from lorag.runtime.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    RequestOptions,
+    SamplingFields,
+)
+from lorag.runtime.routing import RouteDecision, Router
+
+if TYPE_CHECKING:
+    from lorag.knowledge.retrieval import Hit
+    from lorag.runtime.auth import Principal
 
 log = get_logger("lorag.request")
 
@@ -36,12 +52,24 @@ class ContextTooLong(LoragError):
     code = "context_length_exceeded"
 
 
+class KnowledgeUnavailable(LoragError):
+    status_code = 503
+    error_type = "server_error"
+    code = "knowledge_unavailable"
+
+
+# Output tokens kept free for the answer when the request does not say how many it wants.
+DEFAULT_OUTPUT_RESERVE = 256
+
+
 @dataclass(frozen=True)
 class Target:
-    """What answers a request: the base model, or one exact adapter version."""
+    """What answers a request: a domain's profile (or none), and the base model or one adapter version."""
 
     model: str
     adapter: AdapterVersion | None
+    profile: Domain | None = None
+    route: RouteDecision | None = None
 
     @property
     def adapter_ref(self) -> str | None:
@@ -49,8 +77,8 @@ class Target:
 
     @property
     def domain(self) -> str:
-        """The name plugins are configured under: the model asked for, without a version."""
-        return split_ref(self.model)[0]
+        """The name plugins are configured under: the domain, else the model asked for without a version."""
+        return self.profile.name if self.profile else split_ref(self.model)[0]
 
 
 @dataclass
@@ -88,6 +116,7 @@ class Job:
     hooks: RequestHooks
     messages: list[dict[str, Any]] | None = None  # chat only: what a retry extends
     extras: dict[str, Any] = field(default_factory=dict)  # plugins' additions to the `lorag` field
+    citations: list[Hit] = field(default_factory=list)  # the context chunks the prompt holds, numbered from 1
     timings: dict[str, float] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -109,6 +138,8 @@ class Runtime:
         self.engine = engine
         self.registry = registry
         self.plugins = plugins
+        self.domains = DomainCatalog(settings)
+        self.router = Router(settings, self.domains)
 
     @property
     def base_model(self) -> str:
@@ -116,16 +147,59 @@ class Runtime:
 
     # -- stage 1: resolve --------------------------------------------------------
 
-    def resolve(self, model: str) -> Target:
-        """'<base model>' -> base; 'name' -> its current version; 'name@version' -> that version."""
+    def resolve(self, model: str, principal: Principal | None = None, question: str = "",
+                adapter_override: str | None = None) -> Target:
+        """What answers `model`, checked against the caller's key.
+
+        'auto' -> the routed domain; '<domain>' -> its profile and adapter ('<domain>@v2': that
+        version of the domain's adapter); '<base model>' -> base; '<adapter>[@version]' -> it.
+        Base and bare adapters are for keys not scoped to domains.
+        """
+        route = None
+        if model == "auto":
+            if not self.domains.domains:
+                raise NotFoundError("'auto' needs domains in lorag.toml; none are configured.", param="model")
+            route = self.router.route(question, principal)
+            model = route.domain
+        name, version = split_ref(model)
+        if name in self.domains:
+            self.domains.check_use(principal, name)
+            profile = self.domains.get(name)
+            adapter = self._domain_adapter(profile, version, adapter_override, principal)
+            return Target(model=model, adapter=adapter, profile=profile, route=route)
+        if principal is not None and not principal.admin and principal.domains is not None:
+            raise PermissionDenied(f"This API key may only use its domains, not the model '{model}'.",
+                                   param="model")
         if model == self.base_model:
             return Target(model=model, adapter=None)
+        return Target(model=model, adapter=self._adapter(model, "model"))
+
+    def _domain_adapter(self, profile: Domain, version: str | None, override: str | None,
+                        principal: Principal | None) -> AdapterVersion | None:
+        configured = profile.settings.adapter
+        if override is not None:
+            if override == "none":
+                return None
+            if split_ref(override)[0] != (split_ref(configured)[0] if configured else None) and not (
+                principal is None or principal.admin or principal.domains is None
+            ):
+                raise PermissionDenied("This API key may not swap the domain's adapter for another one.",
+                                       param="lorag.adapter")
+            return self._adapter(override, "lorag.adapter")
+        if configured is None:
+            if version is not None:
+                raise NotFoundError(f"The domain '{profile.name}' has no adapter, so no version '{version}'.",
+                                    param="model")
+            return None
+        ref = f"{split_ref(configured)[0]}@{version}" if version else configured
+        return self._adapter(ref, "model")
+
+    def _adapter(self, ref: str, param: str) -> AdapterVersion:
         try:
-            return Target(model=model, adapter=self.registry.resolve(model))
+            return self.registry.resolve(ref)
         except NotFoundError:
             raise NotFoundError(
-                f"The model '{model}' does not exist. GET /v1/models lists the served models.",
-                param="model",
+                f"The model '{ref}' does not exist. GET /v1/models lists the served models.", param=param,
             ) from None
 
     # -- stage 2: prompt ---------------------------------------------------------
@@ -208,12 +282,8 @@ class Runtime:
 
     # -- the two entry points ----------------------------------------------------
 
-    def _start(self, model: str, request_id: str) -> tuple[Target, RequestHooks]:
-        with stage(log, "resolve", model=model) as info:
-            target = self.resolve(model)
-            hooks = self.plugins.for_request(request_id=request_id, domain=target.domain)
-            info["adapter"] = target.adapter_ref
-        return target, hooks
+    def _hooks(self, target: Target, request_id: str) -> RequestHooks:
+        return self.plugins.for_request(request_id=request_id, domain=target.domain)
 
     async def _input_hooks(self, hooks: RequestHooks, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Redact or refuse the input; a refusal (ContentBlocked) is a 400 before any generation."""
@@ -224,25 +294,140 @@ class Runtime:
                 log.info("request_blocked", plugin=blocked.plugin)
                 raise
 
-    async def prepare_chat(self, request: ChatCompletionRequest, request_id: str) -> Job:
+    async def prepare_chat(self, request: ChatCompletionRequest, request_id: str,
+                           principal: Principal | None = None) -> Job:
         started = time.perf_counter()
-        target, hooks = self._start(request.model, request_id)
+        timings: dict[str, float] = {}
+        options = request_options(request, principal)
         messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+        with stage(log, "resolve", model=request.model) as info:
+            target = self.resolve(request.model, principal, last_user_text(messages), options.adapter)
+            info.update(domain=target.profile.name if target.profile else None, adapter=target.adapter_ref)
+        timings["resolve_ms"] = _ms_since(started)
+        hooks = self._hooks(target, request_id)
         messages = await self._input_hooks(hooks, messages)
+        extras: dict[str, Any] = {}
+        hits = await self._retrieve(target, options, last_user_text(messages), hooks, timings, extras, principal)
+        mark = time.perf_counter()
         with stage(log, "prompt") as info:
-            prompt = self.chat_prompt(messages)
-            max_tokens = self.output_budget(len(prompt), request.output_limit)
-            info["prompt_tokens"] = len(prompt)
+            profile = target.profile
+            examples = (self.domains.select_examples(profile, last_user_text(messages), options.examples)
+                        if profile else [])
+            requested = self._output_request(target, request.output_limit)
+            fitted = self._fit(target, hits, examples, messages, requested)
+            max_tokens = self.output_budget(len(fitted.tokens), requested)
+            info.update(prompt_tokens=len(fitted.tokens), context_chunks=len(fitted.hits),
+                        examples=len(fitted.examples), dropped_chunks=fitted.dropped_hits)
+        timings["prompt_ms"] = _ms_since(mark)
+        if fitted.dropped_hits or fitted.dropped_examples:
+            extras["trimmed"] = {"context_chunks": fitted.dropped_hits, "examples": fitted.dropped_examples}
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        params = await self.sampling_params(request, max_tokens, logprobs, hooks, request.response_format)
-        job = Job(request_id, target, [prompt], params, request.n, request.stream, hooks, messages=messages)
+        params = await self.sampling_params(self._with_defaults(target, request), max_tokens, logprobs, hooks,
+                                            request.response_format)
+        job = Job(request_id, target, [fitted.tokens], params, request.n, request.stream, hooks,
+                  messages=build_messages(profile.settings.system_prompt if profile else "", fitted.hits,
+                                          fitted.examples, messages),
+                  extras=extras, citations=fitted.hits)
+        job.timings.update(timings)
         job.timings["prepare_ms"] = _ms_since(started)
         return job
 
-    async def prepare_completion(self, request: CompletionRequest, request_id: str) -> Job:
+    # -- stage 2: retrieve ---------------------------------------------------------
+
+    async def _retrieve(self, target: Target, options: RequestOptions, question: str, hooks: RequestHooks,
+                        timings: dict[str, float], extras: dict[str, Any], principal: Principal | None) -> list[Hit]:
+        """The domain's (or the request's) knowledge bases, searched with the last user message."""
+        profile = target.profile
+        if profile is None or options.no_retrieval or not question.strip():
+            if options.knowledge_bases and profile is None:
+                raise LoragError("lorag.knowledge_bases needs a domain model (retrieval belongs to domains).",
+                                 param="lorag.knowledge_bases")
+            return []
+        cfg = profile.settings.knowledge
+        kbs = options.knowledge_bases if options.knowledge_bases is not None else cfg.bases
+        if not kbs:
+            return []
+        self.domains.check_kbs(principal, kbs)
+        mark = time.perf_counter()
+        try:
+            hits = await asyncio.wait_for(asyncio.to_thread(
+                self._query_knowledge, kbs, question, options.top_k or cfg.top_k, options.mode or cfg.mode,
+                options.filters if options.filters is not None else cfg.filters, cfg.score_threshold,
+            ), timeout=cfg.timeout_s)
+        except Exception as err:
+            if isinstance(err, LoragError) and err.status_code < 500 and not isinstance(err, NotFoundError):
+                raise  # the request's own fault (a bad filter): the client should hear it
+            message = "timed out" if isinstance(err, TimeoutError) else str(err) or type(err).__name__
+            log.warning("retrieve_failed", domain=profile.name, kbs=kbs, error=message)
+            if cfg.on_error == "fail":
+                raise KnowledgeUnavailable(
+                    f"Retrieval for the domain '{profile.name}' failed: {message}. Try again later.") from None
+            extras["retrieval"] = {"skipped": True, "error": message}
+            return []
+        finally:
+            timings["retrieve_ms"] = _ms_since(mark)
+        with stage(log, "context_hooks", chunks=len(hits)):
+            return list(await hooks.acontext_retrieved(question, hits))
+
+    def _query_knowledge(self, kbs: list[str], question: str, top_k: int | None, mode: str | None,
+                         filters: dict[str, Any] | None, threshold: float | None) -> list[Hit]:
+        from lorag.knowledge.service import shared_service
+
+        return shared_service(self.settings).query(kbs, question, top_k=top_k, mode=mode, filters=filters,
+                                                   score_threshold=threshold)
+
+    # -- stage 3: the prompt, fitted ---------------------------------------------
+
+    def _output_request(self, target: Target, requested: int | None) -> int | None:
+        """max_tokens asked for (or the domain's default), within the domain's ceiling."""
+        generation = target.profile.settings.generation if target.profile else None
+        if generation is None:
+            return requested
+        if requested is not None and generation.max_tokens_limit and requested > generation.max_tokens_limit:
+            raise LoragError(f"max_tokens is {requested}, above the domain's limit of "
+                             f"{generation.max_tokens_limit}.", param="max_tokens")
+        return requested if requested is not None else generation.max_tokens or generation.max_tokens_limit
+
+    def _fit(self, target: Target, hits: list[Hit], examples: list[Any], messages: list[dict[str, Any]],
+             requested: int | None) -> Any:
+        limit = self.engine.max_model_len
+        reserve = requested if requested is not None else min(DEFAULT_OUTPUT_RESERVE, max(1, limit // 4))
+        system = target.profile.settings.system_prompt if target.profile else ""
+        tokenizer = self.engine.tokenizer
+
+        def render(chosen_hits: list[Hit], chosen_examples: list[Any]) -> list[int]:
+            return self.chat_prompt(build_messages(system, chosen_hits, chosen_examples, messages))
+
+        def count(text: str) -> int:
+            return len(tokenizer.encode(text, add_special_tokens=False))
+
+        cap = target.profile.settings.knowledge.max_context_tokens if target.profile else None
+        fitted = fit_prompt(render, count, hits, examples, limit - reserve, cap)
+        if fitted is None:  # the conversation alone leaves no room: the client's error, with numbers
+            self.output_budget(len(render([], [])), requested if requested is not None else limit)
+            raise AssertionError("output_budget raises when the bare prompt does not fit")
+        return fitted
+
+    def _with_defaults(self, target: Target, request: ChatCompletionRequest) -> ChatCompletionRequest:
+        """The request with the domain's generation defaults where it left a field out."""
+        generation = target.profile.settings.generation if target.profile else None
+        if generation is None:
+            return request
+        defaults = {"temperature": generation.temperature, "top_p": generation.top_p, "stop": generation.stop}
+        missing = {k: v for k, v in defaults.items() if v is not None and getattr(request, k) is None}
+        return request.model_copy(update=missing) if missing else request
+
+    async def prepare_completion(self, request: CompletionRequest, request_id: str,
+                                 principal: Principal | None = None) -> Job:
+        """Raw text prompts: a domain model brings its adapter and plugins, not retrieval or examples."""
         started = time.perf_counter()
-        target, hooks = self._start(request.model, request_id)
-        raw = request.prompts()
+        with stage(log, "resolve", model=request.model) as info:
+            options = request_options(request, principal)
+            raw = request.prompts()
+            question = next((p for p in raw if isinstance(p, str)), "")
+            target = self.resolve(request.model, principal, question, options.adapter)
+            info["adapter"] = target.adapter_ref
+        hooks = self._hooks(target, request_id)
         for i, prompt in enumerate(raw):
             if isinstance(prompt, str):  # text prompts pass the input hooks as one user turn
                 checked = await self._input_hooks(hooks, [{"role": "user", "content": prompt}])
@@ -304,7 +489,7 @@ class Runtime:
                         if verdict.action == "refuse":
                             text, finish = text + _refusal(sent[raw.index] + text, verdict.message or ""), "content_filter"
                         else:
-                            final, updates = hooks.format(verdict.text, {"lorag": {}}, [], raw.index)
+                            final, updates = hooks.format(verdict.text, {"lorag": {}}, job.citations, raw.index)
                             job.extras.update(updates.get("lorag") or {})
                             text = final[len(sent[raw.index]):]
                     sent[raw.index] += text
@@ -357,6 +542,23 @@ class Runtime:
                 if delta.finish_reason:
                     choice.finish_reason = delta.finish_reason
         return [choices[i] for i in sorted(choices)]
+
+
+def request_options(request: SamplingFields, principal: Principal | None) -> RequestOptions:
+    """The body's `lorag` field, validated; only keys allowed overrides may send one."""
+    if not request.lorag:
+        return RequestOptions()
+    if principal is not None and not principal.admin and not principal.overrides:
+        raise PermissionDenied("This API key may not send per-request `lorag` options.", param="lorag")
+    return RequestOptions.parse(request.lorag)
+
+
+def last_user_text(messages: list[dict[str, Any]]) -> str:
+    """What retrieval, routing and example selection look at: the latest user turn."""
+    for message in reversed(messages):
+        if message["role"] == "user":
+            return str(message.get("content") or "")
+    return ""
 
 
 def new_request_id(prefix: str) -> str:

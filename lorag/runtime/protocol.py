@@ -89,6 +89,35 @@ class SamplingFields(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+class RequestOptions(BaseModel):
+    """lorag's per-request options, sent in the body's `lorag` field (OpenAI clients: extra_body)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    knowledge_bases: list[str] | None = None
+    top_k: int | None = Field(default=None, ge=1, le=50)
+    mode: Literal["vector", "keyword", "hybrid"] | None = None
+    filters: dict[str, Any] | None = None
+    no_retrieval: bool = False
+    adapter: str | None = Field(default=None, min_length=1, description="name, name@version or 'none'")
+    examples: int | None = Field(default=None, ge=0, le=32, description="few-shot examples; 0 = none")
+
+    @classmethod
+    def parse(cls, data: dict[str, Any]) -> RequestOptions:
+        """Validated options; a bad one is a 400 naming `lorag.<field>`."""
+        from pydantic import ValidationError
+
+        from lorag.errors import LoragError
+
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            problem = err.errors()[0]
+            where = ".".join(str(part) for part in problem["loc"])
+            message = "unknown option" if problem["type"] == "extra_forbidden" else problem["msg"]
+            raise LoragError(f"lorag.{where}: {message}", param=f"lorag.{where}") from None
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
 
 from lorag import __version__
@@ -23,7 +23,7 @@ from lorag.adapters.service import AdapterService
 from lorag.config import Settings
 from lorag.logging import get_logger
 from lorag.plugins.runtime import PluginHost
-from lorag.runtime import admin_api, openai_api
+from lorag.runtime import admin_api, limits, metrics, openai_api
 from lorag.runtime.engine import Engine
 from lorag.runtime.errors import error_response, install_error_handlers
 from lorag.runtime.pipeline import Runtime
@@ -51,6 +51,7 @@ class RequestContext:
         headers = dict(scope.get("headers") or [])
         request_id = (headers.get(b"x-request-id") or b"").decode(errors="replace")[:64] or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        scope["state"]["started"] = time.perf_counter()  # request latency (lorag.runtime.metrics)
         length = headers.get(b"content-length")
         upload = headers.get(b"content-type", b"").startswith(b"multipart/form-data")
         limit = self.max_upload if upload else self.max_body
@@ -102,6 +103,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                 closer = getattr(_optional(module_name), "close_service", None)
                 if closer is not None:
                     closer(app)
+            _close_knowledge(settings)
             engine.shutdown()
             log.info("server_stopped")
 
@@ -112,7 +114,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.state.adapters = adapters
     app.state.ready = False
     install_error_handlers(app)
-    app.include_router(openai_api.router)
+    metrics.install(app)
+    limits.install(app)
+    app.include_router(openai_api.router, dependencies=[Depends(limits.admission)])
     app.include_router(admin_api.router)
     for module_name in OPTIONAL_ROUTERS:
         module = _optional(module_name)
@@ -169,6 +173,13 @@ def _already_registered(adapters: AdapterService, name: str, version: str | None
         if entry.name == name and entry.source == source and version in (None, entry.version):
             return True
     return False
+
+
+def _close_knowledge(settings: Settings) -> None:
+    """The request path may have opened the knowledge store without the knowledge API."""
+    module = _optional("lorag.knowledge.service")
+    if module is not None:
+        module.close_shared(settings)
 
 
 def _optional(module_name: str) -> Any:

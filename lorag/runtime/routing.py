@@ -1,0 +1,108 @@
+"""`model: "auto"`: pick the domain whose profile is closest to the question.
+
+A domain's profile is its description, its example questions and its knowledge:
+the question is embedded once and compared (cosine) with each; a domain scores
+its best match. Below the threshold the question goes to the fallback domain.
+Only domains the caller's key may use take part.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from lorag.errors import PermissionDenied
+from lorag.logging import get_logger
+
+if TYPE_CHECKING:
+    from lorag.config import Settings
+    from lorag.runtime.auth import Principal
+    from lorag.runtime.domains import Domain, DomainCatalog
+
+log = get_logger("lorag.routing")
+
+
+@dataclass
+class RouteDecision:
+    domain: str
+    score: float
+    confident: bool
+    scores: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"domain": self.domain, "score": round(self.score, 4), "confident": self.confident,
+                "scores": {name: round(score, 4) for name, score in self.scores.items()}}
+
+
+class Router:
+    def __init__(self, settings: Settings, catalog: DomainCatalog) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self._profiles: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def route(self, question: str, principal: Principal | None = None) -> RouteDecision:
+        candidates = self.catalog.usable(principal)
+        if not candidates:
+            raise PermissionDenied("This API key may not use any domain, so 'auto' has nothing to route to.",
+                                   param="model")
+        embedder = self.catalog.embedder()
+        query = embedder.encode_query(question)
+        knowledge = self._knowledge_scores(question, candidates)
+        scores: dict[str, float] = {}
+        for domain in candidates:
+            profile = self._profile(domain)
+            best = float(np.max(profile @ query)) if len(profile) else -1.0
+            scores[domain.name] = max(best, knowledge.get(domain.name, -1.0))
+        best_name = max(scores, key=lambda name: scores[name])
+        threshold = self.settings.routing.threshold
+        fallback = self.settings.routing.fallback
+        if fallback is not None and not self.catalog.may_use(principal, fallback):
+            fallback = None  # a key that may not use the fallback keeps its own best domain
+        confident = scores[best_name] >= threshold
+        chosen = best_name if confident or fallback is None else fallback
+        decision = RouteDecision(chosen, scores.get(chosen, scores[best_name]), confident, scores)
+        log.info("route", domain=chosen, score=round(decision.score, 4), confident=confident,
+                 fallback=not confident and fallback is not None)
+        return decision
+
+    def _profile(self, domain: Domain) -> np.ndarray:
+        """Unit vectors of the description and example questions (computed once per domain)."""
+        with self._lock:
+            cached = self._profiles.get(domain.name)
+            if cached is None:
+                texts = [domain.settings.description] if domain.settings.description.strip() else []
+                texts += [example.question for example in domain.examples]
+                if texts:
+                    vectors = self.catalog.embedder().encode_documents(texts)
+                    cached = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+                else:
+                    cached = np.zeros((0, 1), dtype=np.float32)
+                self._profiles[domain.name] = cached
+            return cached
+
+    def _knowledge_scores(self, question: str, domains: list[Domain]) -> dict[str, float]:
+        """Each domain's best vector hit (cosine) in its own knowledge bases; one search over all."""
+        depth = self.settings.routing.knowledge_hits
+        owners: dict[str, list[str]] = {}
+        for domain in domains:
+            for kb in domain.knowledge_bases:
+                owners.setdefault(kb, []).append(domain.name)
+        if not owners or depth == 0:
+            return {}
+        from lorag.knowledge.service import shared_service
+
+        try:
+            hits = shared_service(self.settings).query(list(owners), question, top_k=depth * len(owners),
+                                                       mode="vector")
+        except Exception as err:  # routing still works from descriptions and examples
+            log.warning("route_knowledge_failed", error=str(err))
+            return {}
+        scores: dict[str, float] = {}
+        for hit in hits:
+            for name in owners.get(hit.kb, []):
+                scores[name] = max(scores.get(name, -1.0), hit.score)
+        return scores
