@@ -63,7 +63,6 @@ bases = ["big-kb"]
 top_k = 8
 
 [routing]
-threshold = 0.3
 fallback = "plain"
 """
 EXTRA_KEYS = f"""  {{ key = "{LEGAL_KEY}", name = "legal-team", domains = ["legal"] }},

@@ -1,8 +1,10 @@
 """`model: "auto"`: pick the domain whose profile is closest to the question.
 
-A domain's profile is its description, its example questions and its knowledge:
-the question is embedded once and compared (cosine) with each; a domain scores
-its best match. Below the threshold the question goes to the fallback domain.
+A domain's profile is its description, its example questions and its knowledge.
+The question is embedded once; a domain scores the mean of its best single match
+(cosine) and its match with the profile's centroid (the best match alone is swayed
+by one lucky example, the centroid alone by a broad description), or its best
+knowledge hit if that is higher. Below the threshold the question goes to the fallback.
 Only domains the caller's key may use take part.
 """
 
@@ -54,9 +56,7 @@ class Router:
         knowledge = self._knowledge_scores(question, candidates)
         scores: dict[str, float] = {}
         for domain in candidates:
-            profile = self._profile(domain)
-            best = float(np.max(profile @ query)) if len(profile) else -1.0
-            scores[domain.name] = max(best, knowledge.get(domain.name, -1.0))
+            scores[domain.name] = max(self._profile_score(domain, query), knowledge.get(domain.name, -1.0))
         best_name = max(scores, key=lambda name: scores[name])
         threshold = self.settings.routing.threshold
         fallback = self.settings.routing.fallback
@@ -68,6 +68,14 @@ class Router:
         log.info("route", domain=chosen, score=round(decision.score, 4), confident=confident,
                  fallback=not confident and fallback is not None)
         return decision
+
+    def _profile_score(self, domain: Domain, query: np.ndarray) -> float:
+        profile = self._profile(domain)
+        if not len(profile):
+            return -1.0
+        centroid = profile.mean(axis=0)
+        centroid /= max(float(np.linalg.norm(centroid)), 1e-12)
+        return 0.5 * float(np.max(profile @ query)) + 0.5 * float(centroid @ query)
 
     def _profile(self, domain: Domain) -> np.ndarray:
         """Unit vectors of the description and example questions (computed once per domain)."""
