@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorag.errors import LoragError
+from lorag.paths import inside_roots
 
 WEIGHT_FILE = "adapter_model.safetensors"
 # LoRA parts vLLM cannot serve: extra trainable copies of whole modules, DoRA magnitudes.
@@ -36,12 +37,12 @@ class AdapterInfo:
 
 
 def check_inside_roots(path: Path, roots: list[Path]) -> Path:
-    """Resolve symlinks and `..`, then require the result under one of `roots`."""
-    resolved = path.expanduser().resolve()
-    for root in roots:
-        root_resolved = root.expanduser().resolve()
-        if resolved == root_resolved or root_resolved in resolved.parents:
-            return resolved
+    """Resolve symlinks and `..`, then require the directory, and the files read from it, under `roots`."""
+    resolved = inside_roots(path, roots)
+    if resolved is not None and all(
+        inside_roots(resolved / item, roots) for item in ("adapter_config.json", WEIGHT_FILE)
+    ):
+        return resolved
     allowed = ", ".join(str(r) for r in roots) or "(none configured)"
     raise AdapterInvalid(
         f"Adapter path {path} is outside the allowed adapter roots ({allowed}); "

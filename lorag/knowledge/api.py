@@ -20,6 +20,7 @@ from lorag.knowledge.errors import IngestInputError, PayloadTooLarge
 from lorag.knowledge.ingest import IngestReport, SourceFile
 from lorag.knowledge.service import UPLOAD_PREFIX, KnowledgeService, shared_service
 from lorag.runtime.auth import Principal, require_admin, require_knowledge
+from lorag.runtime.domains import DomainCatalog
 
 router = APIRouter(tags=["knowledge"])
 KeyHolder = Annotated[Principal, Depends(require_knowledge)]  # keys with the knowledge scope
@@ -171,14 +172,25 @@ def remove_documents(
     return get_service(request).remove(kb, source).to_dict()
 
 
+def _domains(request: Request) -> DomainCatalog:
+    """The server's domain catalog (an app without the request path builds one from its settings)."""
+    runtime = getattr(request.app.state, "runtime", None)
+    if runtime is not None:
+        return runtime.domains  # type: ignore[no-any-return]
+    catalog: DomainCatalog | None = getattr(request.app.state, "domains", None)
+    if catalog is None:
+        catalog = request.app.state.domains = DomainCatalog(request.app.state.settings)
+    return catalog
+
+
 def _visible(request: Request, principal: Principal, kbs: list[str]) -> bool:
-    catalog = request.app.state.runtime.domains
+    catalog = _domains(request)
     return all(catalog.kb_visible(principal, kb) for kb in kbs)
 
 
 def _check_visible(request: Request, principal: Principal, kbs: list[str]) -> None:
     """403 before any lookup, so a scoped key cannot even learn which other bases exist."""
-    request.app.state.runtime.domains.check_kbs(principal, kbs)
+    _domains(request).check_kbs(principal, kbs)
 
 
 def _upload_name(filename: str | None) -> str:

@@ -46,6 +46,7 @@ from lorag.knowledge.readers import (
 from lorag.knowledge.settings import IngestSettings
 from lorag.knowledge.store import KBInfo, now_iso
 from lorag.logging import get_logger
+from lorag.paths import inside_roots
 
 log = get_logger("lorag.knowledge.ingest")
 
@@ -108,8 +109,7 @@ def collect_paths(
     def allowed(path: Path) -> bool:
         if roots is None:
             return True
-        real = path.resolve()
-        return any(real == root or real.is_relative_to(root) for root in roots)
+        return inside_roots(path, roots) is not None
 
     def add_file(path: Path, explicit: bool) -> None:
         source = os.path.abspath(path)
@@ -141,9 +141,7 @@ def collect_paths(
             scopes.append(_under(base, recursive))
         elif _GLOB_CHARS.search(text):
             pattern = os.path.abspath(text)
-            if roots is not None and not any(
-                Path(_glob_base(pattern)).resolve().is_relative_to(root) for root in roots
-            ):
+            if roots is not None and inside_roots(_glob_base(pattern), roots) is None:
                 raise PathNotAllowed(f"{raw} is outside the allowed roots", param="paths")
             matches = sorted(glob.glob(pattern, recursive=True))
             matched_files = [Path(m) for m in matches if Path(m).is_file() and not _hidden(Path(m))]

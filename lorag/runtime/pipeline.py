@@ -30,6 +30,8 @@ from lorag.config import Settings
 from lorag.errors import LoragError, NotFoundError, PermissionDenied
 from lorag.logging import get_logger, stage
 from lorag.plugins.runtime import ContentBlocked, PluginHost, RequestHooks
+from lorag.plugins.tools import Tool, tool_from_function
+from lorag.runtime.domain_settings import DomainTools
 from lorag.runtime.domains import Domain, DomainCatalog
 from lorag.runtime.engine import Engine
 from lorag.runtime.prompt import build_messages, fit_prompt
@@ -40,6 +42,14 @@ from lorag.runtime.protocol import (
     SamplingFields,
 )
 from lorag.runtime.routing import RouteDecision, Router
+from lorag.runtime.tool_calls import (
+    ToolCall,
+    ToolPlan,
+    arguments_of,
+    client_tools,
+    parse_tool_calls,
+    result_text,
+)
 
 if TYPE_CHECKING:
     from lorag.knowledge.retrieval import Hit
@@ -58,6 +68,7 @@ class KnowledgeUnavailable(LoragError):
     code = "knowledge_unavailable"
 
 
+SEARCH_KNOWLEDGE = "search_knowledge"
 # Output tokens kept free for the answer when the request does not say how many it wants.
 DEFAULT_OUTPUT_RESERVE = 256
 
@@ -117,6 +128,8 @@ class Job:
     messages: list[dict[str, Any]] | None = None  # chat only: what a retry extends
     extras: dict[str, Any] = field(default_factory=dict)  # plugins' additions to the `lorag` field
     citations: list[Hit] = field(default_factory=list)  # the context chunks the prompt holds, numbered from 1
+    tools: ToolPlan | None = None  # server- and client-side tools, when the request has any
+    tool_calls: dict[int, list[ToolCall]] = field(default_factory=dict)  # choice -> calls for the client
     timings: dict[str, float] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -204,10 +217,12 @@ class Runtime:
 
     # -- stage 2: prompt ---------------------------------------------------------
 
-    def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Messages (and the tools on offer, for templates that show them) through the chat template."""
         tokenizer = self.engine.tokenizer
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
+                                                 add_generation_prompt=True)
         except Exception as err:  # jinja errors: the template refused these messages
             raise LoragError(f"The model's chat template cannot render these messages: {err}",
                              param="messages") from None
@@ -299,7 +314,7 @@ class Runtime:
         started = time.perf_counter()
         timings: dict[str, float] = {}
         options = request_options(request, principal)
-        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+        messages = [message_dict(m) for m in request.messages]
         with stage(log, "resolve", model=request.model) as info:
             target = self.resolve(request.model, principal, last_user_text(messages), options.adapter)
             info.update(domain=target.profile.name if target.profile else None, adapter=target.adapter_ref)
@@ -308,13 +323,14 @@ class Runtime:
         messages = await self._input_hooks(hooks, messages)
         extras: dict[str, Any] = {}
         hits = await self._retrieve(target, options, last_user_text(messages), hooks, timings, extras, principal)
+        tools = self._tool_plan(target, hooks, request, principal)
         mark = time.perf_counter()
         with stage(log, "prompt") as info:
             profile = target.profile
             examples = (self.domains.select_examples(profile, last_user_text(messages), options.examples)
                         if profile else [])
             requested = self._output_request(target, request.output_limit)
-            fitted = self._fit(target, hits, examples, messages, requested)
+            fitted = self._fit(target, hits, examples, messages, requested, tools)
             max_tokens = self.output_budget(len(fitted.tokens), requested)
             info.update(prompt_tokens=len(fitted.tokens), context_chunks=len(fitted.hits),
                         examples=len(fitted.examples), dropped_chunks=fitted.dropped_hits)
@@ -327,7 +343,7 @@ class Runtime:
         job = Job(request_id, target, [fitted.tokens], params, request.n, request.stream, hooks,
                   messages=build_messages(profile.settings.system_prompt if profile else "", fitted.hits,
                                           fitted.examples, messages),
-                  extras=extras, citations=fitted.hits)
+                  extras=extras, citations=fitted.hits, tools=tools)
         job.timings.update(timings)
         job.timings["prepare_ms"] = _ms_since(started)
         return job
@@ -389,14 +405,15 @@ class Runtime:
         return requested if requested is not None else generation.max_tokens or generation.max_tokens_limit
 
     def _fit(self, target: Target, hits: list[Hit], examples: list[Any], messages: list[dict[str, Any]],
-             requested: int | None) -> Any:
+             requested: int | None, tools: ToolPlan | None) -> Any:
         limit = self.engine.max_model_len
         reserve = requested if requested is not None else min(DEFAULT_OUTPUT_RESERVE, max(1, limit // 4))
         system = target.profile.settings.system_prompt if target.profile else ""
         tokenizer = self.engine.tokenizer
 
         def render(chosen_hits: list[Hit], chosen_examples: list[Any]) -> list[int]:
-            return self.chat_prompt(build_messages(system, chosen_hits, chosen_examples, messages))
+            return self.chat_prompt(build_messages(system, chosen_hits, chosen_examples, messages),
+                                    tools.schemas if tools else None)
 
         def count(text: str) -> int:
             return len(tokenizer.encode(text, add_special_tokens=False))
@@ -407,6 +424,51 @@ class Runtime:
             self.output_budget(len(render([], [])), requested if requested is not None else limit)
             raise AssertionError("output_budget raises when the bare prompt does not fit")
         return fitted
+
+    # -- tools ---------------------------------------------------------------------
+
+    def _tool_plan(self, target: Target, hooks: RequestHooks, request: ChatCompletionRequest,
+                   principal: Principal | None) -> ToolPlan | None:
+        """Server-side tools the domain enables, plus the client's own; None when there are neither."""
+        client = client_tools(request.tools, request.tool_choice)
+        profile = target.profile
+        server: dict[str, Tool] = {}
+        if profile is not None and request.tool_choice != "none":
+            offered = {tool.name: tool for tool in hooks.tools}
+            for name in profile.settings.tools.enabled:
+                if name == SEARCH_KNOWLEDGE:
+                    server[name] = self._search_tool(profile, principal)
+                elif name in offered:
+                    server[name] = offered[name]
+                else:
+                    log.warning("tool_unavailable", domain=profile.name, tool=name)
+        if not server and not client:
+            return None
+        clash = sorted(server.keys() & {str(t["function"]["name"]) for t in client})
+        if clash:
+            raise LoragError(f"the tool '{clash[0]}' is one of the domain's own tools; rename yours", param="tools")
+        if request.n != 1:
+            raise LoragError("n must be 1 when tools are in play", param="n")
+        cfg = profile.settings.tools if profile else DomainTools()
+        return ToolPlan(server=server, client=client, parser=cfg.parser, max_steps=cfg.max_steps,
+                        timeout_s=cfg.timeout_s)
+
+    def _search_tool(self, profile: Domain, principal: Principal | None) -> Tool:
+        """The built-in `search_knowledge`: the model searches its domain's knowledge bases itself."""
+        kbs = profile.knowledge_bases
+        self.domains.check_kbs(principal, kbs)
+        top_k_default = profile.settings.knowledge.top_k or 3
+
+        def search_knowledge(query: str, top_k: int = top_k_default) -> list[dict[str, Any]]:
+            """Search this domain's knowledge bases; returns the best passages with their sources."""
+            if not kbs:
+                return []
+            hits = self._query_knowledge(kbs, query, min(max(top_k, 1), 20), profile.settings.knowledge.mode,
+                                         profile.settings.knowledge.filters, profile.settings.knowledge.score_threshold)
+            return [{"source": h.source, "location": h.location, "text": h.text, "score": h.score, "kb": h.kb}
+                    for h in hits]
+
+        return tool_from_function(search_knowledge, plugin="lorag")
 
     def _with_defaults(self, target: Target, request: ChatCompletionRequest) -> ChatCompletionRequest:
         """The request with the domain's generation defaults where it left a field out."""
@@ -448,6 +510,11 @@ class Runtime:
         started = time.perf_counter()
         counts = {"completion_tokens": 0}
         try:
+            if job.tools is not None:
+                async with aclosing(self._agent(job, counts, started)) as deltas:
+                    async for delta in deltas:
+                        yield delta
+                return
             for prompt_index, prompt in enumerate(job.prompts):
                 async with aclosing(self._filtered(job, prompt_index, prompt, counts, started)) as deltas:
                     async for delta in deltas:
@@ -457,16 +524,79 @@ class Runtime:
             log.info("generate", duration_ms=job.timings["generate_ms"], adapter=job.target.adapter_ref,
                      prompt_tokens=job.prompt_tokens, **counts)
 
+    async def _agent(self, job: Job, counts: dict[str, int], started: float) -> AsyncGenerator[Delta, None]:
+        """The tool loop: generate, run the server-side calls, feed their results back, up to max_steps.
+
+        Steps with tool calls are not shown to the client (their calls and results are, in
+        `lorag.tools`); the final answer goes through the output hooks like any other, and
+        calls to the client's own tools end the request with finish_reason "tool_calls".
+        """
+        plan = job.tools
+        assert plan is not None and job.messages is not None
+        prompt = job.prompts[0]
+        for step in range(plan.max_steps + 1):
+            raw = [delta async for delta in self._engine_deltas(job, 0, prompt, counts, started)]
+            text = "".join(delta.text for delta in raw)
+            content, calls = parse_tool_calls(plan.parser, self.engine.tokenizer, text, plan.schemas)
+            if calls and step == plan.max_steps:
+                log.info("tool_loop_stopped", reason="max_steps", steps=step)
+                job.extras["tools"] = {"calls": plan.trace, "stopped": "max_steps"}
+            if not calls or step == plan.max_steps:
+                job.extras.setdefault("tools", {"calls": plan.trace})
+                async with aclosing(self._filtered(job, 0, prompt, counts, started, _replay(raw))) as final:
+                    async for delta in final:
+                        yield delta
+                return
+            for_client = [call for call in calls if call.name not in plan.server]
+            results = [await self._run_tool(plan, call, step) for call in calls if call.name in plan.server]
+            if for_client:
+                job.tool_calls[0] = for_client
+                job.extras["tools"] = {"calls": plan.trace}
+                yield Delta(0, content, [], None, "tool_calls")
+                return
+            job.messages = [*job.messages,
+                            {"role": "assistant", "content": content, "tool_calls": [c.to_openai() for c in calls]},
+                            *({"role": "tool", "tool_call_id": call.id, "name": call.name, "content": result}
+                              for call, result in zip(calls, results, strict=True))]
+            prompt = self.chat_prompt(job.messages, plan.schemas)
+            self.output_budget(len(prompt), job.params.max_tokens)
+            job.prompts = [prompt]
+
+    async def _run_tool(self, plan: ToolPlan, call: ToolCall, step: int) -> str:
+        """One server-side call, bounded by the domain's timeout; a failure is a result the model reads."""
+        mark = time.perf_counter()
+        entry: dict[str, Any] = {"step": step + 1, "id": call.id, "name": call.name, "arguments": call.arguments}
+        try:
+            arguments = arguments_of(call)
+            result = await asyncio.wait_for(asyncio.to_thread(plan.server[call.name].call, arguments),
+                                            timeout=plan.timeout_s)
+            entry["result"] = text = result_text(result)
+        except Exception as err:
+            message = f"timed out after {plan.timeout_s} s" if isinstance(err, TimeoutError) else str(err)
+            entry["error"] = message
+            text = result_text({"error": message})
+        entry["duration_ms"] = _ms_since(mark)
+        plan.trace.append(entry)
+        log.info("tool_call", tool=call.name, step=step + 1, ok="error" not in entry, duration_ms=entry["duration_ms"])
+        return text
+
     async def _filtered(self, job: Job, prompt_index: int, prompt: list[int], counts: dict[str, int],
-                        started: float) -> AsyncGenerator[Delta, None]:
-        """One prompt's choices through the output filters, validators and formatters (with retries)."""
+                        started: float, first: AsyncGenerator[Delta, None] | None = None,
+                        ) -> AsyncGenerator[Delta, None]:
+        """One prompt's choices through the output filters, validators and formatters (with retries).
+
+        `first`: deltas already generated (the tool loop's last step) to use instead of the engine's
+        on the first attempt.
+        """
         hooks = job.hooks
         for attempt in range(hooks.max_retries + 1):
             streams: dict[int, Any] = {}
             sent: dict[int, str] = {}
             done: set[int] = set()  # choices that finished or were blocked
             retry = None
-            async with aclosing(self._engine_deltas(job, prompt_index, prompt, counts, started)) as raw_deltas:
+            source = first if attempt == 0 and first is not None else self._engine_deltas(
+                job, prompt_index, prompt, counts, started)
+            async with aclosing(source) as raw_deltas:
                 async for raw in raw_deltas:
                     if raw.index not in streams:
                         streams[raw.index], sent[raw.index] = hooks.output_stream(raw.index), ""
@@ -542,6 +672,21 @@ class Runtime:
                 if delta.finish_reason:
                     choice.finish_reason = delta.finish_reason
         return [choices[i] for i in sorted(choices)]
+
+
+async def _replay(deltas: list[Delta]) -> AsyncGenerator[Delta, None]:
+    for delta in deltas:
+        yield delta
+
+
+def message_dict(message: Any) -> dict[str, Any]:
+    """A chat message as the chat template takes it, tool-call fields included."""
+    entry: dict[str, Any] = {"role": message.role, "content": message.text()}
+    for key in ("name", "tool_calls", "tool_call_id"):
+        value = getattr(message, key)
+        if value is not None:
+            entry[key] = value
+    return entry
 
 
 def request_options(request: SamplingFields, principal: Principal | None) -> RequestOptions:
