@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 from lorag.config import load_settings
 from tests.conftest import ADMIN_KEY, BASE_NAME, USER_KEY, Models, Server, start_server
 
+PLUGINS = Path(__file__).parent / "plugins"
 LEGAL_KEY = "sk-legal-scoped-key"
 NO_OVERRIDES_KEY = "sk-no-overrides-key"
 MAX_MODEL_LEN = 512
@@ -29,6 +31,11 @@ MEDICAL_DOCS = {
 # Long enough that every retrieved chunk alone overflows the tiny model's 512-token window.
 BIG_DOCS = {f"chapter{i}.txt": " ".join(f"Clause {i}.{j} says the archive keeps record {j} of volume {i} for "
                                          "ninety years in the cellar." for j in range(60)) for i in range(4)}
+
+def tool_call(name: str, **arguments: Any) -> str:
+    """A call in the hermes format, which the forced plugin makes the real model write."""
+    return f"<tool_call>{json.dumps({'name': name, 'arguments': arguments})}</tool_call>"
+
 
 DOMAINS = f"""
 [knowledge.chunking]
@@ -64,6 +71,29 @@ top_k = 8
 
 [routing]
 fallback = "plain"
+
+[plugins]
+modules = {{ forced = "{PLUGINS / 'forced.py'}", toolbox = "{PLUGINS / 'toolbox.py'}" }}
+
+[domains.agent]
+adapter = "delta"
+tools = {{ enabled = ["exchange_rate"], max_steps = 2 }}
+[domains.agent.plugins]
+enabled = ["forced", "toolbox"]
+settings.forced.text = '{tool_call("exchange_rate", currency="EUR")}'
+
+[domains.researcher]
+tools = {{ enabled = ["search_knowledge"], max_steps = 1 }}
+[domains.researcher.knowledge]
+bases = ["legal-kb"]
+[domains.researcher.plugins]
+enabled = ["forced"]
+settings.forced.text = '{tool_call("search_knowledge", query="tenancy deposit")}'
+
+[domains.assistant]
+[domains.assistant.plugins]
+enabled = ["forced"]
+settings.forced.text = '{tool_call("get_weather", city="Paris")}'
 """
 EXTRA_KEYS = f"""  {{ key = "{LEGAL_KEY}", name = "legal-team", domains = ["legal"] }},
   {{ key = "{NO_OVERRIDES_KEY}", name = "fixed", overrides = false }},
@@ -129,8 +159,8 @@ def test_two_domains_answer_with_their_own_adapter_and_citations(domain_server: 
     assert Path(legal["citations"][0]["source"]).name == "statutes.md"
     assert "14 days" in legal["citations"][0]["snippet"]
     assert Path(medical["citations"][0]["source"]).name == "dosage.md"
-    assert all("legal-kb" == c["kb"] for c in legal["citations"])
-    assert all("medical-kb" == c["kb"] for c in medical["citations"])
+    assert all(c["kb"] == "legal-kb" for c in legal["citations"])
+    assert all(c["kb"] == "medical-kb" for c in medical["citations"])
     assert {"resolve_ms", "retrieve_ms", "prompt_ms", "generate_ms"} <= set(legal["timings"])
     # The same question through the two domains: different adapters, different answers.
     other_text, _ = ask(client, "medical", "When must the landlord return the tenancy deposit?")
@@ -229,3 +259,61 @@ def test_keys_scoped_to_a_domain_cannot_reach_other_domains_or_their_knowledge(d
         assert http.post("/v1/knowledge/legal-kb/query", json={"query": "deposit"}).status_code == 200
     with httpx.Client(base_url=domain_server.url, headers={"authorization": f"Bearer {ADMIN_KEY}"}) as http:
         assert len(http.get("/v1/knowledge").json()["data"]) == 3
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def test_server_side_tool_loop_runs_calls_feeds_results_back_and_stops_at_max_steps(domain_server: Server) -> None:
+    client = api(domain_server)
+    reply = client.chat.completions.create(model="agent", messages=[{"role": "user", "content": "EUR?"}],
+                                           max_tokens=120, temperature=0)
+    tools = (reply.model_extra or {})["lorag"]["tools"]
+    assert [c["step"] for c in tools["calls"]] == [1, 2] and tools["stopped"] == "max_steps"
+    assert all(json.loads(c["result"]) == {"currency": "EUR", "usd": 1.08} for c in tools["calls"])
+    plain = client.chat.completions.create(model="coder", messages=[{"role": "user", "content": "EUR?"}],
+                                           max_tokens=1, temperature=0)
+    assert reply.usage and plain.usage
+    # The last prompt holds both calls and their results: far longer than the question alone.
+    assert reply.usage.prompt_tokens > plain.usage.prompt_tokens + 2 * 20
+
+
+def test_search_knowledge_tool_reads_the_domains_knowledge(domain_server: Server) -> None:
+    reply = api(domain_server).chat.completions.create(
+        model="researcher", messages=[{"role": "user", "content": "deposit?"}], max_tokens=120, temperature=0,
+        extra_body={"lorag": {"no_retrieval": True}})  # the model searches for itself
+    tools = (reply.model_extra or {})["lorag"]["tools"]
+    calls = tools["calls"]
+    # One step's results are long in the tiny model's tokens: the loop stops cleanly rather than overflow.
+    assert tools.get("stopped") in (None, "max_steps", "context_length")
+    assert calls[0]["name"] == "search_knowledge"
+    assert "14 days" in calls[0]["result"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_side_tool_calls_come_back_to_the_client(domain_server: Server, stream: bool) -> None:
+    client = api(domain_server)
+    messages: list[Any] = [{"role": "user", "content": "Weather in Paris?"}]
+    if not stream:
+        reply = client.chat.completions.create(model="assistant", messages=messages, tools=[WEATHER_TOOL],
+                                               max_tokens=120, temperature=0)
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls"
+        call = (choice.message.tool_calls or [])[0]
+    else:
+        chunks = list(client.chat.completions.create(model="assistant", messages=messages, tools=[WEATHER_TOOL],
+                                                     max_tokens=120, temperature=0, stream=True))
+        finals = [c.choices[0] for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert finals[-1].finish_reason == "tool_calls"
+        call = (finals[-1].delta.tool_calls or [])[0]  # type: ignore[assignment]
+    assert call.function and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments or "{}") == {"city": "Paris"}
+    # The client runs the tool and sends the result back: the conversation goes on.
+    messages += [{"role": "assistant", "content": None, "tool_calls": [
+                     {"id": call.id, "type": "function",
+                      "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                 {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
+    follow_up = client.chat.completions.create(model="coder", messages=messages, max_tokens=4, temperature=0)
+    assert follow_up.choices[0].finish_reason in ("stop", "length")

@@ -197,6 +197,10 @@ def chat_response(job: Job, body: ChatCompletionRequest, choices: list[Choice], 
             "logprobs": None,
             "finish_reason": choice.finish_reason or "stop",
         }
+        calls = job.tool_calls.get(choice.index)
+        if calls:  # the model called the client's own tools: the client runs them
+            entry["message"] = {"role": "assistant", "content": choice.text or None,
+                                "tool_calls": [call.to_openai() for call in calls]}
         if body.logprobs:
             entry["logprobs"] = chat_logprobs(
                 runtime.engine.tokenizer, choice.token_ids, choice.logprobs, body.top_logprobs or 0
@@ -230,7 +234,7 @@ async def stream_chat(runtime: Runtime, job: Job, body: ChatCompletionRequest) -
             started.add(delta.index)
             yield chunk([{"index": delta.index, "delta": {"role": "assistant", "content": ""},
                           "logprobs": None, "finish_reason": None}])
-        yield chunk([_chat_delta(runtime, body, delta)])
+        yield chunk([_chat_delta(runtime, job, body, delta)])
     final: dict[str, Any] = {"lorag": lorag_extras(job)}
     if body.include_usage:
         yield chunk([], usage=usage(job, completion_tokens), **final)
@@ -238,11 +242,14 @@ async def stream_chat(runtime: Runtime, job: Job, body: ChatCompletionRequest) -
         yield chunk([], **final)
 
 
-def _chat_delta(runtime: Runtime, body: ChatCompletionRequest, delta: Delta) -> dict[str, Any]:
+def _chat_delta(runtime: Runtime, job: Job, body: ChatCompletionRequest, delta: Delta) -> dict[str, Any]:
     logprobs = None
     if body.logprobs and delta.logprobs:
         logprobs = chat_logprobs(runtime.engine.tokenizer, delta.token_ids, delta.logprobs, body.top_logprobs or 0)
     content: dict[str, Any] = {"content": delta.text} if delta.text or not delta.finish_reason else {}
+    calls = job.tool_calls.get(delta.index) if delta.finish_reason == "tool_calls" else None
+    if calls:
+        content["tool_calls"] = [{"index": i, **call.to_openai()} for i, call in enumerate(calls)]
     return {"index": delta.index, "delta": content, "logprobs": logprobs, "finish_reason": delta.finish_reason}
 
 

@@ -69,6 +69,8 @@ class KnowledgeUnavailable(LoragError):
 
 
 SEARCH_KNOWLEDGE = "search_knowledge"
+# A tool-loop step without a requested max_tokens goes ahead only with at least this much room.
+MIN_STEP_TOKENS = 16
 # Output tokens kept free for the answer when the request does not say how many it wants.
 DEFAULT_OUTPUT_RESERVE = 256
 
@@ -130,6 +132,7 @@ class Job:
     citations: list[Hit] = field(default_factory=list)  # the context chunks the prompt holds, numbered from 1
     tools: ToolPlan | None = None  # server- and client-side tools, when the request has any
     tool_calls: dict[int, list[ToolCall]] = field(default_factory=dict)  # choice -> calls for the client
+    requested_max_tokens: int | None = None  # what the client (or domain) asked for; None = all that is left
     timings: dict[str, float] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -343,7 +346,7 @@ class Runtime:
         job = Job(request_id, target, [fitted.tokens], params, request.n, request.stream, hooks,
                   messages=build_messages(profile.settings.system_prompt if profile else "", fitted.hits,
                                           fitted.examples, messages),
-                  extras=extras, citations=fitted.hits, tools=tools)
+                  extras=extras, citations=fitted.hits, tools=tools, requested_max_tokens=requested)
         job.timings.update(timings)
         job.timings["prepare_ms"] = _ms_since(started)
         return job
@@ -558,9 +561,26 @@ class Runtime:
                             {"role": "assistant", "content": content, "tool_calls": [c.to_openai() for c in calls]},
                             *({"role": "tool", "tool_call_id": call.id, "name": call.name, "content": result}
                               for call, result in zip(calls, results, strict=True))]
-            prompt = self.chat_prompt(job.messages, plan.schemas)
-            self.output_budget(len(prompt), job.params.max_tokens)
-            job.prompts = [prompt]
+            following = self.chat_prompt(job.messages, plan.schemas)
+            if not self._fits_next_step(job, len(following)):
+                log.info("tool_loop_stopped", reason="context_length", steps=step + 1)
+                job.extras["tools"] = {"calls": plan.trace, "stopped": "context_length"}
+                async with aclosing(self._filtered(job, 0, prompt, counts, started, _replay(raw))) as final:
+                    async for delta in final:
+                        yield delta
+                return
+            prompt = job.prompts[0] = following
+
+    def _fits_next_step(self, job: Job, prompt_len: int) -> bool:
+        """Room for the next step's answer; without a requested max_tokens it takes what is left."""
+        room = self.engine.max_model_len - prompt_len
+        if job.requested_max_tokens is not None:
+            return room >= job.requested_max_tokens
+        if room < MIN_STEP_TOKENS:
+            return False
+        job.params = job.params.clone()
+        job.params.max_tokens = room
+        return True
 
     async def _run_tool(self, plan: ToolPlan, call: ToolCall, step: int) -> str:
         """One server-side call, bounded by the domain's timeout; a failure is a result the model reads."""
