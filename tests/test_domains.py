@@ -64,6 +64,9 @@ adapter = "gamma"
 
 [domains.plain]
 
+[domains.restricted]
+api_keys = ["fixed"]
+
 [domains.verbose]
 [domains.verbose.knowledge]
 bases = ["big-kb"]
@@ -235,6 +238,13 @@ def test_auto_routes_and_says_where(domain_server: Server) -> None:
     assert info["domain"] == "medical" and info["route"]["confident"]
     _, info = ask(client, "auto", "qwzx vlorp")
     assert info["domain"] == "plain" and not info["route"]["confident"]
+
+
+def test_a_domain_admits_only_the_keys_it_names(domain_server: Server) -> None:
+    with pytest.raises(openai.PermissionDeniedError):
+        ask(api(domain_server), "restricted", "hi")
+    assert ask(api(domain_server, NO_OVERRIDES_KEY), "restricted", "hi")[1]["domain"] == "restricted"
+    assert "restricted" not in {m.id for m in api(domain_server).models.list().data}
 
 
 def test_keys_scoped_to_a_domain_cannot_reach_other_domains_or_their_knowledge(domain_server: Server) -> None:
