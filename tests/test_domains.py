@@ -93,6 +93,10 @@ bases = ["legal-kb"]
 enabled = ["forced"]
 settings.forced.text = '{tool_call("search_knowledge", query="tenancy deposit")}'
 
+[domains.toolsonly]
+tools = {{ enabled = ["exchange_rate"], max_steps = 1 }}
+plugins = {{ enabled = ["toolbox"] }}
+
 [domains.assistant]
 [domains.assistant.plugins]
 enabled = ["forced"]
@@ -273,7 +277,8 @@ def test_keys_scoped_to_a_domain_cannot_reach_other_domains_or_their_knowledge(d
 
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"],
+                   "additionalProperties": False}}}
 
 
 def test_server_side_tool_loop_runs_calls_feeds_results_back_and_stops_at_max_steps(domain_server: Server) -> None:
@@ -327,3 +332,23 @@ def test_client_side_tool_calls_come_back_to_the_client(domain_server: Server, s
                  {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
     follow_up = client.chat.completions.create(model="coder", messages=messages, max_tokens=4, temperature=0)
     assert follow_up.choices[0].finish_reason in ("stop", "length")
+
+
+def test_tool_choice_forces_a_call_from_a_model_that_would_not_make_one(domain_server: Server) -> None:
+    client = api(domain_server)
+    messages: Any = [{"role": "user", "content": "Weather?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    reply = client.chat.completions.create(model="coder", messages=messages, tools=[WEATHER_TOOL],
+                                           tool_choice=named, max_tokens=60, temperature=0)  # type: ignore[arg-type]
+    call = (reply.choices[0].message.tool_calls or [])[0]
+    assert reply.choices[0].finish_reason == "tool_calls"
+    assert call.function.name == "get_weather"  # type: ignore[union-attr]
+    assert json.loads(call.function.arguments)["city"] in ("Paris", "Rome")  # type: ignore[union-attr]
+    reply = client.chat.completions.create(model="toolsonly", messages=messages, max_tokens=60, temperature=0,
+                                           tool_choice={"type": "function", "function": {"name": "exchange_rate"}})
+    calls = (reply.model_extra or {})["lorag"]["tools"]["calls"]
+    assert calls and calls[0]["name"] == "exchange_rate" and "usd" in calls[0]["result"]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="coder", messages=messages, tools=[WEATHER_TOOL], max_tokens=4,
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})
+    assert caught.value.param == "tool_choice"

@@ -142,3 +142,4 @@ def test_route_and_domains_commands(tmp_path: Any) -> None:
     assert [(r["name"], r["adapter"]) for r in rows] == [("legal", "legal@v2"), ("cooking", None)]
     missing = runner.invoke(cli, ["domains", "show", "nope", "-c", str(config)])
     assert missing.exit_code != 0
+

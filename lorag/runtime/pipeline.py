@@ -47,6 +47,7 @@ from lorag.runtime.tool_calls import (
     ToolPlan,
     arguments_of,
     client_tools,
+    forced_choice,
     parse_tool_calls,
     result_text,
 )
@@ -453,8 +454,9 @@ class Runtime:
         if request.n != 1:
             raise LoragError("n must be 1 when tools are in play", param="n")
         cfg = profile.settings.tools if profile else DomainTools()
+        forced = forced_choice(request.tool_choice, set(server) | {str(t["function"]["name"]) for t in client})
         return ToolPlan(server=server, client=client, parser=cfg.parser, max_steps=cfg.max_steps,
-                        timeout_s=cfg.timeout_s)
+                        timeout_s=cfg.timeout_s, forced=forced)
 
     def _search_tool(self, profile: Domain, principal: Principal | None) -> Tool:
         """The built-in `search_knowledge`: the model searches its domain's knowledge bases itself."""
@@ -537,10 +539,17 @@ class Runtime:
         plan = job.tools
         assert plan is not None and job.messages is not None
         prompt = job.prompts[0]
+        free_params = job.params
         for step in range(plan.max_steps + 1):
+            forced = step == 0 and plan.forced is not None
+            job.params = _forcing(free_params, plan) if forced else free_params
             raw = [delta async for delta in self._engine_deltas(job, 0, prompt, counts, started)]
+            job.params = free_params
             text = "".join(delta.text for delta in raw)
-            content, calls = parse_tool_calls(plan.parser, self.engine.tokenizer, text, plan.schemas)
+            if forced:
+                content, calls = "", plan.forced_calls(text)
+            else:
+                content, calls = parse_tool_calls(plan.parser, self.engine.tokenizer, text, plan.schemas)
             if calls and step == plan.max_steps:
                 log.info("tool_loop_stopped", reason="max_steps", steps=step)
                 job.extras["tools"] = {"calls": plan.trace, "stopped": "max_steps"}
@@ -570,6 +579,7 @@ class Runtime:
                         yield delta
                 return
             prompt = job.prompts[0] = following
+            free_params = job.params  # _fits_next_step may have given the next step a new max_tokens
 
     def _fits_next_step(self, job: Job, prompt_len: int) -> bool:
         """Room for the next step's answer; without a requested max_tokens it takes what is left."""
@@ -692,6 +702,15 @@ class Runtime:
                 if delta.finish_reason:
                     choice.finish_reason = delta.finish_reason
         return [choices[i] for i in sorted(choices)]
+
+
+def _forcing(params: Any, plan: ToolPlan) -> Any:
+    """The step's sampling parameters with its output held to the forced tool call(s)."""
+    from lorag.plugins.builtin.json_schema import constraint
+
+    forced = params.clone()
+    forced.structured_outputs = constraint(plan.forced_schema(), compact=True)
+    return forced
 
 
 async def _replay(deltas: list[Delta]) -> AsyncGenerator[Delta, None]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +41,32 @@ class ToolPlan:
     parser: str
     max_steps: int
     timeout_s: float
+    # tool_choice "required" or a tool's name: the first step must call (enforced by structured output).
+    forced: str | None = None
     trace: list[dict[str, Any]] = field(default_factory=list)
+
+    def forced_schema(self) -> dict[str, Any] | None:
+        """What the first step's output must match: the named tool's arguments, or a list of calls."""
+        if self.forced is None:
+            return None
+        parameters = {s["function"]["name"]: s["function"].get("parameters") or {"type": "object"}
+                      for s in self.schemas}
+        if self.forced != "required":
+            return parameters[self.forced]
+        calls = [{"type": "object", "properties": {"name": {"const": name}, "arguments": schema},
+                  "required": ["name", "arguments"]} for name, schema in parameters.items()]
+        return {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+
+    def forced_calls(self, text: str) -> list[ToolCall]:
+        """The calls in a forced step's output (structured output made it match forced_schema)."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            return []  # cut short by max_tokens: no complete call
+        if self.forced != "required":
+            return [ToolCall(new_call_id(), str(self.forced), json.dumps(data, ensure_ascii=False))]
+        return [ToolCall(new_call_id(), str(c["name"]), json.dumps(c["arguments"], ensure_ascii=False))
+                for c in data if isinstance(c, dict) and "name" in c]
 
     @property
     def schemas(self) -> list[dict[str, Any]]:
@@ -50,6 +76,25 @@ class ToolPlan:
     @property
     def client_names(self) -> set[str]:
         return {str(t["function"]["name"]) for t in self.client}
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def forced_choice(tool_choice: Any, names: set[str]) -> str | None:
+    """tool_choice -> None ("auto"/"none"/absent), "required", or the one tool's name (checked)."""
+    if tool_choice in (None, "auto", "none"):
+        return None
+    if tool_choice == "required":
+        return "required"
+    name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
+    if not isinstance(name, str) or tool_choice.get("type") != "function":
+        raise LoragError('tool_choice must be "none", "auto", "required" or '
+                         '{"type": "function", "function": {"name": ...}}', param="tool_choice")
+    if name not in names:
+        raise LoragError(f"tool_choice names '{name}', which is not among the tools", param="tool_choice")
+    return name
 
 
 def client_tools(tools: list[dict[str, Any]] | None, tool_choice: Any) -> list[dict[str, Any]]:

@@ -1,11 +1,11 @@
 """A server-side tool for the tool-loop tests."""
 
-from typing import Any
+from typing import Any, Literal
 
 from lorag.plugins import hookimpl
 
 
-def exchange_rate(currency: str) -> dict[str, Any]:
+def exchange_rate(currency: Literal["EUR", "GBP", "XXX"]) -> dict[str, Any]:
     """Exchange rate of a currency against the US dollar."""
     if currency == "XXX":
         raise ValueError("unknown currency XXX")
