@@ -163,7 +163,9 @@ async def preload_adapters(settings: Settings, adapters: AdapterService) -> None
     for name, spec in settings.adapters.preload.items():
         if _already_registered(adapters, name, spec.version, spec.path):
             continue
-        await adapters.add(name, Path(spec.path), version=spec.version, trusted=True)
+        # With adapters.allowed_roots set, configured paths are held to them like API paths.
+        await adapters.add(name, Path(spec.path), version=spec.version,
+                           trusted=not settings.adapters.allowed_roots)
 
 
 def _already_registered(adapters: AdapterService, name: str, version: str | None, path: str) -> bool:
