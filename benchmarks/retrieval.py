@@ -3,6 +3,8 @@
     python benchmarks/retrieval.py                       # ingestion + latency at 10k and 100k chunks
     python benchmarks/retrieval.py --sizes 10000         # latency at 10k only
     python benchmarks/retrieval.py --scifact /work/scifact --skip-latency --skip-ingest
+    python benchmarks/retrieval.py --scifact /work/scifact --skip-latency --skip-ingest \
+        --fusion rrf_k=20 --fusion keyword_weight=0.5,rrf_k=10   # extra hybrid rows, same chunks
 
 1. Ingestion: chunks/s of `KnowledgeService.ingest_files` (read, split, embed, write to
    Chroma, manifest commits) against the embedding model's raw `encode` of the very same
@@ -236,7 +238,9 @@ def ndcg_at_k(ranked: list[str], relevant: dict[str, int], k: int = 10) -> float
     return dcg / idcg if idcg else 0.0
 
 
-def bench_quality(service: KnowledgeService, directory: Path) -> dict[str, Any]:
+def bench_quality(
+    service: KnowledgeService, directory: Path, depth: int = 100, fusion: list[str] | None = None
+) -> dict[str, Any]:
     corpus, queries, qrels = load_scifact(directory)
     kb = "bench-scifact"
     if not service.exists(kb):
@@ -249,21 +253,59 @@ def bench_quality(service: KnowledgeService, directory: Path) -> dict[str, Any]:
     report = service.ingest_files(kb, files)
     print(f"  ingested {len(files)} documents ({report.chunks_written} new chunks) in {time.perf_counter() - start:.0f} s", flush=True)
     judged = [q for q in qrels if q in queries]
-    result: dict[str, Any] = {"documents": len(corpus), "queries": len(judged)}
+    result: dict[str, Any] = {"documents": len(corpus), "queries": len(judged), "depth": depth}
     for mode in ("vector", "keyword", "hybrid"):
-        ndcgs, recalls = [], []
-        for qid in judged:
-            hits = service.query(kb, queries[qid], top_k=100, mode=mode)
-            ranked: list[str] = []
-            for hit in hits:  # a document ranks by its best chunk
-                if hit.source not in ranked:
-                    ranked.append(hit.source)
-            relevant = {d: r for d, r in qrels[qid].items() if r > 0}
-            ndcgs.append(ndcg_at_k(ranked, relevant))
-            recalls.append(len(set(ranked[:10]) & set(relevant)) / len(relevant) if relevant else 0.0)
-        result[mode] = {"ndcg@10": round(100 * statistics.mean(ndcgs), 2), "recall@10": round(100 * statistics.mean(recalls), 2)}
+        result[mode] = score_mode(service, kb, mode, judged, queries, qrels, depth)
         print(f"  {mode}: {result[mode]}", flush=True)
+    # Fusion settings are read per query, so each one is scored on the same ingested chunks.
+    retrieval = service.settings.retrieval
+    defaults = retrieval.model_dump()
+    sweep = []
+    for spec in fusion or []:
+        values = parse_fusion(spec)
+        for key, value in values.items():
+            setattr(retrieval, key, value)
+        row = {**values, **score_mode(service, kb, "hybrid", judged, queries, qrels, depth)}
+        print(f"  hybrid {spec}: {row}", flush=True)
+        sweep.append(row)
+        for key in values:
+            setattr(retrieval, key, defaults[key])
+    if sweep:
+        result["hybrid_sweep"] = sweep
     return result
+
+
+FUSION_KEYS = {"rrf_k": int, "vector_weight": float, "keyword_weight": float, "candidates": int}
+
+
+def parse_fusion(spec: str) -> dict[str, Any]:
+    """'rrf_k=20,keyword_weight=0.5' -> {'rrf_k': 20, 'keyword_weight': 0.5}."""
+    values: dict[str, Any] = {}
+    for part in spec.split(","):
+        key, _, raw = part.partition("=")
+        key = key.strip()
+        if key not in FUSION_KEYS or not raw.strip():
+            raise SystemExit(f"--fusion: expected key=value with key in {sorted(FUSION_KEYS)}, got {part!r}")
+        values[key] = FUSION_KEYS[key](raw)
+    return values
+
+
+def score_mode(
+    service: KnowledgeService, kb: str, mode: str, judged: list[str], queries: dict[str, str],
+    qrels: dict[str, dict[str, int]], depth: int,
+) -> dict[str, float]:
+    """Mean nDCG@10 and recall@10 (in %) over the judged queries; a document ranks by its best chunk."""
+    ndcgs, recalls = [], []
+    for qid in judged:
+        hits = service.query(kb, queries[qid], top_k=depth, mode=mode)
+        ranked: list[str] = []
+        for hit in hits:
+            if hit.source not in ranked:
+                ranked.append(hit.source)
+        relevant = {d: r for d, r in qrels[qid].items() if r > 0}
+        ndcgs.append(ndcg_at_k(ranked, relevant))
+        recalls.append(len(set(ranked[:10]) & set(relevant)) / len(relevant) if relevant else 0.0)
+    return {"ndcg@10": round(100 * statistics.mean(ndcgs), 2), "recall@10": round(100 * statistics.mean(recalls), 2)}
 
 
 def main() -> None:
@@ -273,12 +315,19 @@ def main() -> None:
     parser.add_argument("--ingest-docs", type=int, default=120, help="Documents for the ingestion run.")
     parser.add_argument("--scifact", type=Path, default=None, help="Folder with BEIR SciFact files.")
     parser.add_argument("--state", type=Path, default=None, help="State directory (default: a temporary one).")
+    parser.add_argument("--depth", type=int, default=100, help="SciFact: chunks fetched per query (hybrid fuses max(depth, candidates) per retriever).")
+    parser.add_argument(
+        "--fusion", action="append", default=None, metavar="KEY=VALUE,...",
+        help="SciFact: also score hybrid with these retrieval settings (rrf_k, vector_weight, keyword_weight, candidates); repeatable.",
+    )
     parser.add_argument("--skip-ingest", action="store_true")
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--json", type=Path, default=None, help="Also write the results here.")
     parser.add_argument("--quiet-load", type=float, default=None, help="Wait for a 1-min load average below this before timing queries.")
     parser.add_argument("--quiet-wait", type=float, default=900, help="... but no longer than this many seconds.")
     args = parser.parse_args()
+    for spec in args.fusion or []:
+        parse_fusion(spec)  # a typo fails now, not after a long ingestion
     os.environ.setdefault("LORAG_LOG_LEVEL", "warning")
     from lorag.logging import configure_logging
 
@@ -305,7 +354,7 @@ def main() -> None:
                 results["latency"] = bench_latency(service, sizes, args.queries, (args.quiet_load, args.quiet_wait))
             if args.scifact:
                 print("retrieval quality on SciFact ...", flush=True)
-                results["scifact"] = bench_quality(service, args.scifact)
+                results["scifact"] = bench_quality(service, args.scifact, args.depth, args.fusion)
         finally:
             service.close()
     results["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
