@@ -15,7 +15,10 @@ from pathlib import Path
 
 def inside_roots(path: str | os.PathLike[str], roots: Iterable[str | os.PathLike[str]]) -> Path | None:
     """The real path if it lies in or under one of `roots` (themselves resolved), else None."""
-    real = Path(path).expanduser().resolve()
+    try:
+        real = Path(path).expanduser().resolve()
+    except (ValueError, OSError, RuntimeError):  # a NUL byte, an unknown ~user: no such path is allowed
+        return None
     for root in roots:
         real_root = Path(root).expanduser().resolve()
         if real == real_root or real.is_relative_to(real_root):

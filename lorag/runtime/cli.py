@@ -85,22 +85,26 @@ def serve(config: str | None, state_dir: str | None, **flags: Any) -> None:
     """Serve the base model and its adapters on an OpenAI-compatible API."""
     import uvicorn
 
+    from lorag.runtime.keys import KeyStore
     from lorag.runtime.server import create_app
 
     settings = settings_from_flags(config, state_dir, **flags)
     host = settings.server.host
-    if not settings.server.api_keys and not is_loopback(host):
-        click.echo(f"No API keys configured: binding to 127.0.0.1 instead of {host}. "
-                   "Add --api-key (or server.api_keys) to listen on other addresses.", err=True)
-        host = "127.0.0.1"
+    has_keys = bool(settings.server.api_keys) or KeyStore(settings.state_path).has_keys()
+    if not has_keys:
+        click.echo(f"No API keys configured: the API is open, so it listens on loopback only"
+                   f"{'' if is_loopback(host) else f' (127.0.0.1, not {host})'}. Create one with `lorag keys create` "
+                   "(or set server.api_keys) to require keys and listen on other addresses.", err=True)
+        host = host if is_loopback(host) else "127.0.0.1"
     app = create_app(settings)
+    app.state.keys_required = has_keys  # keys at start: never fall back to open access (e.g. all revoked)
     click.echo(f"lorag serving {settings.model.served_name} on http://{host}:{settings.server.port}/v1", err=True)
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal; with these no-op handlers
     # in place that re-raise is harmless and a clean shutdown exits 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     uvicorn.run(app, host=host, port=settings.server.port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=30)
+                timeout_graceful_shutdown=settings.server.drain_timeout_s)
     sys.exit(getattr(app.state, "exit_code", 0))
 
 

@@ -194,6 +194,11 @@ class Engine:
         return int(self.llm.model_config.max_model_len)
 
     @property
+    def loaded_adapters(self) -> int:
+        """Adapter versions lorag loaded and has not unloaded (the null adapter not counted)."""
+        return len(self._loaded)
+
+    @property
     def alive(self) -> bool:
         return self.llm is not None and not self.llm.errored
 

@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorag.errors import LoragError
 from lorag.logging import get_logger
+from lorag.runtime.metrics import count_error
 
 log = get_logger("lorag.errors")
 
@@ -41,22 +42,29 @@ def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
     return "Invalid request: " + "; ".join(problems), first_param
 
 
+def _counted(request: Request, response: JSONResponse) -> JSONResponse:
+    count_error(request, response.status_code)
+    return response
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LoragError)
-    async def lorag_error(_: Request, err: LoragError) -> JSONResponse:
-        return error_response(err.status_code, err.message, err.error_type, err.param, err.code)
+    async def lorag_error(request: Request, err: LoragError) -> JSONResponse:
+        return _counted(request, error_response(err.status_code, err.message, err.error_type, err.param, err.code,
+                                                headers=getattr(err, "headers", None)))
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(err)
-        return error_response(400, message, "invalid_request_error", param, "invalid_value")
+        return _counted(request, error_response(400, message, "invalid_request_error", param, "invalid_value"))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         error_type = "not_found_error" if err.status_code == 404 else "invalid_request_error"
-        return error_response(err.status_code, str(err.detail), error_type, headers=getattr(err, "headers", None))
+        return _counted(request, error_response(err.status_code, str(err.detail), error_type,
+                                                headers=getattr(err, "headers", None)))
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, err: Exception) -> JSONResponse:
+    async def unexpected(request: Request, err: Exception) -> JSONResponse:
         log_unexpected(err)
-        return error_response(500, "Internal server error; see the server log.", "server_error")
+        return _counted(request, error_response(500, "Internal server error; see the server log.", "server_error"))
