@@ -451,6 +451,13 @@ def shared_service(settings: Settings) -> KnowledgeService:
         return service
 
 
+def opened_service(settings: Settings) -> KnowledgeService | None:
+    """The process-wide service if something already opened it (never opens the store itself)."""
+    with _SHARED_GUARD:
+        service = _SHARED.get(_key(settings))
+    return service if service is not None and not service.closed else None
+
+
 def close_shared(settings: Settings) -> None:
     """Close the process-wide service for these settings, if one was opened (releases the store lock)."""
     with _SHARED_GUARD:

@@ -187,7 +187,7 @@ class StateCollector(Collector):
             for key, count in sorted(limiter.in_flight.copy().items()):  # copy: the event loop changes it
                 in_flight.add_metric([key], count)
             yield in_flight
-        yield from self._knowledge(getattr(state, "knowledge", None))
+        yield from self._knowledge(getattr(state, "knowledge", None) or _opened_knowledge(state.settings))
 
     def _knowledge(self, service: Any) -> Iterable[GaugeMetricFamily]:
         if service is None or getattr(service, "closed", True):
@@ -209,3 +209,10 @@ class StateCollector(Collector):
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=value)
+
+
+def _opened_knowledge(settings: Any) -> Any:
+    """The knowledge service the request path opened, if any (a scrape never opens the store)."""
+    from lorag.knowledge.service import opened_service
+
+    return opened_service(settings)
