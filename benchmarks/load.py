@@ -44,7 +44,9 @@ USER_KEY = "sk-load-user-key"
 BASE = "base"
 ADAPTERS = ("a1", "a2", "a3")
 CHURN_SOURCES = ("churn1", "churn2")
-KB = "loadkb"
+KB = "loadkb"  # ingested during the load
+DOMAIN_KB = "policies"  # the domains' knowledge, ingested before the solo answers (so it does not change)
+DOMAINS = ("legal", "medical", "support", "general", "auto")
 PROMPTS = (
     "What notice must a tenant give before ending a lease?",
     "Summarise the patient's symptoms in one line.",
@@ -85,6 +87,21 @@ allowed_roots = ["{workdir}"]
 {preload}
 [knowledge.ingest]
 allowed_roots = ["{docs}"]
+
+[domains.legal]
+description = "Tenancy law: leases, notice, landlords."
+adapter = "a1"
+knowledge = {{ bases = ["{DOMAIN_KB}"], top_k = 2 }}
+[domains.medical]
+description = "Medicine: patients, symptoms, doses."
+adapter = "a2"
+[domains.support]
+description = "Customer support: passwords, accounts, tickets."
+adapter = "a3"
+knowledge = {{ bases = ["{DOMAIN_KB}"], top_k = 1 }}
+[domains.general]
+[routing]
+fallback = "general"
 """)
     return config
 
@@ -214,7 +231,11 @@ async def run_load(url: str, args: argparse.Namespace, models: list[str], source
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits,
                                  headers={"authorization": f"Bearer {USER_KEY}"}) as client, \
             httpx.AsyncClient(base_url=url, timeout=300, headers={"authorization": f"Bearer {ADMIN_KEY}"}) as admin:
+        created = await admin.post(f"/v1/knowledge/{DOMAIN_KB}/ingest",
+                                   json={"paths": [str(docs / DOMAIN_KB)], "create": True})
+        created.raise_for_status()
         solo = await solo_answers(client, models, args.max_tokens)
+        tally.rss["warm"] = rss_mb(pid)  # engine, embedding model and adapters loaded: the baseline
         answers_of = {text: model for (model, _), text in solo.items()}
         print(f"solo answers: {len(solo)} ({len(set(solo.values()))} distinct)", flush=True)
         queue: asyncio.Queue[int] = asyncio.Queue()
@@ -263,8 +284,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--models", default=",".join((BASE, *ADAPTERS)),
-                        help="comma-separated models to cycle over (the base model, adapters, later domains)")
+    parser.add_argument("--models", default=",".join((BASE, *ADAPTERS, *DOMAINS)),
+                        help="comma-separated models to cycle over (the base model, adapters, domains, auto)")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--churn-interval", type=float, default=1.0, help="seconds between adapter churn rounds")
     parser.add_argument("--workdir", type=Path, default=None)
@@ -277,6 +298,9 @@ def main() -> None:
     docs = workdir / "docs"
     docs.mkdir(exist_ok=True)
     (docs / "lease.md").write_text("# Leases\n\nA tenant may end a lease with thirty days written notice.\n")
+    (docs / DOMAIN_KB).mkdir(exist_ok=True)
+    (docs / DOMAIN_KB / "policy.md").write_text(
+        "# Notice\n\nTenants give thirty days notice in writing.\n\n# Passwords\n\nReset it under settings.\n")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = workdir / "server.log"
@@ -302,7 +326,7 @@ def main() -> None:
     print(f"wrong-adapter answers {len(tally.wrong_adapter)}; other differences from solo {len(tally.drifted)}")
     print(f"latency p50 {percentile(tally.latencies, 0.5) * 1000:.0f} ms, "
           f"p99 {percentile(tally.latencies, 0.99) * 1000:.0f} ms, mean {statistics.mean(tally.latencies) * 1000:.0f} ms")
-    moments = ("start", "after ingest", "end")
+    moments = ("start", "warm", "after ingest", "end")
     print("RSS MiB (" + " -> ".join(moments) + "): server "
           + " -> ".join(f"{tally.rss[m][0]:.0f}" for m in moments if m in tally.rss)
           + "; with engine " + " -> ".join(f"{tally.rss[m][1]:.0f}" for m in moments if m in tally.rss))
