@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, str] = {
     "adapters": "lorag.adapters.cli:adapters_group",
     "kb": "lorag.knowledge.cli:kb_group",
     "plugins": "lorag.plugins.cli:plugins_group",
+    "eval": "lorag.evaluation.cli:eval_command",
     "domains": "lorag.runtime.domains_cli:domains_group",
     "route": "lorag.runtime.domains_cli:route",
     "keys": "lorag.runtime.keys_cli:keys_group",

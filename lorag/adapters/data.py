@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from lorag.errors import LoragError
 
@@ -29,21 +30,31 @@ MAX_LISTED_PROBLEMS = 10
 IGNORE = -100  # label of a token the loss skips (the value torch's cross_entropy ignores)
 
 
-class TrainingDataError(LoragError):
-    """The data file cannot be trained on; the message lists the lines and what is wrong."""
+class DataFileError(LoragError):
+    """A JSONL file that cannot be used; the message lists the lines and what is wrong."""
 
-    code = "invalid_training_data"
+    code = "invalid_data"
+    what = "data"  # "<path>: N problems in the <what>:"
+    noun = "records"  # "the file holds no <noun>"
 
     def __init__(self, path: Path, problems: list[str]) -> None:
         shown = problems[:MAX_LISTED_PROBLEMS]
         more = len(problems) - len(shown)
-        lines = [f"{path}: {len(problems)} problem{'s' if len(problems) != 1 else ''} in the training data:"]
+        lines = [f"{path}: {len(problems)} problem{'s' if len(problems) != 1 else ''} in the {self.what}:"]
         lines += [f"  {p}" for p in shown]
         if more:
             lines.append(f"  ... and {more} more")
         super().__init__("\n".join(lines))
         self.path = path
         self.problems = problems
+
+
+class TrainingDataError(DataFileError):
+    """The data file cannot be trained on."""
+
+    code = "invalid_training_data"
+    what = "training data"
+    noun = "examples"
 
 
 @dataclass(frozen=True)
@@ -59,8 +70,11 @@ class Example:
         return sum(1 for label in self.labels if label != IGNORE)
 
 
-class _LineError(Exception):
+class LineError(Exception):
     """What is wrong with one line (collected, then reported together)."""
+
+
+T = TypeVar("T")
 
 
 def file_digest(path: Path) -> str:
@@ -72,12 +86,16 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_examples(path: Path, tokenizer: Any, max_length: int) -> list[Example]:
-    """Read, check and tokenize every line of `path`; raise TrainingDataError listing all problems."""
+def read_jsonl(path: Path, parse: Callable[[dict[str, Any], int], T], error: type[DataFileError]) -> list[T]:
+    """Each non-blank line of `path`, a JSON object, through `parse(record, line)`.
+
+    `parse` raises LineError for what is wrong with its line; every problem in the file is
+    collected and raised together as `error`, so one run shows them all.
+    """
     if not path.is_file():
-        raise LoragError(f"Training data {path} does not exist (or is not a file).")
+        raise LoragError(f"{error.what[:1].upper()}{error.what[1:]} {path} does not exist (or is not a file).")
     problems: list[str] = []
-    examples: list[Example] = []
+    items: list[T] = []
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
@@ -88,22 +106,37 @@ def load_examples(path: Path, tokenizer: Any, max_length: int) -> list[Example]:
             if not text.strip():
                 continue
             try:
-                example = _tokenize(_parse(text), tokenizer, number)
-            except _LineError as err:
+                items.append(parse(_json_object(text), number))
+            except LineError as err:
                 problems.append(f"line {number}: {err}")
-                continue
-            if len(example.input_ids) > max_length:
-                problems.append(
-                    f"line {number}: {len(example.input_ids)} tokens, longer than max length {max_length} "
-                    "(shorten it, split it, or raise --max-length)"
-                )
-                continue
-            examples.append(example)
-    if not examples and not problems:
-        problems.append("the file holds no examples (every line is empty)")
+    if not items and not problems:
+        problems.append(f"the file holds no {error.noun} (every line is empty)")
     if problems:
-        raise TrainingDataError(path, problems)
-    return examples
+        raise error(path, problems)
+    return items
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise LineError(f"not valid JSON: {err.msg} (column {err.colno})") from None
+    if not isinstance(record, dict):
+        raise LineError(f"expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+def load_examples(path: Path, tokenizer: Any, max_length: int) -> list[Example]:
+    """Read, check and tokenize every line of `path`; raise TrainingDataError listing all problems."""
+
+    def example(record: dict[str, Any], number: int) -> Example:
+        tokenized = _tokenize(_parse(record), tokenizer, number)
+        if len(tokenized.input_ids) > max_length:
+            raise LineError(f"{len(tokenized.input_ids)} tokens, longer than max length {max_length} "
+                            "(shorten it, split it, or raise --max-length)")
+        return tokenized
+
+    return read_jsonl(path, example, TrainingDataError)
 
 
 # -- one line -> a normalised example ------------------------------------------------
@@ -119,63 +152,57 @@ class _Parsed:
     completion: str | None = None
 
 
-def _parse(text: str) -> _Parsed:
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise _LineError(f"not valid JSON: {err.msg} (column {err.colno})") from None
-    if not isinstance(record, dict):
-        raise _LineError(f"expected a JSON object, got {type(record).__name__}")
+def _parse(record: dict[str, Any]) -> _Parsed:
     has_messages = "messages" in record
     has_pair = "prompt" in record or "completion" in record
     if has_messages and has_pair:
-        raise _LineError("has both 'messages' and 'prompt'/'completion'; use one shape per line")
+        raise LineError("has both 'messages' and 'prompt'/'completion'; use one shape per line")
     if has_messages:
         messages, trained = _messages(record["messages"], "messages")
         if not any(trained):
-            raise _LineError("no assistant message to train on (add one with role 'assistant')")
+            raise LineError("no assistant message to train on (add one with role 'assistant')")
         return _Parsed(messages=messages, trained=trained)
     if not has_pair:
-        raise _LineError("needs 'messages' (chat) or 'prompt' and 'completion'")
+        raise LineError("needs 'messages' (chat) or 'prompt' and 'completion'")
     for key in ("prompt", "completion"):
         if key not in record:
-            raise _LineError(f"has no '{key}'")
+            raise LineError(f"has no '{key}'")
     prompt, completion = record["prompt"], record["completion"]
     if isinstance(prompt, str) and isinstance(completion, str):
         if not completion:
-            raise _LineError("'completion' is empty")
+            raise LineError("'completion' is empty")
         return _Parsed(prompt=prompt, completion=completion)
     if isinstance(prompt, list) and isinstance(completion, list):
         before, _ = _messages(prompt, "prompt")
         after, trained = _messages(completion, "completion")
         if not after or any(m["role"] != "assistant" for m in after):
-            raise _LineError("'completion' must hold assistant messages only")
+            raise LineError("'completion' must hold assistant messages only")
         return _Parsed(messages=before + after, trained=[False] * len(before) + trained)
-    raise _LineError("'prompt' and 'completion' must both be strings, or both lists of messages")
+    raise LineError("'prompt' and 'completion' must both be strings, or both lists of messages")
 
 
 def _messages(value: object, key: str) -> tuple[list[dict[str, str]], list[bool]]:
     """Check a list of messages; return them (role and content only) and which are trained."""
     if not isinstance(value, list) or not value:
-        raise _LineError(f"'{key}' must be a non-empty list of messages")
+        raise LineError(f"'{key}' must be a non-empty list of messages")
     messages: list[dict[str, str]] = []
     trained: list[bool] = []
     for index, message in enumerate(value):
         where = f"{key}[{index}]"
         if not isinstance(message, dict):
-            raise _LineError(f"{where} must be an object with 'role' and 'content'")
+            raise LineError(f"{where} must be an object with 'role' and 'content'")
         role = message.get("role")
         if role is None:
-            raise _LineError(f"{where} has no 'role'")
+            raise LineError(f"{where} has no 'role'")
         if role not in ROLES:
-            raise _LineError(f"{where} has role {role!r}; expected one of {', '.join(ROLES)}")
+            raise LineError(f"{where} has role {role!r}; expected one of {', '.join(ROLES)}")
         content = message.get("content")
         if not isinstance(content, str):
             what = "no 'content'" if content is None else f"a {type(content).__name__} 'content'"
-            raise _LineError(f"{where} ({role}) has {what}; it must be a string")
+            raise LineError(f"{where} ({role}) has {what}; it must be a string")
         weight = message.get("weight", 1)
         if weight not in (0, 1) or isinstance(weight, bool):
-            raise _LineError(f"{where} has weight {weight!r}; use 0 (context only) or 1 (trained)")
+            raise LineError(f"{where} has weight {weight!r}; use 0 (context only) or 1 (trained)")
         messages.append({"role": role, "content": content})
         trained.append(role == "assistant" and weight == 1)
     return messages, trained
@@ -203,7 +230,7 @@ def _tokenize(parsed: _Parsed, tokenizer: Any, line: int) -> Example:
         ids = prompt_ids + answer
         labels = [IGNORE] * len(prompt_ids) + answer
     if not any(label != IGNORE for label in labels):
-        raise _LineError("the trained part is empty after tokenization")
+        raise LineError("the trained part is empty after tokenization")
     return Example(line=line, input_ids=ids, labels=labels)
 
 
@@ -211,7 +238,7 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: b
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except Exception as err:  # jinja raises its own types (e.g. "roles must alternate")
-        raise _LineError(f"the model's chat template refuses these messages: {err}") from None
+        raise LineError(f"the model's chat template refuses these messages: {err}") from None
     return str(text)
 
 
@@ -223,7 +250,7 @@ def _chat_segments(messages: list[dict[str, str]], trained: list[bool], tokenize
     adapter learns to stop); the prompt is tokenized on its own, as the server does.
     """
     if not getattr(tokenizer, "chat_template", None):
-        raise _LineError("the base model's tokenizer has no chat template; use prompt/completion text")
+        raise LineError("the base model's tokenizer has no chat template; use prompt/completion text")
     full = _render(tokenizer, messages, generation_prompt=False)
     segments: list[tuple[str, bool]] = []
     cursor = 0
@@ -233,7 +260,7 @@ def _chat_segments(messages: list[dict[str, str]], trained: list[bool], tokenize
         before = _render(tokenizer, messages[:index], generation_prompt=True) if index else ""
         upto = _render(tokenizer, messages[: index + 1], generation_prompt=False)
         if not (upto.startswith(before) and full.startswith(upto) and len(before) >= cursor):
-            raise _LineError(
+            raise LineError(
                 "the model's chat template does not render this conversation as a growing prefix "
                 f"(at message {index}); put one assistant turn per example"
             )

@@ -1,0 +1,1 @@
+"""`lorag eval`: which strategy (base, few-shot, RAG, adapter, or a mix) answers a domain best."""

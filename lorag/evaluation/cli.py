@@ -1,0 +1,89 @@
+"""`lorag eval DATA.jsonl`: which strategy answers this data best, with numbers.
+
+Everything that can be wrong with the command (data, strategies, domains) is checked
+before the engine starts: a typo must not cost a minute of model loading.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+STRATEGIES_HELP = "Comma-separated, from: base, icl, rag, adapter, adapter+rag, adapter+rag+icl."
+
+
+@click.command("eval")
+@click.argument("data", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--domain", "-d", help="Domain for items without their own 'domain' "
+                                     "(default: the only configured domain).")
+@click.option("--strategies", "-s", default="base,icl,rag,adapter,adapter+rag,adapter+rag+icl",
+              show_default=True, help=STRATEGIES_HELP)
+@click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for results.json, summary.csv, items.csv and the chart "
+                   "(default: ./lorag-eval/<data>-<time>).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Most tokens per answer.")
+@click.option("--config", "-c", type=click.Path(dir_okay=False), help="lorag.toml (default: $LORAG_CONFIG or ./lorag.toml).")
+@click.option("--state-dir", help="State directory (adapters, knowledge bases).")
+@click.option("--model", "engine_model", help="Base model path (default: model.path from lorag.toml).")
+def eval_command(data: Path, domain: str | None, strategies: str, out_dir: Path | None, max_tokens: int,
+                 config: str | None, state_dir: str | None, engine_model: str | None) -> None:
+    """Answer every question of DATA (JSONL) under each strategy and report which wins.
+
+    Each line: {"question", "answer", "sources"?, "schema"?, "domain"?, "id"?}. See docs/eval.md.
+    """
+    from lorag.evaluation import report
+    from lorag.evaluation.dataset import load_eval_set
+    from lorag.evaluation.runner import Evaluator, assign_domains, parse_strategies, plan_runs
+    from lorag.runtime.cli import LocalChat, settings_from_flags
+
+    items = load_eval_set(data)
+    chosen = parse_strategies(strategies)
+    settings = settings_from_flags(config, state_dir, model=engine_model)
+    domains = assign_domains(items, domain, settings)
+    plan = plan_runs(items, chosen, domains, settings)
+    out = out_dir or Path("lorag-eval") / f"{data.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    local = LocalChat(settings)
+    try:
+        evaluator = Evaluator(local.runtime, local.loop.run_until_complete, max_tokens)
+        meta = {"data": str(data.resolve()), "items": len(items), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        with _progress(plan.requests) as step:
+            run = evaluator.evaluate(plan, domains, progress=step, meta=meta)
+    finally:
+        local.close()
+
+    advice = report.recommendation(run)
+    files = report.write_all(run, out, advice)
+    click.echo(report.table(run.summaries))
+    for note in run.notes:
+        click.echo(f"note: {note}")
+    click.echo()
+    click.echo(advice)
+    click.echo(f"\nresults: {files[report.JSON_FILE]} (and {report.SUMMARY_CSV}, {report.ITEMS_CSV}, "
+               f"{report.CHART_FILE} beside it)")
+
+
+class _progress:
+    """A tqdm bar over every (strategy, item) request on a terminal; silent otherwise."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.bar: Any = None
+
+    def __enter__(self) -> Any:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=self.total, desc="eval", unit="q", disable=None, dynamic_ncols=True)
+
+        def step(result: Any) -> None:
+            self.bar.set_postfix(strategy=result.strategy, refresh=False)
+            self.bar.update(1)
+
+        return step
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()

@@ -1,0 +1,130 @@
+"""What an evaluation produces: one scored answer per (strategy, item), and a summary per strategy.
+
+Pure data and arithmetic (no engine), so the scoring and the summaries are tested on
+their own; the runner fills these in, the report renders them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from lorag.evaluation import metrics
+from lorag.evaluation.dataset import EvalItem
+
+
+@dataclass
+class ItemResult:
+    """One item answered under one strategy, with its scores (None: the metric does not apply)."""
+
+    strategy: str
+    item: str  # the item's id, else "line N"
+    line: int
+    domain: str
+    question: str
+    references: list[str]
+    prediction: str = ""
+    exact_match: float = 0.0
+    f1: float = 0.0
+    rouge_l: float = 0.0
+    bleu: float = 0.0  # sentence BLEU, 0-100
+    hit: float | None = None  # a relevant source was cited (items with sources, strategies that retrieve)
+    reciprocal_rank: float | None = None
+    schema_valid: bool | None = None  # items with a schema
+    latency_ms: float = 0.0  # prepare + generate, as a caller waits for it
+    retrieve_ms: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cited_sources: list[str] = field(default_factory=list)
+    error: str | None = None  # the request failed; the item scores 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def score(result: ItemResult, item: EvalItem, retrieves: bool) -> ItemResult:
+    """Fill in the answer metrics of `result` (its prediction and citations already set)."""
+    refs = list(item.answers)
+    prediction = result.prediction
+    result.exact_match = metrics.exact_match(prediction, refs)
+    result.f1 = metrics.token_f1(prediction, refs)
+    result.rouge_l = metrics.rouge_l(prediction, refs)
+    result.bleu = metrics.sentence_bleu(prediction, refs)
+    if item.sources and retrieves:
+        result.reciprocal_rank = metrics.reciprocal_rank(result.cited_sources, item.sources)
+        result.hit = float(result.reciprocal_rank > 0)
+    if item.schema is not None:
+        result.schema_valid = result.error is None and metrics.schema_valid(prediction, item.schema)
+    return result
+
+
+@dataclass
+class StrategySummary:
+    """A strategy's scores over the items it ran on; BLEU is corpus BLEU, the others are means."""
+
+    strategy: str
+    items: int
+    errors: int
+    exact_match: float
+    f1: float
+    rouge_l: float
+    bleu: float
+    hit_rate: float | None
+    mrr: float | None
+    schema_validity: float | None
+    latency_ms_p50: float
+    latency_ms_p95: float
+    prompt_tokens_mean: float
+    completion_tokens_mean: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def summarise(strategy: str, results: Sequence[ItemResult]) -> StrategySummary:
+    if not results:
+        raise ValueError(f"no results for strategy {strategy!r}")
+    latencies = [r.latency_ms for r in results]
+    schema = [None if r.schema_valid is None else float(r.schema_valid) for r in results]
+    return StrategySummary(
+        strategy=strategy,
+        items=len(results),
+        errors=sum(1 for r in results if r.error is not None),
+        exact_match=_mean([r.exact_match for r in results]),
+        f1=_mean([r.f1 for r in results]),
+        rouge_l=_mean([r.rouge_l for r in results]),
+        bleu=metrics.corpus_bleu([r.prediction for r in results], [r.references for r in results]),
+        hit_rate=metrics.mean([r.hit for r in results]),
+        mrr=metrics.mean([r.reciprocal_rank for r in results]),
+        schema_validity=metrics.mean(schema),
+        latency_ms_p50=_round(metrics.percentile(latencies, 50)),
+        latency_ms_p95=_round(metrics.percentile(latencies, 95)),
+        prompt_tokens_mean=_mean([float(r.prompt_tokens) for r in results]),
+        completion_tokens_mean=_mean([float(r.completion_tokens) for r in results]),
+    )
+
+
+def _mean(values: Sequence[float]) -> float:
+    found = metrics.mean(values)
+    return 0.0 if found is None else found
+
+
+def _round(value: float | None) -> float:
+    return round(value or 0.0, 2)
+
+
+@dataclass
+class EvalRun:
+    """Everything one `lorag eval` found: what was run, each answer, each strategy's summary."""
+
+    meta: dict[str, Any]
+    items: list[ItemResult]
+    summaries: list[StrategySummary]
+    notes: list[str] = field(default_factory=list)  # strategies skipped and why, and the like
+
+    def results_for(self, strategy: str) -> list[ItemResult]:
+        return [r for r in self.items if r.strategy == strategy]
+
+    def summary(self, strategy: str) -> StrategySummary | None:
+        return next((s for s in self.summaries if s.strategy == strategy), None)

@@ -1,0 +1,225 @@
+"""Run an evaluation set through the real runtime, once per strategy.
+
+Each strategy is the same chat request to the item's domain with a different `lorag`
+override (the field any API caller may send), so what is measured is exactly what a
+client of that domain would get: the domain's prompt, retrieval, few-shot examples,
+adapter and plugins, through the in-process runtime `lorag chat` uses (no server, no
+HTTP in the timings). Decoding is greedy (temperature 0) so runs repeat.
+
+Requests run one at a time, so latency is a single caller's wait; each strategy gets one
+unmeasured warm-up request first (adapter load, embedding model load), so a strategy's
+first item does not carry a one-off cost the others do not.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from lorag.errors import LoragError
+from lorag.evaluation.dataset import EvalItem
+from lorag.evaluation.results import EvalRun, ItemResult, score, summarise
+from lorag.logging import get_logger
+
+if TYPE_CHECKING:
+    from lorag.config import Settings
+    from lorag.runtime.domain_settings import DomainSettings
+    from lorag.runtime.pipeline import Runtime
+
+log = get_logger("lorag.eval")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """Which of the domain's parts answer: its adapter, its knowledge bases, its few-shot examples."""
+
+    name: str
+    adapter: bool
+    retrieval: bool
+    examples: bool
+
+    def overrides(self) -> dict[str, Any]:
+        """The request's `lorag` field: switch off what this strategy leaves out; the rest is the domain's."""
+        options: dict[str, Any] = {}
+        if not self.adapter:
+            options["adapter"] = "none"
+        if not self.retrieval:
+            options["no_retrieval"] = True
+        if not self.examples:
+            options["examples"] = 0
+        return options
+
+    def missing(self, domain: DomainSettings) -> list[str]:
+        """The parts this strategy needs that the domain does not have (then it is skipped there)."""
+        gaps = []
+        if self.adapter and not domain.adapter:
+            gaps.append("adapter")
+        if self.retrieval and not domain.knowledge.bases:
+            gaps.append("knowledge bases")
+        if self.examples and (domain.examples.k == 0 or not (domain.examples.items or domain.examples.file)):
+            gaps.append("few-shot examples")
+        return gaps
+
+
+STRATEGIES: dict[str, Strategy] = {
+    s.name: s
+    for s in (
+        Strategy("base", adapter=False, retrieval=False, examples=False),
+        Strategy("icl", adapter=False, retrieval=False, examples=True),
+        Strategy("rag", adapter=False, retrieval=True, examples=False),
+        Strategy("adapter", adapter=True, retrieval=False, examples=False),
+        Strategy("adapter+rag", adapter=True, retrieval=True, examples=False),
+        Strategy("adapter+rag+icl", adapter=True, retrieval=True, examples=True),
+    )
+}
+
+
+class EvalError(LoragError):
+    code = "eval_failed"
+
+
+def parse_strategies(text: str) -> list[Strategy]:
+    """'base,rag' -> those strategies, in the order given; unknown names are refused with the valid ones."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [n for n in names if n not in STRATEGIES]
+    if unknown or not names:
+        raise EvalError(f"unknown strateg{'ies' if len(unknown) > 1 else 'y'} {', '.join(map(repr, unknown))}; "
+                        f"choose from {', '.join(STRATEGIES)}" if unknown else "no strategies given")
+    return [STRATEGIES[n] for n in dict.fromkeys(names)]
+
+
+def assign_domains(items: Sequence[EvalItem], default: str | None, settings: Settings) -> dict[int, str]:
+    """item line -> domain: the item's own, else `default`, else the only configured domain."""
+    configured = settings.domains
+    if default is None and len(configured) == 1:
+        default = next(iter(configured))
+    chosen: dict[int, str] = {}
+    for item in items:
+        domain = item.domain or default
+        if domain is None:
+            names = ", ".join(configured) or "none are configured in lorag.toml"
+            raise EvalError(f"line {item.line}: no domain for this question; pass --domain or give the item a "
+                            f"'domain' (domains: {names})")
+        if domain not in configured:
+            raise EvalError(f"line {item.line}: no domain named '{domain}' in lorag.toml "
+                            f"(domains: {', '.join(configured) or 'none'})")
+        chosen[item.line] = domain
+    return chosen
+
+
+Progress = Callable[[ItemResult], None]
+
+
+@dataclass
+class Plan:
+    """Each strategy with the items it runs on, and why any strategy is left out somewhere."""
+
+    runs: list[tuple[Strategy, list[EvalItem]]]
+    notes: list[str]
+
+    @property
+    def requests(self) -> int:
+        return sum(len(todo) for _, todo in self.runs)
+
+
+def plan_runs(items: Sequence[EvalItem], strategies: Sequence[Strategy], domains: dict[int, str],
+              settings: Settings) -> Plan:
+    """Each strategy on the items whose domain has what it needs; the rest is noted, not run."""
+    runs = []
+    notes = []
+    profiles = settings.domains
+    for strategy in strategies:
+        todo = [item for item in items if not strategy.missing(profiles[domains[item.line]])]
+        for domain in sorted({domains[i.line] for i in items} - {domains[i.line] for i in todo}):
+            gaps = strategy.missing(profiles[domain])
+            listed = ", ".join(gaps[:-1]) + (" or " if len(gaps) > 1 else "") + gaps[-1]
+            notes.append(f"{strategy.name}: not run for domain '{domain}', which has no {listed}")
+        if todo:
+            runs.append((strategy, todo))
+    if not runs:
+        raise EvalError("no strategy can run on these domains: " + "; ".join(notes))
+    return Plan(runs, notes)
+
+
+class Evaluator:
+    """Runs items under strategies on one in-process runtime (an event loop of its own)."""
+
+    def __init__(self, runtime: Runtime, run: Callable[[Any], Any], max_tokens: int) -> None:
+        self.runtime = runtime
+        self.run = run  # runs a coroutine to completion on the runtime's loop
+        self.max_tokens = max_tokens
+
+    def evaluate(self, plan: Plan, domains: dict[int, str], progress: Progress | None = None,
+                 meta: dict[str, Any] | None = None) -> EvalRun:
+        """Every planned (strategy, item) request, strategy by strategy; `progress` sees each result."""
+        started = time.perf_counter()
+        log.info("eval.start", strategies=[s.name for s, _ in plan.runs], requests=plan.requests)
+        results: list[ItemResult] = []
+        summaries = []
+        for strategy, todo in plan.runs:
+            self.answer(todo[0], strategy, domains[todo[0].line])  # warm-up, not measured
+            mine = []
+            for item in todo:
+                result = self.answer(item, strategy, domains[item.line])
+                mine.append(result)
+                if progress is not None:
+                    progress(result)
+            summary = summarise(strategy.name, mine)
+            log.info("eval.strategy", strategy=strategy.name, items=summary.items, f1=round(summary.f1, 4),
+                     exact_match=round(summary.exact_match, 4), latency_ms_p50=summary.latency_ms_p50,
+                     errors=summary.errors)
+            results += mine
+            summaries.append(summary)
+        duration = round(time.perf_counter() - started, 2)
+        log.info("eval.done", duration_s=duration, strategies=len(summaries))
+        info = {**(meta or {}), "duration_s": duration, "max_tokens": self.max_tokens,
+                "model": self.runtime.base_model, "domains": sorted(set(domains.values()))}
+        return EvalRun(meta=info, items=results, summaries=summaries, notes=list(plan.notes))
+
+    def answer(self, item: EvalItem, strategy: Strategy, domain: str) -> ItemResult:
+        """One request, timed as a caller waits for it, then scored."""
+        from lorag.runtime.protocol import ChatCompletionRequest
+
+        result = ItemResult(strategy=strategy.name, item=item.name, line=item.line, domain=domain,
+                            question=item.question, references=list(item.answers))
+        request = ChatCompletionRequest.model_validate({
+            "model": domain,
+            "messages": [{"role": "user", "content": item.question}],
+            "temperature": 0,
+            "max_tokens": self.max_tokens,
+            "lorag": strategy.overrides(),
+        })
+        started = time.perf_counter()
+        try:
+            job, choices = self.run(self._ask(request))
+        except LoragError as err:
+            if _systemic(err):
+                raise EvalError(f"{strategy.name}, {item.name} (domain '{domain}'): {err.message}") from None
+            result.error = err.message
+            log.warning("eval.item_failed", strategy=strategy.name, item=item.name, error=err.message)
+        else:
+            result.prediction = choices[0].text if choices else ""
+            result.completion_tokens = sum(len(c.token_ids) for c in choices)
+            result.prompt_tokens = job.prompt_tokens
+            result.cited_sources = [hit.source for hit in job.citations]
+            result.retrieve_ms = job.timings.get("retrieve_ms")
+        result.latency_ms = round((time.perf_counter() - started) * 1000, 2)
+        return score(result, item, strategy.retrieval)
+
+    async def _ask(self, request: Any) -> tuple[Any, Any]:
+        from lorag.runtime.pipeline import new_request_id
+
+        job = await self.runtime.prepare_chat(request, new_request_id("eval"))
+        return job, await self.runtime.complete(job)
+
+
+def _systemic(err: LoragError) -> bool:
+    """Errors every item would hit (no adapter, store locked, engine down, --max-tokens over the domain's
+    limit): stop, do not score zeros. A prompt too long for the context is one item's problem."""
+    if err.code == "context_length_exceeded":
+        return False
+    param = err.param or ""
+    return (err.status_code >= 500 or err.status_code in (401, 403, 404, 409, 423)
+            or param in ("model", "max_tokens") or param.startswith("lorag."))
