@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lorag.devmodel import build_random_adapter, build_tiny_model  # noqa: E402
+from lorag.devserver import wait_until_up  # noqa: E402
 
 ADMIN_KEY = "sk-load-admin-key"
 USER_KEY = "sk-load-user-key"
@@ -110,18 +111,8 @@ def start_server(config: Path, url: str, log: Path) -> subprocess.Popen:
     env = {**os.environ, "LORAG_LOG_LEVEL": "warning", "VLLM_LOGGING_LEVEL": "WARNING"}
     process = subprocess.Popen([sys.executable, "-m", "lorag.cli", "serve", "--config", str(config)],
                                stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=config.parent)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    process.kill()
-    raise RuntimeError(f"server did not become ready:\n{log.read_text()[-3000:]}")
+    wait_until_up(process, url, log)
+    return process
 
 
 def rss_mb(pid: int) -> tuple[float, float]:

@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lorag.devmodel import build_random_adapter, build_tiny_model  # noqa: E402
+from lorag.devserver import wait_until_up  # noqa: E402
 
 ADAPTERS = ("a1", "a2", "a3")
 MAX_MODEL_LEN = 512
@@ -104,18 +105,8 @@ port = {port}
 def start(command: list[str], env: dict[str, str], url: str, log: Path) -> subprocess.Popen:
     process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT,
                                env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", **env})
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{command[2]} exited:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    process.kill()
-    raise RuntimeError(f"server did not start:\n{log.read_text()[-3000:]}")
+    wait_until_up(process, url, log, probe="/v1/models")  # vLLM's own server has no /ready
+    return process
 
 
 async def one_request(client: httpx.AsyncClient, model: str, tokens: int) -> tuple[float, float, int]:

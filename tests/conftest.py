@@ -12,7 +12,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import httpx
 import pytest
 
 from lorag.devmodel import build_random_adapter, build_tiny_model
+from lorag.devserver import wait_until_up
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = Path(os.environ.get("LORAG_TEST_MODELS", ROOT / ".lorag-test-models"))
@@ -138,18 +138,19 @@ def start_server(models: Models, workdir: Path, *, preload: bool = True, state_d
         stdout=log_path.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=workdir,
     )
     server = Server(f"http://127.0.0.1:{port}", process, log_path, state_dir, config)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{server.url}/ready", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    server.stop()
-    raise RuntimeError(f"server did not become ready:\n{log_path.read_text()[-4000:]}")
+    wait_until_up(process, server.url, log_path, timeout_s=240)
+    return server
+
+
+@pytest.fixture()
+def one_thread() -> Iterator[None]:
+    """Two shared cores: in-process training takes one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,6 @@ import os
 import random
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -159,15 +158,6 @@ def adapter_data(memo_facts: list[tuple[str, str]], retrieved: dict[str, list[Hi
 
 # -- building the models ------------------------------------------------------------------------
 
-
-@pytest.fixture()
-def one_thread() -> Iterator[None]:
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def build_reader(base: Path, out: Path, steps: int = 600) -> Path:

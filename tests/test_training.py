@@ -64,16 +64,6 @@ def events(stderr: str, name: str) -> list[dict]:
     return found
 
 
-@pytest.fixture()
-def one_thread() -> Iterator[None]:
-    """Two shared cores: in-process training takes one."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # -- data -----------------------------------------------------------------------------
 

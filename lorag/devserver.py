@@ -1,0 +1,36 @@
+"""Wait for a server process the tests, the demo's tooling or a benchmark started.
+
+One loop for all of them: poll an HTTP probe until it answers 200, and fail with the
+tail of the server's log as soon as the process exits or the time is up (a server
+that never comes up must not hang a test run or a benchmark).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+
+def wait_until_up(process: subprocess.Popen, url: str, log: Path, *, probe: str = "/ready",
+                  timeout_s: float = 300) -> None:
+    """Return once GET url+probe is 200; otherwise stop the process and raise with its log's tail."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{_tail(log)}")
+        try:
+            if httpx.get(f"{url}{probe}", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    process.kill()
+    process.wait()
+    raise RuntimeError(f"server did not answer {probe} within {timeout_s:.0f} s:\n{_tail(log)}")
+
+
+def _tail(log: Path, chars: int = 4000) -> str:
+    return log.read_text(errors="replace")[-chars:] if log.exists() else "(no log)"
