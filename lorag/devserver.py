@@ -15,7 +15,7 @@ import httpx
 
 
 def wait_until_up(process: subprocess.Popen, url: str, log: Path, *, probe: str = "/ready",
-                  timeout_s: float = 300) -> None:
+                  timeout_s: float = 300, poll_s: float = 1.0) -> None:
     """Return once GET url+probe is 200; otherwise stop the process and raise with its log's tail."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -26,7 +26,7 @@ def wait_until_up(process: subprocess.Popen, url: str, log: Path, *, probe: str 
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(1)
+        time.sleep(poll_s)
     process.kill()
     process.wait()
     raise RuntimeError(f"server did not answer {probe} within {timeout_s:.0f} s:\n{_tail(log)}")

@@ -11,12 +11,11 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 from typing import Any
 
-import httpx
+from lorag.devserver import wait_until_up
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -216,18 +215,12 @@ class ChromaServer:
             stderr=subprocess.STDOUT,
             env={**os.environ, "ANONYMIZED_TELEMETRY": "False"},
         )
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"chroma run exited: {(path.parent / 'chroma-server.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/api/v2/heartbeat", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("chroma run did not answer within 60 s")
+        try:
+            wait_until_up(self.process, f"http://127.0.0.1:{self.port}", path.parent / "chroma-server.log",
+                          probe="/api/v2/heartbeat", timeout_s=60, poll_s=0.2)
+        except RuntimeError:
+            self.log.close()
+            raise
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -170,7 +170,8 @@ def build_reader(base: Path, out: Path, steps: int = 600) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lorag.adapters.data import IGNORE, load_examples
+    from lorag.adapters.data import load_examples
+    from lorag.adapters.train import collate
 
     if (out / "config.json").exists():
         return out
@@ -186,17 +187,8 @@ def build_reader(base: Path, out: Path, steps: int = 600) -> Path:
     rng = random.Random(0)
     model.train()
     for _ in range(steps):
-        batch = rng.sample(examples, 16)
-        width = max(len(e.input_ids) for e in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
-        labels = torch.full((len(batch), width), IGNORE)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, example in enumerate(batch):
-            n = len(example.input_ids)
-            ids[row, :n] = torch.tensor(example.input_ids)
-            labels[row, :n] = torch.tensor(example.labels)
-            mask[row, :n] = 1
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        batch = collate(rng.sample(examples, 16), tokenizer.pad_token_id, "cpu")
+        loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

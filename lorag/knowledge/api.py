@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from lorag.errors import LoragError
 from lorag.knowledge.errors import IngestInputError, PayloadTooLarge
 from lorag.knowledge.ingest import IngestReport, SourceFile
-from lorag.knowledge.service import UPLOAD_PREFIX, KnowledgeService, shared_service
+from lorag.knowledge.service import UPLOAD_PREFIX, KnowledgeService, close_shared, shared_service
 from lorag.runtime.auth import Principal, require_admin, require_knowledge
 from lorag.runtime.domains import DomainCatalog
 
@@ -42,11 +42,9 @@ def get_service(request: Request) -> KnowledgeService:
 
 
 def close_service(app: Any) -> None:
-    """Release the store (and its lock) at shutdown."""
-    service: KnowledgeService | None = getattr(app.state, "knowledge", None)
-    if service is not None:
-        service.close()
-        app.state.knowledge = None
+    """Release the store (and its lock) at shutdown, whether this API or the request path opened it."""
+    close_shared(app.state.settings)
+    app.state.knowledge = None
 
 
 class _Body(BaseModel):

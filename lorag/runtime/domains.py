@@ -108,7 +108,7 @@ class DomainCatalog:
         if domain.settings.examples.select == "fixed" or len(domain.examples) <= k or not question.strip():
             return domain.examples[:k]
         embedder = self.embedder()
-        vectors = self._example_vectors(domain)
+        vectors = self.example_vectors(domain)
         scores = vectors @ embedder.encode_query(question)
         best = np.argsort(-scores, kind="stable")[:k]
         return [domain.examples[int(i)] for i in best]
@@ -118,14 +118,16 @@ class DomainCatalog:
 
         return get_embedder(self.settings.knowledge.embedding)
 
-    def _example_vectors(self, domain: Domain) -> np.ndarray:
+    def example_vectors(self, domain: Domain) -> np.ndarray:
+        """Unit vectors of the example questions, embedded once (example selection and routing share them)."""
         with self._lock:
             if domain._vectors is None:
                 texts = [example.question for example in domain.examples]
-                domain._vectors = _unit_rows(self.embedder().encode_documents(texts))
+                domain._vectors = unit_rows(self.embedder().encode_documents(texts))
             return domain._vectors
 
 
-def _unit_rows(matrix: np.ndarray) -> np.ndarray:
+def unit_rows(matrix: np.ndarray) -> np.ndarray:
+    """Each row scaled to length 1 (zero rows stay zero), so dot products are cosines."""
     norms = np.linalg.norm(matrix, axis=1, keepdims=True)
     return matrix / np.where(norms == 0, 1, norms)

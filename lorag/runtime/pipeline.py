@@ -327,12 +327,13 @@ class Runtime:
         hooks = self._hooks(target, request_id)
         messages = await self._input_hooks(hooks, messages)
         extras: dict[str, Any] = {}
-        hits = await self._retrieve(target, options, last_user_text(messages), hooks, timings, extras, principal)
+        question = last_user_text(messages)  # after the input hooks: retrieval sees redacted text
+        hits = await self._retrieve(target, options, question, hooks, timings, extras, principal)
         tools = self._tool_plan(target, hooks, request, principal)
         mark = time.perf_counter()
         with stage(log, "prompt") as info:
             profile = target.profile
-            examples = (self.domains.select_examples(profile, last_user_text(messages), options.examples)
+            examples = (self.domains.select_examples(profile, question, options.examples)
                         if profile else [])
             requested = self._output_request(target, request.output_limit)
             fitted = self._fit(target, hits, examples, messages, requested, tools)
@@ -542,6 +543,9 @@ class Runtime:
         assert plan is not None and job.messages is not None
         prompt = job.prompts[0]
         free_params = job.params
+        stopped: str | None = None
+        steps = 0
+        raw: list[Delta] = []
         for step in range(plan.max_steps + 1):
             forced = step == 0 and plan.forced is not None
             job.params = _forcing(free_params, plan) if forced else free_params
@@ -552,15 +556,11 @@ class Runtime:
                 content, calls = "", plan.forced_calls(text)
             else:
                 content, calls = parse_tool_calls(plan.parser, self.engine.tokenizer, text, plan.schemas)
-            if calls and step == plan.max_steps:
-                log.info("tool_loop_stopped", reason="max_steps", steps=step)
-                job.extras["tools"] = {"calls": plan.trace, "stopped": "max_steps"}
-            if not calls or step == plan.max_steps:
-                job.extras.setdefault("tools", {"calls": plan.trace})
-                async with aclosing(self._filtered(job, 0, prompt, counts, started, _replay(raw))) as final:
-                    async for delta in final:
-                        yield delta
-                return
+            if not calls:
+                break
+            if step == plan.max_steps:
+                stopped, steps = "max_steps", step
+                break
             for_client = [call for call in calls if call.name not in plan.server]
             results = [await self._run_tool(plan, call, step) for call in calls if call.name in plan.server]
             if for_client:
@@ -574,14 +574,18 @@ class Runtime:
                               for call, result in zip(calls, results, strict=True))]
             following = self.chat_prompt(job.messages, plan.schemas)
             if not self._fits_next_step(job, len(following)):
-                log.info("tool_loop_stopped", reason="context_length", steps=step + 1)
-                job.extras["tools"] = {"calls": plan.trace, "stopped": "context_length"}
-                async with aclosing(self._filtered(job, 0, prompt, counts, started, _replay(raw))) as final:
-                    async for delta in final:
-                        yield delta
-                return
+                stopped, steps = "context_length", step + 1
+                break
             prompt = job.prompts[0] = following
             free_params = job.params  # _fits_next_step may have given the next step a new max_tokens
+        job.extras["tools"] = {"calls": plan.trace}
+        if stopped is not None:
+            log.info("tool_loop_stopped", reason=stopped, steps=steps)
+            job.extras["tools"]["stopped"] = stopped
+        # The last step's output (an answer, or the call the loop could not follow) goes through the hooks.
+        async with aclosing(self._filtered(job, 0, prompt, counts, started, _replay(raw))) as final:
+            async for delta in final:
+                yield delta
 
     def _fits_next_step(self, job: Job, prompt_len: int) -> bool:
         """Room for the next step's answer; without a requested max_tokens it takes what is left."""

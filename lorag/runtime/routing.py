@@ -18,6 +18,7 @@ import numpy as np
 
 from lorag.errors import PermissionDenied
 from lorag.logging import get_logger
+from lorag.runtime.domains import unit_rows
 
 if TYPE_CHECKING:
     from lorag.config import Settings
@@ -43,7 +44,7 @@ class Router:
     def __init__(self, settings: Settings, catalog: DomainCatalog) -> None:
         self.settings = settings
         self.catalog = catalog
-        self._profiles: dict[str, np.ndarray] = {}
+        self._profiles: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._lock = threading.Lock()
 
     def route(self, question: str, principal: Principal | None = None) -> RouteDecision:
@@ -70,26 +71,24 @@ class Router:
         return decision
 
     def _profile_score(self, domain: Domain, query: np.ndarray) -> float:
-        profile = self._profile(domain)
+        profile, centroid = self._profile(domain)
         if not len(profile):
             return -1.0
-        centroid = profile.mean(axis=0)
-        centroid /= max(float(np.linalg.norm(centroid)), 1e-12)
         return 0.5 * float(np.max(profile @ query)) + 0.5 * float(centroid @ query)
 
-    def _profile(self, domain: Domain) -> np.ndarray:
-        """Unit vectors of the description and example questions (computed once per domain)."""
+    def _profile(self, domain: Domain) -> tuple[np.ndarray, np.ndarray]:
+        """Unit vectors of the description and example questions, and their unit centroid (once per domain)."""
         with self._lock:
             cached = self._profiles.get(domain.name)
             if cached is None:
-                texts = [domain.settings.description] if domain.settings.description.strip() else []
-                texts += [example.question for example in domain.examples]
-                if texts:
-                    vectors = self.catalog.embedder().encode_documents(texts)
-                    cached = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-                else:
-                    cached = np.zeros((0, 1), dtype=np.float32)
-                self._profiles[domain.name] = cached
+                parts = []
+                if domain.settings.description.strip():
+                    parts.append(unit_rows(self.catalog.embedder().encode_documents([domain.settings.description])))
+                if domain.examples:
+                    parts.append(self.catalog.example_vectors(domain))
+                profile = np.vstack(parts) if parts else np.zeros((0, 1), dtype=np.float32)
+                centroid = unit_rows(profile.mean(axis=0, keepdims=True))[0] if parts else np.zeros(1)
+                cached = self._profiles[domain.name] = (profile, centroid)
             return cached
 
     def _knowledge_scores(self, question: str, domains: list[Domain]) -> dict[str, float]:

@@ -103,7 +103,6 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                 closer = getattr(_optional(module_name), "close_service", None)
                 if closer is not None:
                     closer(app)
-            _close_knowledge(settings)
             engine.shutdown()
             log.info("server_stopped")
 
@@ -175,13 +174,6 @@ def _already_registered(adapters: AdapterService, name: str, version: str | None
         if entry.name == name and entry.source == source and version in (None, entry.version):
             return True
     return False
-
-
-def _close_knowledge(settings: Settings) -> None:
-    """The request path may have opened the knowledge store without the knowledge API."""
-    module = _optional("lorag.knowledge.service")
-    if module is not None:
-        module.close_shared(settings)
 
 
 def _optional(module_name: str) -> Any:
