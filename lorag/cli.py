@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, str] = {
     "chat": "lorag.runtime.cli:chat",
     "demo": "lorag.runtime.demo:demo",
     "adapters": "lorag.adapters.cli:adapters_group",
+    "models": "lorag.models.cli:models_group",
     "kb": "lorag.knowledge.cli:kb_group",
     "plugins": "lorag.plugins.cli:plugins_group",
     "eval": "lorag.evaluation.cli:eval_command",

@@ -162,6 +162,19 @@ class Settings(Strict):
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
 
     @model_validator(mode="after")
+    def _imported_model_by_name(self) -> Settings:
+        # `model.path = "NAME"` may name a model imported with `lorag models import`: every
+        # consumer (engine, training, adapter validation) then sees the one folder path.
+        from lorag.models.catalog import resolve_model_path
+
+        resolved = resolve_model_path(self.model.path, self.state_path)
+        if resolved != self.model.path:
+            if self.model.name is None:
+                self.model.name = self.model.path
+            self.model.path = resolved
+        return self
+
+    @model_validator(mode="after")
     def _domains_fit_together(self) -> Settings:
         check_domain_names(self.domains, self.model.served_name)
         if self.routing.fallback is not None and self.routing.fallback not in self.domains:

@@ -1,4 +1,6 @@
-"""`lorag demo`: its bundled data, its set-up (real training, real ingestion) and, end to end, its samples."""
+"""`lorag demo --tiny`: its bundled data, its set-up (real training, real ingestion) and, end to end, its samples.
+
+The real-model demo is exercised by tests/test_real_model.py."""
 
 from __future__ import annotations
 
@@ -15,15 +17,15 @@ from pathlib import Path
 import pytest
 
 from lorag.config import load_settings
-from lorag.runtime.demo import DATA, TRAINED
 from lorag.runtime.demo_samples import trained_answers, triage_schema
+from lorag.runtime.demo_setup import DATA, TINY, TRAINED
 from tests.conftest import free_port
 
 ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("LORAG_")}, "TOKENIZERS_PARALLELISM": "false"}
 
 
 def lorag_demo(state: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lorag.cli", "demo", "--state-dir", str(state), *args],
+    return subprocess.run([sys.executable, "-m", "lorag.cli", "demo", "--tiny", "--state-dir", str(state), *args],
                           capture_output=True, text=True, env=ENV, timeout=timeout)
 
 
@@ -54,13 +56,13 @@ def first_setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
 
 def test_bundled_data_is_consistent() -> None:
     """Training files, domain profiles and the eval set agree with each other."""
-    profiles = tomllib.loads((DATA / "domains.toml").read_text())["domains"]
+    profiles = tomllib.loads((TINY.data / "domains.toml").read_text())["domains"]
     assert {"legal", "medical", "triage", "general"} <= set(profiles)
     knowledge_text = {d.name: " ".join(p.read_text() for p in (DATA / d.docs).iterdir()) for d in TRAINED}
     for domain in TRAINED:
         assert profiles[domain.name]["adapter"] == domain.adapter
         assert profiles[domain.name]["knowledge"]["bases"] == [domain.kb]
-        lines = [json.loads(line) for line in (DATA / domain.train_file).read_text().splitlines()]
+        lines = [json.loads(line) for line in (TINY.data / domain.train_file).read_text().splitlines()]
         assert 20 <= len(lines) <= 40
         system = profiles[domain.name].get("system_prompt")
         for line in lines:  # trained with exactly the prompt the domain serves
@@ -68,10 +70,10 @@ def test_bundled_data_is_consistent() -> None:
             assert roles == (["system"] if system else []) + ["user", "assistant"]
             if system:
                 assert line["messages"][0]["content"] == system
-    assert "14 days" in knowledge_text["legal"] and "14 days" not in (DATA / "legal/train.jsonl").read_text()
-    assert "4 g" in knowledge_text["medical"] and "4 g" not in (DATA / "medical/train.jsonl").read_text()
+    assert "14 days" in knowledge_text["legal"] and "14 days" not in (TINY.data / "legal/train.jsonl").read_text()
+    assert "4 g" in knowledge_text["medical"] and "4 g" not in (TINY.data / "medical/train.jsonl").read_text()
 
-    eval_items = [json.loads(line) for line in (DATA / "eval.jsonl").read_text().splitlines()]
+    eval_items = [json.loads(line) for line in (TINY.data / "eval.jsonl").read_text().splitlines()]
     assert len({item["id"] for item in eval_items}) == len(eval_items)
     kinds = {"adapter": 0, "knowledge": 0}
     for item in eval_items:
@@ -88,9 +90,24 @@ def test_bundled_data_is_consistent() -> None:
     assert kinds["adapter"] >= 6 and kinds["knowledge"] >= 6
 
 
+def test_real_training_data_is_served_with_the_prompt_it_was_trained_on() -> None:
+    """The real demo's adapters learn the domain's prompt: its system prompt, with retrieved context or without."""
+    profiles = tomllib.loads((DATA / "domains.toml").read_text())["domains"]
+    for domain in TRAINED:
+        system = profiles[domain.name]["system_prompt"]
+        lines = [json.loads(line) for line in (DATA / domain.train_file).read_text().splitlines()]
+        with_context = 0
+        for line in lines:
+            assert [m["role"] for m in line["messages"]] == ["system", "user", "assistant"]
+            content = line["messages"][0]["content"]
+            assert content == system or content.startswith(system + "\n\nContext:\n[1] ("), content
+            with_context += content != system
+        assert 30 <= len(lines) <= 60 and with_context >= 8
+
+
 def test_eval_set_loads_with_lorag_eval_reader() -> None:
     dataset = pytest.importorskip("lorag.evaluation.dataset")
-    items = dataset.load_eval_set(DATA / "eval.jsonl")
+    items = dataset.load_eval_set(TINY.data / "eval.jsonl")
     assert len(items) >= 12 and all(item.domain for item in items)
 
 
@@ -131,7 +148,8 @@ def test_setup_trains_registers_ingests_and_writes_a_config_that_loads(first_set
     try:
         for domain in TRAINED:
             summary = knowledge.summary(domain.kb)
-            assert summary["documents"] == 3 and summary["chunks"] >= 3, summary
+            documents = len(list((DATA / domain.docs).iterdir()))
+            assert summary["documents"] == documents and summary["chunks"] >= documents, summary
     finally:
         knowledge.close()
 
@@ -185,4 +203,4 @@ def test_demo_serves_and_prints_every_sample(first_setup: Setup) -> None:
                              ("Mona Lisa", "general")):
         line = next(line for line in routed.splitlines() if question in line)
         assert f"-> {domain}" in line, line
-    assert "tiny" in out and 'path = "Qwen/' in out
+    assert "tiny" in out and "`lorag demo` without --tiny imports SmolLM2-135M-Instruct" in out

@@ -157,6 +157,21 @@ def test_models_lists_domains_with_their_adapter_and_knowledge(domain_server: Se
     assert "auto" in models and BASE_NAME in models
 
 
+def test_warmup_before_ready_so_the_first_retrieval_loads_nothing(domain_server: Server) -> None:
+    ask(api(domain_server), "legal", "When must the landlord return the tenancy deposit?")
+    events = domain_server.log_events()
+    ready = next(n for n, e in enumerate(events) if e["event"] == "server_ready")
+    before, after = events[:ready], events[ready:]
+    warm = [e for e in before if e["event"] == "warmup"]
+    assert {e["part"] for e in warm} == {"embeddings", "routing", "knowledge", "total"}
+    assert {e["kb"] for e in warm if e["part"] == "knowledge"} == {"legal-kb", "medical-kb", "big-kb"}
+    assert all(e["ok"] for e in warm)
+    assert [e["event"] for e in before].count("kb.embedding.load") == 1
+    first = next(n for n, e in enumerate(after) if e["event"] == "kb.retrieve")
+    loaded = {"kb.embedding.load", "kb.keyword.build"} & {e["event"] for e in after[:first + 1]}
+    assert not loaded, f"the first retrieval after /ready loaded {loaded}"
+
+
 def test_two_domains_answer_with_their_own_adapter_and_citations(domain_server: Server) -> None:
     client = api(domain_server)
     legal_text, legal = ask(client, "legal", "When must the landlord return the tenancy deposit?")

@@ -264,7 +264,9 @@ def build_domain(reader: Path, tmp_path: Path) -> tuple[Path, dict[str, list[dic
     kb_items = [{"question": code_question(n), "answer": w, "sources": [f"{n}.txt"], "id": f"kb-{n}"}
                 for n, w in kb_asked]
     memo_items = [{"question": motto_question(n), "answer": w, "id": f"memo-{n}"} for n, w in memo]
-    mix = [item for pair in zip(kb_items, memo_items, strict=True) for item in pair]
+    # The mix carries each item's kind as its subset: the report splits it back up.
+    mix = [{**item, "subset": kind} for pair in zip(kb_items, memo_items, strict=True)
+           for item, kind in zip(pair, ("kb", "memo"), strict=True)]
     return config, {"kb": kb_items, "memo": memo_items, "mix": mix}
 
 
@@ -300,7 +302,8 @@ def test_eval_ranks_strategies_the_way_the_data_demands(models: Models, tmp_path
         assert all(r["error"] is None for r in results["items"])
         events = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
         assert sum(1 for e in events if e.get("event") == "eval.strategy") == 6
-        assert any(line.split()[:4] == ["strategy", "n", "EM", "F1"] for line in stdout.splitlines())
+        header = ["subset", "strategy", "n", "EM", "F1"] if name == "mix" else ["strategy", "n", "EM", "F1"]
+        assert any(line.split()[:len(header)] == header for line in stdout.splitlines())
         assert results["recommendation"] in stdout
         assert (tmp_path / name / "quality_vs_latency.png").stat().st_size > 1000
 
@@ -323,3 +326,9 @@ def test_eval_ranks_strategies_the_way_the_data_demands(models: Models, tmp_path
     assert mix["ranking"][0] in HYBRID
     best = mix["ranking"][0]
     assert mix["recommendation"].startswith(best) and f"F1 {f1[best]:.2f}" in mix["recommendation"]
+    # Per subset, the same verdicts as on the separate sets, each printed after the overall one.
+    assert mix["subsets"]["kb"]["ranking"][0] in RETRIEVING and mix["subsets"]["memo"]["ranking"][0] in ADAPTED
+    assert all(s["subset"] == "kb" and s["items"] == len(sets["kb"]) for s in mix["subsets"]["kb"]["strategies"])
+    stdout = found["mix"][1]
+    assert f"kb: {mix['subsets']['kb']['recommendation']}" in stdout
+    assert f"memo: {mix['subsets']['memo']['recommendation']}" in stdout

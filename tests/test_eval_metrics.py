@@ -127,6 +127,16 @@ def test_schema_validity() -> None:
     assert not metrics.schema_valid('{"days": 30', schema)
 
 
+def test_format_is_a_full_match_of_the_stripped_answer() -> None:
+    legal = r"Short answer: [^\n]+\nWhy: [^\n]+"
+    assert metrics.format_match("Short answer: Yes [1].\nWhy: The Act says so.", legal)
+    assert metrics.format_match("  Short answer: Yes.\nWhy: Because.\n", legal)  # surrounding whitespace
+    assert not metrics.format_match("Yes, it is.", legal)
+    assert not metrics.format_match("Short answer: Yes.\nWhy: Because.\nAlso: more.", legal)  # whole answer
+    assert not metrics.format_match("Well. Short answer: Yes.\nWhy: Because.", legal)
+    assert metrics.format_match("a\nb", "(?s)a.b") and not metrics.format_match("a\nb", "a.b")  # flags inline
+
+
 def test_percentile_is_numpys_linear_interpolation() -> None:
     import numpy as np
 
@@ -172,6 +182,23 @@ def test_eval_set_errors_name_each_line(tmp_path: Path) -> None:
     assert first == EvalItem(line=1, question="Q1?", answers=("A1",), sources=("a.md",), domain="legal", id="q1")
     assert first.name == "q1" and second.name == "line 3" and second.sources == ("a.md",)
     assert second.schema == {"type": "object"}
+
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text("\n".join([
+        json.dumps({"question": "Q?", "answer": "A", "subset": "style", "format": "[^\\n]+\\nWhy: .+"}),  # 1
+        json.dumps({"question": "Q?", "answer": "A", "format": "(unclosed"}),                          # 2
+        json.dumps({"question": "Q?", "answer": "A", "subset": "all"}),                                 # 3
+        json.dumps({"question": "Q?", "answer": "A", "subset": ""}),                                    # 4
+    ]) + "\n")
+    with pytest.raises(EvalDataError) as caught:
+        load_eval_set(extra)
+    message = str(caught.value)
+    assert "line 2: 'format' is not a valid regular expression" in message
+    assert "line 3: 'subset' may not be 'all'" in message and "line 4: 'subset' must be a non-empty string" in message
+    assert "line 1:" not in message
+    extra.write_text(extra.read_text().splitlines()[0] + "\n")
+    (styled,) = load_eval_set(extra)
+    assert styled.subset == "style" and styled.format == "[^\\n]+\\nWhy: .+"
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n \n")
@@ -271,6 +298,20 @@ def test_scoring_and_summary() -> None:
     assert summary.items == 2 and summary.errors == 1 and summary.f1 == 0.5 and summary.hit_rate == 0.5
     assert summary.mrr == 0.25 and summary.schema_validity == 0.5 and summary.latency_ms_p50 == 20.0
     assert summary.prompt_tokens_mean == 25.0 and summary.completion_tokens_mean == 2.0
+    assert summary.format_rate is None and summary.subset is None and summary.to_dict()["subset"] == "all"
+
+    styled = EvalItem(line=5, question="q", answers=("Thirty days [1].\nSafety: call us.",),
+                      format=r"[^\n]+\nSafety: [^\n]+", subset="mixed")
+    right = score(ItemResult("adapter", "line 5", 5, "d", "q", list(styled.answers),
+                             prediction="Thirty days [1].\nSafety: call us.", subset="mixed"), styled, retrieves=False)
+    plain = score(ItemResult("base", "line 5", 5, "d", "q", list(styled.answers), prediction="Thirty days.",
+                             subset="mixed"), styled, retrieves=False)
+    broken = score(ItemResult("rag", "line 5", 5, "d", "q", list(styled.answers), error="failed"), styled,
+                   retrieves=False)
+    assert right.format_ok is True and plain.format_ok is False and broken.format_ok is False
+    assert no_retrieval.format_ok is None  # the item has no format
+    assert summarise("adapter", [right, plain], subset="mixed").format_rate == 0.5
+    assert summarise("adapter", [right, plain], subset="mixed").to_dict()["subset"] == "mixed"
 
 
 def test_recommendation_names_the_winner_margin_and_cost() -> None:
@@ -320,6 +361,100 @@ def test_report_files_and_table(tmp_path: Path) -> None:
     assert header.split()[:4] == ["strategy", "n", "EM", "F1"] and set(rule) <= {"-", " "}
     assert base.split()[:4] == ["base", "2", "0.500", "0.500"] and rag.split()[3] == "1.000"
     assert " - " in base  # hit rate does not apply
+
+
+def _subset_run() -> EvalRun:
+    """Two subsets: rag answers the 'knowledge' half, adapter the 'style' half (and only it keeps the format)."""
+    items = []
+    for strategy, latency in (("base", 10.0), ("rag", 12.0), ("adapter", 11.0)):
+        for line in range(1, 25):
+            subset = "knowledge" if line <= 12 else "style"
+            right = (strategy == "rag" and subset == "knowledge") or (strategy == "adapter" and subset == "style")
+            result = _result(strategy, line, 1.0 if right else 0.0, latency, subset=subset)
+            if subset == "style":
+                result.format_ok = strategy == "adapter"
+            items.append(result)
+    return EvalRun(meta={}, items=items,
+                   summaries=[summarise(name, [r for r in items if r.strategy == name]) for name in ("base", "rag", "adapter")])
+
+
+def test_subsets_get_their_own_rows_and_recommendation(tmp_path: Path) -> None:
+    run = _subset_run()
+    assert run.subsets == ["knowledge", "style"]
+    knowledge = run.for_subset("knowledge")
+    assert [s.strategy for s in knowledge.summaries] == ["base", "rag", "adapter"]
+    assert {s.subset for s in knowledge.summaries} == {"knowledge"} and knowledge.summary("rag").f1 == 1.0
+    assert knowledge.summary("rag").format_rate is None and run.for_subset("style").summary("adapter").format_rate == 1.0
+
+    advice = report.subset_recommendations(run)
+    assert advice["knowledge"].startswith("rag wins on this data: F1 1.00 vs 0.00")
+    assert advice["style"].startswith("adapter wins on this data: F1 1.00 vs 0.00")
+    assert "Format: 100% of adapter's answers match the expected format." in advice["style"]
+    # Over all items, rag and adapter tie; the format note names the strategy best at it.
+    overall = report.recommendation(run)
+    assert overall.startswith("adapter and rag tie on this data (F1 0.50)")
+    assert "Format: 0% of adapter's answers" not in overall and "100% of adapter's answers" in overall
+
+    text = report.table(report.all_summaries(run))
+    lines = text.splitlines()
+    assert lines[0].split()[:3] == ["subset", "strategy", "n"] and "format" in lines[0].split()
+    assert [line.split()[:3] for line in lines[2:]] == [
+        ["all", "base", "24"], ["all", "rag", "24"], ["all", "adapter", "24"],
+        ["knowledge", "base", "12"], ["knowledge", "rag", "12"], ["knowledge", "adapter", "12"],
+        ["style", "base", "12"], ["style", "rag", "12"], ["style", "adapter", "12"]]
+
+    files = report.write_all(run, tmp_path / "out", report.recommendation(run))
+    saved = json.loads(files[report.JSON_FILE].read_text())
+    assert set(saved["subsets"]) == {"knowledge", "style"}
+    assert saved["subsets"]["style"]["ranking"][0] == "adapter"
+    assert saved["subsets"]["knowledge"]["recommendation"] == advice["knowledge"]
+    assert saved["strategies"][0]["subset"] == "all" and saved["items"][0]["subset"] == "knowledge"
+    with files[report.SUMMARY_CSV].open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["subset"], r["strategy"]) for r in rows][:4] == [("all", "base"), ("all", "rag"), ("all", "adapter"),
+                                                               ("knowledge", "base")]
+    assert len(rows) == 9 and rows[-1]["format_rate"] == "1.0" and rows[3]["format_rate"] == ""
+
+
+def test_bundled_eval_set_is_unseen_and_complete() -> None:
+    """The demo's eval set: no question the adapters or the few-shot examples were trained or prompted with
+    (exactly, or nearly: same words or the same text with small edits), three subsets a domain."""
+    import difflib
+    import tomllib
+
+    data = Path(__file__).parent.parent / "lorag" / "demo_data"
+    seen: dict[str, str] = {}
+    for domain in ("legal", "medical"):
+        for line in (data / domain / "train.jsonl").read_text(encoding="utf-8").splitlines():
+            messages = json.loads(line)["messages"]
+            seen[next(m["content"] for m in messages if m["role"] == "user")] = f"{domain} training"
+    profiles = tomllib.loads((data / "domains.toml").read_text(encoding="utf-8"))["domains"]
+    for domain, profile in profiles.items():
+        for example in profile.get("examples", {}).get("items", []):
+            seen[example["question"]] = f"{domain} examples"
+    items = load_eval_set(data / "eval.jsonl")
+    assert len(items) >= 60 and len({item.id for item in items}) == len(items)
+    normalized = [metrics.normalize_answer(item.question) for item in items]
+    assert len(set(normalized)) == len(items)
+    for item, question in zip(items, normalized, strict=True):
+        words = set(question.split())
+        for other, where in seen.items():
+            theirs = metrics.normalize_answer(other)
+            overlap = len(words & set(theirs.split())) / len(words | set(theirs.split()))
+            similar = difflib.SequenceMatcher(None, question, theirs).ratio()
+            assert overlap < 0.6 and similar < 0.8, (item.id, item.question, other, where)
+    counts = Counter((item.domain, item.subset) for item in items)
+    for domain in ("legal", "medical"):
+        for subset in ("knowledge", "style", "mixed"):
+            assert counts[(domain, subset)] >= 8, (domain, subset)
+    for item in items:
+        assert item.domain and item.subset
+        if item.subset in ("knowledge", "mixed"):  # facts only a knowledge base holds
+            assert item.sources and all((data / item.domain / "knowledge" / s).is_file() for s in item.sources)
+        if item.format:  # the reference answers are what a right answer looks like, format included
+            assert all(metrics.format_match(answer, item.format) for answer in item.answers), item.id
+        if item.subset in ("style", "mixed"):
+            assert item.format
 
 
 # -- the command, before any engine starts --------------------------------------------------------

@@ -407,34 +407,228 @@ def test_kill_9_during_ingestion_then_rerun_equals_a_clean_ingestion(
     assert max(sizes) <= 48 and len(sizes) > total
 
 
+# The CLI with one test hook: at the second group's "writing" intent (the window between
+# marking documents and committing them) it says so on stderr and waits for a line on stdin.
+_CLI_HELD_IN_WINDOW = """
+import json, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if a background job
+from lorag.knowledge.manifest import Manifest
+real_put, intents = Manifest.put, []
+def put(self, records):
+    records = list(records)
+    real_put(self, records)
+    if records and records[0].pending_hash:
+        intents.append(1)
+        if len(intents) == 2:
+            sys.stderr.write(json.dumps({"event": "test.in_window"}) + "\\n")
+            sys.stderr.flush()
+            sys.stdin.readline()
+Manifest.put = put
+from lorag.cli import main
+sys.argv = ["lorag", *sys.argv[1:]]
+main()
+"""
+
+
 def test_ctrl_c_during_ingestion_keeps_whole_documents(tmp_path: Path) -> None:
+    """SIGINT lands while documents are marked "writing" (held there, not by timing luck):
+    the group finishes whole, then the CLI stops with 130 and only committed documents."""
     corpus = write_large_corpus(tmp_path / "large")
     config = tmp_path / "lorag.toml"
     config.write_text("[knowledge.ingest]\ngroup_chunks = 6\n[knowledge.chunking]\nchunk_size = 48\nchunk_overlap = 0\n", encoding="utf-8")
+    args = ["kb", "ingest", "docs", str(corpus), "--create", "--config", str(config), "--state-dir", str(tmp_path / "state")]
     process = subprocess.Popen(
-        _cli("ingest", "docs", str(corpus), "--create", "--config", str(config), "--state-dir", str(tmp_path / "state")),
+        [sys.executable, "-c", _CLI_HELD_IN_WINDOW, *args],
+        stdin=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         env=_env(),
         cwd=tmp_path,
     )
     try:
-        _wait_for_event(process, "kb.ingest.group")
+        _wait_for_event(process, "test.in_window")
         process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=60)
+        _, err = process.communicate(b"go\n", timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 130
+    assert process.returncode == 130, err.decode(errors="replace")[-3000:]
     assert b"interrupted" in err and b"run the same command again" in err
     service = KnowledgeService.from_settings(
         settings_for(tmp_path, "embedded", None, **{"knowledge.chunking.chunk_size": 48, "knowledge.chunking.chunk_overlap": 0})
     )
     try:
-        assert_consistent(service, "docs")
+        assert_consistent(service, "docs")  # before anything repairs it: nothing to repair
         assert 0 < service.show("docs")["documents"] < len(list(corpus.iterdir()))
     finally:
         service.close()
+
+
+# stage -> (call, n): SIGINT right after the n-th such call of an ingestion (puts: intent, commit, final).
+INTERRUPT_AT = {
+    "embedding": ("encode", 1),
+    "intent-put": ("put", 1),
+    "chunk-upsert": ("upsert", 1),
+    "commit-put": ("put", 2),
+    "old-chunk-delete": ("delete", 1),
+    "final-put": ("put", 3),
+}
+
+
+def _interrupt_at(
+    stage: str, service: KnowledgeService, monkeypatch: pytest.MonkeyPatch, kb: str | None = None, at: int | None = None
+) -> None:
+    """Make ingestion into `kb` (default: the base named after the stage) raise a real SIGINT
+    right after the at-th call of that stage (default: its first group)."""
+    from lorag.knowledge.manifest import Manifest
+
+    chunks, _ = service.store.collections(kb or stage)
+    wanted, first = INTERRUPT_AT[stage]
+    at = first if at is None else at
+    calls = {"put": 0, "upsert": 0, "delete": 0, "encode": 0}
+
+    def wrap(name: str, real: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            result = real(*args, **kwargs)
+            calls[name] += 1
+            if name == wanted and calls[name] == at:
+                signal.raise_signal(signal.SIGINT)
+            return result
+
+        return call
+
+    monkeypatch.setattr(chunks, "upsert", wrap("upsert", chunks.upsert))
+    monkeypatch.setattr(chunks, "delete", wrap("delete", chunks.delete))
+    monkeypatch.setattr(Manifest, "put", wrap("put", Manifest.put))
+    monkeypatch.setattr(service.embedder, "encode_documents", wrap("encode", service.embedder.encode_documents))
+
+
+INTERRUPT_STAGES = list(INTERRUPT_AT)
+
+
+@pytest.fixture
+def ctrl_c_raises() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt here, as in a terminal (a background job ignores it)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("ctrl_c_raises")
+def test_ctrl_c_at_every_stage_of_a_group_keeps_whole_documents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real SIGINT raised at each step of the manifest protocol (in process): the knowledge
+    base holds each document before or after, never "writing", with no repair; a rerun finishes."""
+    corpus = write_corpus(tmp_path / "corpus")
+    overrides = {"knowledge.ingest.group_chunks": 2, "knowledge.chunking.chunk_size": 32, "knowledge.chunking.chunk_overlap": 0}
+    service = KnowledgeService.from_settings(settings_for(tmp_path, "embedded", None, **overrides))
+    try:
+        for stage in INTERRUPT_STAGES:
+            service.create(stage)
+            service.ingest_paths(stage, [str(corpus)])
+        before = _by_source(snapshot(service, INTERRUPT_STAGES[0]))
+        (corpus / "guide.md").write_text(
+            "# Sourdough Guide\n\n" + " ".join(f"Rye step {i} wants more dark flour and patience." for i in range(12)),
+            encoding="utf-8",
+        )
+        (corpus / "new.txt").write_text(" ".join(f"Fresh note {i} about lighthouses." for i in range(10)), encoding="utf-8")
+        service.create("reference")
+        service.ingest_paths("reference", [str(corpus)])
+        after = _by_source(snapshot(service, "reference"))
+
+        for stage in INTERRUPT_STAGES:
+            _interrupt_at(stage, service, monkeypatch)
+            with pytest.raises(KeyboardInterrupt):
+                service.ingest_paths(stage, [str(corpus)])
+            monkeypatch.undo()
+
+            assert_consistent(service, stage)  # nothing repaired it: it must already be whole
+            interrupted = _by_source(snapshot(service, stage))
+            for source in set(before) | set(after):
+                state = interrupted.get(source)
+                assert state in (before.get(source), after.get(source)), f"{source} is half-written after Ctrl-C at {stage}"
+            service.ingest_paths(stage, [str(corpus)])
+            assert _by_source(snapshot(service, stage)) == after, stage
+    finally:
+        service.close()
+
+
+ORDER_QUERIES = [*list(QUERIES)[:3], "copper lantern notice for every document"]
+
+
+def _top10(service: KnowledgeService, kb: str) -> dict[tuple[str, str], tuple[list[str], list[float]]]:
+    result = {}
+    for mode in ("vector", "keyword", "hybrid"):
+        for query in ORDER_QUERIES:
+            hits = service.query(kb, query, top_k=10, mode=mode)
+            result[(mode, query)] = ([hit.chunk_id for hit in hits], [hit.score for hit in hits])
+    return result
+
+
+@pytest.mark.usefixtures("ctrl_c_raises")
+def test_the_same_corpus_in_any_order_or_resumed_gives_the_same_top_10(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HNSW answers depend on insertion order; small bases are searched exactly, so two
+    orders and an interrupted-then-resumed ingestion rank every query identically."""
+    from lorag.knowledge.ingest import collect_paths
+
+    corpus = write_corpus(tmp_path / "corpus")
+    for copy in ("copy-a.txt", "copy-b.txt"):  # identical chunks: exact score ties in every mode
+        (corpus / copy).write_text("Every document ends with the same copper lantern notice.", encoding="utf-8")
+    overrides = {"knowledge.ingest.group_chunks": 4, "knowledge.chunking.chunk_size": 32, "knowledge.chunking.chunk_overlap": 0}
+    service = KnowledgeService.from_settings(settings_for(tmp_path, "embedded", None, **overrides))
+    try:
+        files = collect_paths([str(corpus)]).files
+        for kb, order in (("sorted", files), ("reversed", files[::-1])):
+            service.create(kb)
+            service.ingest_files(kb, order)
+        service.create("resumed")
+        _interrupt_at("commit-put", service, monkeypatch, kb="resumed", at=2)  # the first group's commit
+        with pytest.raises(KeyboardInterrupt):
+            service.ingest_files("resumed", files[1::2] + files[::2])
+        monkeypatch.undo()
+        assert 0 < service.show("resumed")["documents"] < len(files)
+        service.ingest_files("resumed", files[::-1])
+
+        assert snapshot(service, "sorted") == snapshot(service, "reversed") == snapshot(service, "resumed")
+        expected = _top10(service, "sorted")
+        assert all(ids for ids, _ in expected.values())
+        for kb in ("reversed", "resumed"):
+            got = _top10(service, kb)
+            assert {key: ids for key, (ids, _) in got.items()} == {key: ids for key, (ids, _) in expected.items()}, kb
+            for key, (_, scores) in got.items():  # an embedding's last bits depend on its batch
+                assert scores == pytest.approx(expected[key][1], abs=1e-5), (kb, key)
+    finally:
+        service.close()
+
+
+def test_vector_index_settings_per_knowledge_base(tmp_path: Path) -> None:
+    """HNSW parameters at creation (defaults, or a base's own), ef_search re-applied on open."""
+    overrides = {"knowledge.bases.big.vector_index": {"hnsw_m": 48, "hnsw_search_ef": 300}}
+    service = KnowledgeService.from_settings(settings_for(tmp_path, "embedded", None, **overrides))
+    try:
+        for kb in ("small", "big"):
+            service.create(kb)
+        hnsw = {kb: service.store.collections(kb)[0].configuration["hnsw"] for kb in ("small", "big")}
+        defaults = service.settings.vector_index
+        assert (hnsw["small"]["max_neighbors"], hnsw["small"]["ef_construction"], hnsw["small"]["ef_search"]) == (
+            defaults.hnsw_m, defaults.hnsw_construction_ef, defaults.hnsw_search_ef
+        )
+        assert (hnsw["big"]["max_neighbors"], hnsw["big"]["ef_search"]) == (48, 300)
+    finally:
+        service.close()
+    service = KnowledgeService.from_settings(
+        settings_for(tmp_path, "embedded", None, **{"knowledge.vector_index.hnsw_search_ef": 120})
+    )
+    try:
+        service.show("small")
+        assert service.store.collections("small")[0].configuration["hnsw"]["ef_search"] == 120
+    finally:
+        service.close()
+    from lorag.config import ConfigError
+
+    with pytest.raises(ConfigError, match="hnsw_mm"):
+        load_settings(None, {"knowledge.bases.x.vector_index": {"hnsw_mm": 3}})
 
 
 # ---------------------------------------------------------------------------- two processes

@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -235,11 +234,10 @@ def test_slow_hook_times_out_while_other_domains_answer(api: openai.OpenAI) -> N
             errors.append(err)
 
     thread = threading.Thread(target=slow)
-    started = time.monotonic()
     thread.start()
     assert chat(api, "pii")[0] == PII_REDACTED
-    thread.join(60)
-    assert time.monotonic() - started < 30
+    thread.join(120)
+    assert not thread.is_alive()
     assert len(errors) == 1 and isinstance(errors[0], openai.InternalServerError)
     assert "Plugin 'slow' did not finish request_received within 1 s" in str(errors[0])
 

@@ -167,7 +167,6 @@ def test_trained_adapter_lowers_val_loss_and_is_served_with_its_answers(
 ) -> None:
     """Train through the CLI against a running server (--serve): it is validated, registered and hot-loaded."""
     data = write_qa(tmp_path / "qa.jsonl")
-    started = time.monotonic()
     done = lorag("adapters", "--config", str(server.config_path), "--api-key", ADMIN_KEY,
                  "train", trained_qa, str(data), *MEMORISE, "--serve")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -176,7 +175,6 @@ def test_trained_adapter_lowers_val_loss_and_is_served_with_its_answers(
     assert len(events(done.stderr, "train_epoch")) == 60 and finished["steps"] == 60
     result = json.loads((Path(finished["run"]) / "result.json").read_text())
     assert result["val_loss"] < result["initial_val_loss"] - 0.3, result
-    assert time.monotonic() - started < 120
 
     adapter = Path(finished["adapter"])
     assert adapter.is_relative_to(server.state_dir / "training" / "trained-qa")

@@ -24,16 +24,19 @@ STRATEGIES_HELP = "Comma-separated, from: base, icl, rag, adapter, adapter+rag, 
 @click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Directory for results.json, summary.csv, items.csv and the chart "
                    "(default: ./lorag-eval/<data>-<time>).")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Most tokens per answer.")
+@click.option("--max-tokens", type=click.IntRange(min=1),
+              help="Most tokens per answer (default: each domain's own generation default).")
+@click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Requests in flight at once; the engine batches them (same greedy answers, loaded latencies).")
 @click.option("--config", "-c", type=click.Path(dir_okay=False), help="lorag.toml (default: $LORAG_CONFIG or ./lorag.toml).")
 @click.option("--state-dir", help="State directory (adapters, knowledge bases).")
 @click.option("--model", "engine_model", help="Base model path (default: model.path from lorag.toml).")
-def eval_command(data: Path, domain: str | None, strategies: str, out_dir: Path | None, max_tokens: int,
-                 config: str | None, state_dir: str | None, engine_model: str | None) -> None:
+def eval_command(data: Path, domain: str | None, strategies: str, out_dir: Path | None, max_tokens: int | None,
+                 concurrency: int, config: str | None, state_dir: str | None, engine_model: str | None) -> None:
     """Answer every question of DATA (JSONL) under each strategy and report which wins.
 
-    Each line: {"question", "answer", "sources"?, "schema"?, "domain"?, "id"?}. See docs/eval.md.
+    Each line: {"question", "answer", "sources"?, "schema"?, "domain"?, "subset"?, "format"?, "id"?}.
+    See docs/eval.md.
     """
     from lorag.evaluation import report
     from lorag.evaluation.dataset import load_eval_set
@@ -49,7 +52,7 @@ def eval_command(data: Path, domain: str | None, strategies: str, out_dir: Path 
 
     local = LocalChat(settings)
     try:
-        evaluator = Evaluator(local.runtime, local.loop.run_until_complete, max_tokens)
+        evaluator = Evaluator(local.runtime, local.loop.run_until_complete, max_tokens, concurrency)
         meta = {"data": str(data.resolve()), "items": len(items), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         with _progress(plan.requests) as step:
             run = evaluator.evaluate(plan, domains, progress=step, meta=meta)
@@ -58,11 +61,13 @@ def eval_command(data: Path, domain: str | None, strategies: str, out_dir: Path 
 
     advice = report.recommendation(run)
     files = report.write_all(run, out, advice)
-    click.echo(report.table(run.summaries))
+    click.echo(report.table(report.all_summaries(run)))
     for note in run.notes:
         click.echo(f"note: {note}")
     click.echo()
     click.echo(advice)
+    for subset, subset_advice in report.subset_recommendations(run).items():
+        click.echo(f"\n{subset}: {subset_advice}")
     click.echo(f"\nresults: {files[report.JSON_FILE]} (and {report.SUMMARY_CSV}, {report.ITEMS_CSV}, "
                f"{report.CHART_FILE} beside it)")
 

@@ -5,6 +5,8 @@
      "sources": ["lease-act.pdf"],                     # optional: relevant sources (file name or full path)
      "schema": {"type": "object", ...},                # optional: JSON schema the answer must satisfy
      "domain": "legal",                                # optional: the domain this question is for
+     "subset": "knowledge",                            # optional: a group reported on its own (per-subset rows)
+     "format": "Short answer: [^\\n]+\\nWhy: [^\\n]+",   # optional: regex the whole (stripped) answer must match
      "id": "q17"}                                      # optional: a name for the item in the results
 
 Problems are reported with their line, the way training data problems are (the same
@@ -14,13 +16,16 @@ die on a typo in line 40.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lorag.adapters.data import DataFileError, LineError, read_jsonl
 
-FIELDS = ("question", "answer", "sources", "schema", "domain", "id")
+FIELDS = ("question", "answer", "sources", "schema", "domain", "subset", "format", "id")
+# The report's name for every item together: no subset may take it.
+ALL = "all"
 
 
 class EvalDataError(DataFileError):
@@ -42,6 +47,9 @@ class EvalItem:
     schema: dict[str, Any] | None = None
     domain: str | None = None
     id: str = ""
+    subset: str | None = None  # a group of items reported on its own, besides all items together
+    format: str | None = None  # a regular expression the whole answer (stripped) must match
+
 
     @property
     def name(self) -> str:
@@ -69,6 +77,8 @@ def _item(record: dict[str, Any], line: int) -> EvalItem:
         schema=_schema(record.get("schema")),
         domain=_optional_string(record.get("domain"), "domain"),
         id=_optional_string(record.get("id"), "id") or "",
+        subset=_subset(record.get("subset")),
+        format=_format(record.get("format")),
     )
 
 
@@ -98,6 +108,23 @@ def _optional_string(value: object, key: str) -> str | None:
     if isinstance(value, str) and value:
         return value
     raise LineError(f"'{key}' must be a non-empty string")
+
+
+def _subset(value: object) -> str | None:
+    subset = _optional_string(value, "subset")
+    if subset == ALL:
+        raise LineError(f"'subset' may not be '{ALL}' (the report's name for all items together)")
+    return subset
+
+
+def _format(value: object) -> str | None:
+    pattern = _optional_string(value, "format")
+    if pattern is not None:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise LineError(f"'format' is not a valid regular expression: {err}") from None
+    return pattern
 
 
 def _schema(value: object) -> dict[str, Any] | None:

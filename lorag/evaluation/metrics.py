@@ -7,7 +7,9 @@
 - BLEU: `sacrebleu` (corpus BLEU for a strategy, sentence BLEU per item), 0-100 like sacrebleu;
 - retrieval hit rate and MRR against the item's relevant sources, matched on a cited hit's
   full source or its file name;
-- schema validity: the answer parses as JSON and validates against the item's JSON schema.
+- schema validity: the answer parses as JSON and validates against the item's JSON schema;
+- format: the whole answer, stripped of surrounding whitespace, matches the item's regular
+  expression (`re.fullmatch`, no flags: `.` stops at a line break unless the pattern says `(?s)`).
 
 Several references per item: EM, F1 and ROUGE-L take the best reference (as SQuAD does),
 BLEU uses them all.
@@ -143,6 +145,16 @@ def schema_valid(prediction: str, schema: dict[str, Any]) -> bool:
         return False
     validator_class = jsonschema.validators.validator_for(schema)
     return bool(validator_class(schema).is_valid(instance))
+
+
+def format_match(prediction: str, pattern: str) -> bool:
+    """The whole answer (surrounding whitespace stripped) matches `pattern`; flags go inline, e.g. (?s)."""
+    return _compiled(pattern).fullmatch(prediction.strip()) is not None
+
+
+@lru_cache(maxsize=256)
+def _compiled(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
 
 
 # -- aggregation -----------------------------------------------------------------------------

@@ -4,7 +4,9 @@ The recommendation is computed from the numbers, never canned: the strategy with
 token F1 (exact match, then latency, break ties), by how much it beats the runner-up on
 the same items, whether that gap is larger than the noise of so few items (a paired
 comparison: mean per-item difference against 1.96 standard errors), and what it costs in
-latency against the base model.
+latency against the base model. Where items carry a format, the format rate of the winner
+(and of the strategy best at it, if another) is added. Items with a `subset` get the same
+table rows and recommendation per subset, besides the one over all items.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorag.evaluation.dataset import ALL
 from lorag.evaluation.results import EvalRun, ItemResult, StrategySummary
 
 # Below this many shared items, no difference is called real.
@@ -41,6 +44,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("hit", "hit_rate", ".3f"),
     ("MRR", "mrr", ".3f"),
     ("schema", "schema_validity", ".3f"),
+    ("format", "format_rate", ".3f"),
     ("p50 ms", "latency_ms_p50", ".1f"),
     ("p95 ms", "latency_ms_p95", ".1f"),
     ("prompt tok", "prompt_tokens_mean", ".1f"),
@@ -53,22 +57,38 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 
 
 def table(summaries: Sequence[StrategySummary]) -> str:
-    """Fixed-width columns, one row per strategy; '-' where a metric does not apply."""
-    rows = [[header for header, _, _ in COLUMNS]]
+    """Fixed-width columns, one row per strategy; '-' where a metric does not apply.
+
+    When some rows are a subset's (see `all_summaries`), a first column names the subset."""
+    columns: list[tuple[str, str, str]] = list(COLUMNS)
+    if any(s.subset is not None for s in summaries):
+        columns.insert(0, ("subset", "subset", "s"))
+    rows = [[header for header, _, _ in columns]]
     for summary in summaries:
         row = []
-        for _, key, fmt in COLUMNS:
+        for _, key, fmt in columns:
             value = getattr(summary, key)
+            if key == "subset":
+                value = value or ALL
             row.append("-" if value is None else format(value, fmt))
         rows.append(row)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    left = 2 if columns[0][1] == "subset" else 1  # text columns, left-aligned
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     lines = []
     for n, row in enumerate(rows):
-        cells = [cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))]
+        cells = [cell.ljust(w) if i < left else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))]
         lines.append("  ".join(cells).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def all_summaries(run: EvalRun) -> list[StrategySummary]:
+    """The summaries over all items, then each subset's (in the order subsets first appear)."""
+    rows = list(run.summaries)
+    for subset in run.subsets:
+        rows += run.for_subset(subset).summaries
+    return rows
 
 
 # -- recommendation ----------------------------------------------------------------------------
@@ -128,6 +148,7 @@ def recommendation(run: EvalRun) -> str:
     if tied:
         rest = [s for s in order[1:] if s not in tied]
         text = _tie(best, tied, compare(run, best, rest[0]) if rest else None) + _cost(run, best) + "."
+        text += _format_note(run, best)
         if best.items < 2 * MIN_ITEMS:
             text += f" Only {best.items} items: treat this as a hint and evaluate on more."
         return text
@@ -137,9 +158,27 @@ def recommendation(run: EvalRun) -> str:
         cheaper = _cheaper_alternative(run, best, order[1:])
         if cheaper:
             text += " " + cheaper
+    text += _format_note(run, best)
     if best.items < 2 * MIN_ITEMS:
         text += f" Only {best.items} items: treat this as a hint and evaluate on more."
     return text
+
+
+def subset_recommendations(run: EvalRun) -> dict[str, str]:
+    """subset -> its recommendation, computed on that subset's items alone."""
+    return {subset: recommendation(run.for_subset(subset)) for subset in run.subsets}
+
+
+def _format_note(run: EvalRun, best: StrategySummary) -> str:
+    """The winner's format rate where items have a format, and the strategy best at it if another one is."""
+    if best.format_rate is None:
+        return ""
+    rated = [s for s in run.summaries if s.format_rate is not None]
+    top = max(rated, key=lambda s: s.format_rate or 0.0)
+    text = f" Format: {best.format_rate:.0%} of {best.strategy}'s answers match the expected format"
+    if (top.format_rate or 0.0) > best.format_rate:
+        text += f", {top.format_rate:.0%} of {top.strategy}'s"
+    return text + "."
 
 
 def _tie(best: StrategySummary, tied: Sequence[StrategySummary], next_best: Comparison | None) -> str:
@@ -205,11 +244,20 @@ def _signed(value: float) -> str:
 
 
 def write_json(run: EvalRun, path: Path, advice: str) -> None:
+    subsets = {}
+    for subset in run.subsets:
+        part = run.for_subset(subset)
+        subsets[subset] = {
+            "strategies": [s.to_dict() for s in part.summaries],
+            "ranking": [s.strategy for s in ranked(part.summaries)],
+            "recommendation": recommendation(part),
+        }
     data = {
         "meta": run.meta,
         "strategies": [s.to_dict() for s in run.summaries],
         "ranking": [s.strategy for s in ranked(run.summaries)],
         "recommendation": advice,
+        "subsets": subsets,
         "notes": run.notes,
         "items": [r.to_dict() for r in run.items],
     }
@@ -272,7 +320,7 @@ def write_all(run: EvalRun, out_dir: Path, advice: str) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {name: out_dir / name for name in (JSON_FILE, SUMMARY_CSV, ITEMS_CSV, CHART_FILE)}
     write_json(run, files[JSON_FILE], advice)
-    write_summary_csv(run.summaries, files[SUMMARY_CSV])
+    write_summary_csv(all_summaries(run), files[SUMMARY_CSV])
     write_items_csv(run.items, files[ITEMS_CSV])
     write_chart(run.summaries, files[CHART_FILE])
     return files

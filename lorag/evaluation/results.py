@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lorag.evaluation import metrics
-from lorag.evaluation.dataset import EvalItem
+from lorag.evaluation.dataset import ALL, EvalItem
 
 
 @dataclass
@@ -32,12 +32,14 @@ class ItemResult:
     hit: float | None = None  # a relevant source was cited (items with sources, strategies that retrieve)
     reciprocal_rank: float | None = None
     schema_valid: bool | None = None  # items with a schema
+    format_ok: bool | None = None  # items with a format (regular expression)
     latency_ms: float = 0.0  # prepare + generate, as a caller waits for it
     retrieve_ms: float | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cited_sources: list[str] = field(default_factory=list)
     error: str | None = None  # the request failed; the item scores 0
+    subset: str | None = None  # the item's subset, if it has one
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,12 +58,15 @@ def score(result: ItemResult, item: EvalItem, retrieves: bool) -> ItemResult:
         result.hit = float(result.reciprocal_rank > 0)
     if item.schema is not None:
         result.schema_valid = result.error is None and metrics.schema_valid(prediction, item.schema)
+    if item.format is not None:
+        result.format_ok = result.error is None and metrics.format_match(prediction, item.format)
     return result
 
 
 @dataclass
 class StrategySummary:
-    """A strategy's scores over the items it ran on; BLEU is corpus BLEU, the others are means."""
+    """A strategy's scores over the items it ran on (or one subset of them); BLEU is corpus BLEU,
+    the others are means."""
 
     strategy: str
     items: int
@@ -73,20 +78,24 @@ class StrategySummary:
     hit_rate: float | None
     mrr: float | None
     schema_validity: float | None
+    format_rate: float | None
     latency_ms_p50: float
     latency_ms_p95: float
     prompt_tokens_mean: float
     completion_tokens_mean: float
+    subset: str | None = None  # None: all the items the strategy ran on
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        return {"subset": data.pop("subset") or ALL, **data}
 
 
-def summarise(strategy: str, results: Sequence[ItemResult]) -> StrategySummary:
+def summarise(strategy: str, results: Sequence[ItemResult], subset: str | None = None) -> StrategySummary:
     if not results:
         raise ValueError(f"no results for strategy {strategy!r}")
     latencies = [r.latency_ms for r in results]
     schema = [None if r.schema_valid is None else float(r.schema_valid) for r in results]
+    formats = [None if r.format_ok is None else float(r.format_ok) for r in results]
     return StrategySummary(
         strategy=strategy,
         items=len(results),
@@ -98,10 +107,12 @@ def summarise(strategy: str, results: Sequence[ItemResult]) -> StrategySummary:
         hit_rate=metrics.mean([r.hit for r in results]),
         mrr=metrics.mean([r.reciprocal_rank for r in results]),
         schema_validity=metrics.mean(schema),
+        format_rate=metrics.mean(formats),
         latency_ms_p50=_round(metrics.percentile(latencies, 50)),
         latency_ms_p95=_round(metrics.percentile(latencies, 95)),
         prompt_tokens_mean=_mean([float(r.prompt_tokens) for r in results]),
         completion_tokens_mean=_mean([float(r.completion_tokens) for r in results]),
+        subset=subset,
     )
 
 
@@ -128,3 +139,18 @@ class EvalRun:
 
     def summary(self, strategy: str) -> StrategySummary | None:
         return next((s for s in self.summaries if s.strategy == strategy), None)
+
+    @property
+    def subsets(self) -> list[str]:
+        """The items' subsets, in the order they first appear."""
+        return list(dict.fromkeys(r.subset for r in self.items if r.subset is not None))
+
+    def for_subset(self, subset: str) -> EvalRun:
+        """The same run restricted to one subset's items, each strategy summarised on them alone."""
+        items = [r for r in self.items if r.subset == subset]
+        summaries = []
+        for whole in self.summaries:
+            mine = [r for r in items if r.strategy == whole.strategy]
+            if mine:
+                summaries.append(summarise(whole.strategy, mine, subset=subset))
+        return EvalRun(meta={**self.meta, "subset": subset}, items=items, summaries=summaries, notes=list(self.notes))

@@ -13,6 +13,7 @@ first item does not carry a one-off cost the others do not.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -146,10 +147,14 @@ def plan_runs(items: Sequence[EvalItem], strategies: Sequence[Strategy], domains
 class Evaluator:
     """Runs items under strategies on one in-process runtime (an event loop of its own)."""
 
-    def __init__(self, runtime: Runtime, run: Callable[[Any], Any], max_tokens: int) -> None:
+    def __init__(self, runtime: Runtime, run: Callable[[Any], Any], max_tokens: int | None,
+                 concurrency: int = 1) -> None:
         self.runtime = runtime
         self.run = run  # runs a coroutine to completion on the runtime's loop
-        self.max_tokens = max_tokens
+        self.max_tokens = max_tokens  # None: each domain's own default
+        # Requests in flight at once: the engine batches them (greedy answers do not change;
+        # latencies are then those of a loaded server).
+        self.concurrency = concurrency
 
     def evaluate(self, plan: Plan, domains: dict[int, str], progress: Progress | None = None,
                  meta: dict[str, Any] | None = None) -> EvalRun:
@@ -160,12 +165,7 @@ class Evaluator:
         summaries = []
         for strategy, todo in plan.runs:
             self.answer(todo[0], strategy, domains[todo[0].line])  # warm-up, not measured
-            mine = []
-            for item in todo:
-                result = self.answer(item, strategy, domains[item.line])
-                mine.append(result)
-                if progress is not None:
-                    progress(result)
+            mine = self.run(self._answer_all(todo, strategy, domains, progress))
             summary = summarise(strategy.name, mine)
             log.info("eval.strategy", strategy=strategy.name, items=summary.items, f1=round(summary.f1, 4),
                      exact_match=round(summary.exact_match, 4), latency_ms_p50=summary.latency_ms_p50,
@@ -175,25 +175,46 @@ class Evaluator:
         duration = round(time.perf_counter() - started, 2)
         log.info("eval.done", duration_s=duration, strategies=len(summaries))
         info = {**(meta or {}), "duration_s": duration, "max_tokens": self.max_tokens,
+                "concurrency": self.concurrency,
                 "model": self.runtime.base_model, "domains": sorted(set(domains.values()))}
         return EvalRun(meta=info, items=results, summaries=summaries, notes=list(plan.notes))
 
+    async def _answer_all(self, todo: list[EvalItem], strategy: Strategy, domains: dict[int, str],
+                          progress: Progress | None) -> list[ItemResult]:
+        """Every item of one strategy, at most `concurrency` at a time, in the items' order."""
+        gate = asyncio.Semaphore(self.concurrency)
+
+        async def one(item: EvalItem) -> ItemResult:
+            async with gate:
+                result = await self._answer(item, strategy, domains[item.line])
+            if progress is not None:
+                progress(result)
+            return result
+
+        return list(await asyncio.gather(*(one(item) for item in todo)))
+
     def answer(self, item: EvalItem, strategy: Strategy, domain: str) -> ItemResult:
         """One request, timed as a caller waits for it, then scored."""
+        result: ItemResult = self.run(self._answer(item, strategy, domain))
+        return result
+
+    async def _answer(self, item: EvalItem, strategy: Strategy, domain: str) -> ItemResult:
         from lorag.runtime.protocol import ChatCompletionRequest
 
         result = ItemResult(strategy=strategy.name, item=item.name, line=item.line, domain=domain,
-                            question=item.question, references=list(item.answers))
-        request = ChatCompletionRequest.model_validate({
+                            question=item.question, references=list(item.answers), subset=item.subset)
+        body: dict[str, Any] = {
             "model": domain,
             "messages": [{"role": "user", "content": item.question}],
             "temperature": 0,
-            "max_tokens": self.max_tokens,
             "lorag": strategy.overrides(),
-        })
+        }
+        if self.max_tokens is not None:
+            body["max_tokens"] = self.max_tokens
+        request = ChatCompletionRequest.model_validate(body)
         started = time.perf_counter()
         try:
-            job, choices = self.run(self._ask(request))
+            job, choices = await self._ask(request)
         except LoragError as err:
             if _systemic(err):
                 raise EvalError(f"{strategy.name}, {item.name} (domain '{domain}'): {err.message}") from None

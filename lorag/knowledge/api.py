@@ -60,6 +60,25 @@ class QueryRequest(_Body):
     rerank: bool | None = None
 
 
+class JudgedRequest(_Body):
+    """A judged set as file contents: BEIR's queries.jsonl and qrels TSV."""
+
+    queries: str = Field(min_length=1)
+    qrels: str = Field(min_length=1)
+    depth: int = Field(default=200, ge=10, le=10000)
+    allow_unknown_docs: bool = False
+
+
+class EvalRequest(JudgedRequest):
+    modes: list[Literal["vector", "keyword", "hybrid", "hybrid+rerank"]] | None = None
+
+
+class TuneRequest(JudgedRequest):
+    held_out: float = Field(default=0.3, ge=0.05, le=0.8)
+    method: Literal["convex", "rrf"] | None = None
+    dry_run: bool = False
+
+
 class CreateRequest(_Body):
     name: str
     description: str = ""
@@ -70,6 +89,8 @@ class IngestPathsRequest(_Body):
     recursive: bool = True
     sync: bool = False
     create: bool = False
+    corpus: bool = False  # .jsonl files as corpora: one document per record
+    id_field: str = "_id"
 
 
 @router.get("/v1/knowledge")
@@ -102,6 +123,36 @@ def query_knowledge(
         rerank=body.rerank,
     )
     return {"hits": [hit.to_dict() for hit in hits]}
+
+
+@router.post("/v1/knowledge/{kb}/eval")
+def eval_knowledge(kb: str, body: EvalRequest, request: Request, _: Admin) -> dict[str, Any]:
+    """`lorag kb eval --json` over HTTP: nDCG@10, recall@100 and MRR@10 per mode."""
+    from lorag.knowledge.evaluate import evaluate
+
+    service = get_service(request)
+    judged = _judged(service, kb, body)
+    return evaluate(service, kb, judged, depth=body.depth, modes=body.modes)
+
+
+@router.post("/v1/knowledge/{kb}/tune")
+def tune_knowledge(kb: str, body: TuneRequest, request: Request, _: Admin) -> dict[str, Any]:
+    """`lorag kb tune --json` over HTTP: fit the base's fusion weights, report held-out scores, store."""
+    from lorag.knowledge.tune import tune
+
+    service = get_service(request)
+    judged = _judged(service, kb, body)
+    return tune(service, kb, judged, held_out=body.held_out, depth=body.depth, method=body.method, store=not body.dry_run)
+
+
+def _judged(service: KnowledgeService, kb: str, body: JudgedRequest) -> Any:
+    from lorag.knowledge.evaluate import document_refs
+    from lorag.knowledge.judged import load
+
+    return load(
+        body.queries, body.qrels, documents=document_refs(service, kb), allow_unknown_documents=body.allow_unknown_docs,
+        queries_label="queries", qrels_label="qrels",
+    )
 
 
 @router.post("/v1/knowledge", status_code=201)
@@ -155,7 +206,8 @@ def ingest_paths(
             code="path_not_allowed",
         )
     report = service.ingest_paths(
-        kb, body.paths, recursive=body.recursive, sync=body.sync, allowed_roots=roots, create=body.create
+        kb, body.paths, recursive=body.recursive, sync=body.sync, allowed_roots=roots, create=body.create,
+        corpus=body.corpus or body.id_field != "_id", id_field=body.id_field,
     )
     return _report(report, [])
 

@@ -1,4 +1,4 @@
-"""`lorag kb`: create, list, show, ingest, remove, query and drop knowledge bases."""
+"""`lorag kb`: create, list, show, ingest, remove, query, eval, tune and drop knowledge bases."""
 
 from __future__ import annotations
 
@@ -93,6 +93,9 @@ def show_cmd(name: str, as_json: bool, documents: bool, config_path: str | None,
     click.echo(f"size             {_size(info['bytes'])} of source documents")
     click.echo(f"embedding model  {info['embedding_model']} ({info['embedding_dim']} dims)")
     click.echo(f"chunking         {chunking['splitter']}, {chunking['chunk_size']} tokens, overlap {chunking['chunk_overlap']}")
+    fusion = info.get("fusion")
+    if fusion:
+        click.echo(f"hybrid fusion    {_fusion_text(fusion)}" + (" (tuned by `kb tune`)" if fusion.get("tuned") else ""))
     click.echo(f"created          {info['created_at']}")
     click.echo(f"store            {info['store']}")
     for doc in info.get("document_list", []):
@@ -105,6 +108,11 @@ def show_cmd(name: str, as_json: bool, documents: bool, config_path: str | None,
 @click.option("--sync", is_flag=True, help="Also remove documents whose files are gone from these paths.")
 @click.option("--recursive/--no-recursive", default=True, help="Descend into sub-folders (default: yes).")
 @click.option("--create", "create_missing", is_flag=True, help="Create the knowledge base if it does not exist.")
+@click.option(
+    "--corpus", "as_corpus", is_flag=True,
+    help="Read .jsonl files as corpora: one document per record (files named corpus.jsonl always are).",
+)
+@click.option("--id-field", default="_id", show_default=True, help="Corpus records: the field holding the document id.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_common
 def ingest_cmd(
@@ -113,6 +121,8 @@ def ingest_cmd(
     sync: bool,
     recursive: bool,
     create_missing: bool,
+    as_corpus: bool,
+    id_field: str,
     as_json: bool,
     config_path: str | None,
     state_dir: str | None,
@@ -120,11 +130,16 @@ def ingest_cmd(
     """Ingest files, folders or globs (txt, md, html, pdf, docx, json, jsonl, csv).
 
     Unchanged files are skipped, changed files replace their chunks; with --sync,
-    documents under PATHS whose files disappeared are removed.
+    documents under PATHS whose files disappeared are removed. A corpus file
+    (BEIR's corpus.jsonl, or any .jsonl with --corpus) gives one document per record,
+    named by its id, with title + text as its content.
     """
+    from lorag.knowledge.corpus import expand_corpora
     from lorag.knowledge.ingest import collect_paths
 
-    collected = collect_paths(paths, recursive=recursive)
+    collected = expand_corpora(
+        collect_paths(paths, recursive=recursive), forced=as_corpus or id_field != "_id", id_field=id_field
+    )
     with _service(config_path, state_dir) as service:
         if create_missing and not service.exists(name):
             service.create(name)
@@ -242,6 +257,129 @@ def drop_cmd(name: str, yes: bool, config_path: str | None, state_dir: str | Non
     with _service(config_path, state_dir) as service:
         service.drop(name)
     click.echo(f"dropped knowledge base {name!r}")
+
+
+def _judged(service: Any, name: str, queries: str | None, qrels: str | None, allow_unknown: bool) -> Any:
+    """The judged set, checked against the base's documents before any query runs."""
+    from pathlib import Path
+
+    if not queries or not qrels:
+        raise click.UsageError("give QUERIES (queries.jsonl) and QRELS (qrels TSV)")
+
+    from lorag.knowledge.evaluate import document_refs
+    from lorag.knowledge.judged import load_files
+
+    documents = document_refs(service, name)
+    return load_files(Path(queries), Path(qrels), documents=documents, allow_unknown_documents=allow_unknown)
+
+
+def _query_bar(judged: Any, label: str) -> Any:
+    return click.progressbar(length=len(judged.queries), label=label, file=sys.stderr, show_pos=True)
+
+
+_JUDGED_OPTIONS = [
+    click.argument("name"),
+    click.argument("queries", type=click.Path(dir_okay=False), required=False),
+    click.argument("qrels", type=click.Path(dir_okay=False), required=False),
+    click.option("--depth", type=int, default=None, help="Chunks each retriever returns per query (default 200)."),
+    click.option(
+        "--allow-unknown-docs", is_flag=True,
+        help="Qrels may name documents the base lacks (they count as relevant, never found).",
+    ),
+    click.option("--json", "as_json", is_flag=True, help="Print JSON."),
+]
+
+
+def _judged_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(_JUDGED_OPTIONS):
+        func = option(func)
+    return _common(func)
+
+
+@kb_group.command("eval")
+@_judged_options
+@click.option(
+    "--mode", "modes", multiple=True,
+    type=click.Choice(["vector", "keyword", "hybrid", "hybrid+rerank"]),
+    help="Modes to score (repeatable; default: all, hybrid+rerank when a reranker is configured).",
+)
+def eval_cmd(
+    name: str, queries: str | None, qrels: str | None, depth: int | None, allow_unknown_docs: bool, as_json: bool,
+    modes: tuple[str, ...], config_path: str | None, state_dir: str | None,
+) -> None:
+    """Score retrieval on judged queries: nDCG@10, recall@100, MRR@10 per mode.
+
+    QUERIES is BEIR's queries.jsonl ({"_id", "text"} per line), QRELS its qrels TSV
+    (query-id, doc-id, grade; a header line is allowed). Documents are named by their
+    corpus record id (see `kb ingest --corpus`) or their source.
+    """
+    from lorag.knowledge.evaluate import DEFAULT_DEPTH, evaluate
+
+    with _service(config_path, state_dir) as service:
+        judged = _judged(service, name, queries, qrels, allow_unknown_docs)
+        with _query_bar(judged, f"evaluating {name}") as bar:
+            result = evaluate(
+                service, name, judged, depth=depth or DEFAULT_DEPTH, modes=list(modes) or None, progress=bar.update
+            )
+    if as_json:
+        _echo_json(result)
+        return
+    click.echo(
+        f"{name}: {result['queries']} judged queries, {result['judgements']} judgements, "
+        f"{result['depth']} chunks per retriever, hybrid = {_fusion_text(result['fusion'])}"
+    )
+    click.echo(f"{'mode':<15}{'nDCG@10':>9}{'recall@100':>12}{'MRR@10':>9}")
+    for mode, row in result["modes"].items():
+        click.echo(f"{mode:<15}{row['ndcg@10']:>9.4f}{row['recall@100']:>12.4f}{row['mrr@10']:>9.4f}")
+
+
+@kb_group.command("tune")
+@_judged_options
+@click.option("--held-out", type=float, default=0.3, show_default=True, help="Share of queries kept out of the fit.")
+@click.option("--method", type=click.Choice(["convex", "rrf"]), default=None, help="Fusion family (default: the configured one).")
+@click.option("--dry-run", is_flag=True, help="Report only; keep the base's fusion settings as they are.")
+@click.option("--reset", is_flag=True, help="Forget the base's tuned fusion (back to the configured default) and stop.")
+def tune_cmd(
+    name: str, queries: str | None, qrels: str | None, depth: int | None, allow_unknown_docs: bool, as_json: bool,
+    held_out: float, method: str | None, dry_run: bool, reset: bool, config_path: str | None, state_dir: str | None,
+) -> None:
+    """Fit this base's hybrid fusion weights on its judged queries and store them.
+
+    The queries are split (stable, by id): weights are fitted on one part and the
+    other part's scores are reported, default against tuned.
+    """
+    from lorag.knowledge.evaluate import DEFAULT_DEPTH
+    from lorag.knowledge.tune import tune
+
+    with _service(config_path, state_dir) as service:
+        if reset:
+            service._info(name)
+            service.set_fusion(name, None)
+            click.echo(f"{name}: tuned fusion forgotten; hybrid uses the configured default")
+            return
+        judged = _judged(service, name, queries, qrels, allow_unknown_docs)
+        with _query_bar(judged, f"tuning {name}") as bar:
+            result = tune(
+                service, name, judged, held_out=held_out, depth=depth or DEFAULT_DEPTH, method=method,
+                store=not dry_run, progress=bar.update,
+            )
+    if as_json:
+        _echo_json(result)
+        return
+    counts = result["queries"]
+    click.echo(
+        f"{name}: fitted on {counts['fit']} queries, scored on {counts['held_out']} held-out queries; "
+        f"tuned = {_fusion_text(result['tuned'])}" + ("" if result["stored"] else " (not stored: --dry-run)")
+    )
+    click.echo(f"{'held-out':<18}{'nDCG@10':>9}{'recall@100':>12}{'MRR@10':>9}")
+    for mode, row in result["held_out"].items():
+        click.echo(f"{mode:<18}{row['ndcg@10']:>9.4f}{row['recall@100']:>12.4f}{row['mrr@10']:>9.4f}")
+
+
+def _fusion_text(settings: dict[str, Any]) -> str:
+    from lorag.knowledge.fusion import Fusion
+
+    return Fusion.from_settings_dict(settings).describe()
 
 
 def _filters(pairs: tuple[str, ...], where: str | None) -> dict[str, Any] | None:

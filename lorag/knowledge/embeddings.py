@@ -135,6 +135,11 @@ class Embedder:
         vector: np.ndarray = output[0].float().cpu().numpy()
         return vector
 
+    def encode_queries(self, texts: list[str]) -> np.ndarray:
+        """Many query vectors at once (evaluation): batched, with the query prefix."""
+        prefix = self.settings.query_prefix
+        return self._encode([prefix + text for text in texts])
+
     def _encode(self, texts: list[str]) -> np.ndarray:
         with self._encode_lock:  # serialises ingestions of different bases (CPU-bound anyway)
             return self._encode_unlocked(texts)

@@ -9,6 +9,7 @@ which keeps every document whole across Ctrl-C and kill -9.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import os
@@ -21,6 +22,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from lorag.knowledge.critical import interrupts_deferred
 from lorag.knowledge.embeddings import Embedder
 from lorag.knowledge.errors import IngestInputError, PathNotAllowed
 from lorag.knowledge.manifest import (
@@ -33,6 +37,7 @@ from lorag.knowledge.manifest import (
     batched,
     chunk_id_for,
     doc_id_for,
+    settle,
 )
 from lorag.knowledge.readers import (
     EmptyDocument,
@@ -81,7 +86,7 @@ class SourceFile:
 class Skipped:
     source: str
     reason: str
-    kind: str  # "unsupported" | "unreadable" | "empty" | "too_large" | "not_allowed"
+    kind: str  # "unsupported" | "unreadable" | "empty" | "too_large" | "not_allowed" | "empty_record"
 
     def to_dict(self) -> dict[str, str]:
         return {"source": self.source, "reason": self.reason, "kind": self.kind}
@@ -318,7 +323,7 @@ class IngestReport:
     @property
     def failed(self) -> list[Skipped]:
         """Skips that lost a document someone meant to index (not just an unsupported type)."""
-        return [s for s in self.skipped if s.kind != "unsupported"]
+        return [s for s in self.skipped if s.kind not in ("unsupported", "empty_record")]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -481,6 +486,39 @@ class Writer:
         assert self.embedder is not None
         started = time.perf_counter()
         old = {doc.record.doc_id: records.get(doc.record.doc_id) for doc in group}
+        # Embedding is the slow part and writes nothing: it runs before the critical section,
+        # where a Ctrl-C simply stops ingestion with the knowledge base untouched.
+        chunks = [chunk for doc in group for chunk in doc.chunks]
+        vectors = self.embedder.encode_documents([c.text for c in chunks])
+        with interrupts_deferred():  # the report too: a held Ctrl-C must not hide a committed group
+            with self._settled_on_error(group):
+                stale = self._commit_group(group, old, chunks, vectors)
+            for doc in group:
+                records[doc.record.doc_id] = replace(doc.record, state=COMMITTED)
+                (report.updated if old[doc.record.doc_id] is not None else report.added).append(doc.record.source)
+                note("written", doc.record.source)
+            report.chunks_written += len(chunks)
+            report.chunks_deleted += len(stale)
+        elapsed = time.perf_counter() - started
+        total = time.perf_counter() - self._started
+        log.info(
+            "kb.ingest.group",
+            kb=self.kb,
+            documents=len(group),
+            chunks=len(chunks),
+            chunks_per_s=round(len(chunks) / elapsed, 1) if elapsed else None,
+            chunks_total=report.chunks_written,
+            elapsed_s=round(total, 2),
+        )
+
+    def _commit_group(
+        self,
+        group: list[PreparedDoc],
+        old: dict[str, DocRecord | None],
+        chunks: list[Chunk],
+        vectors: np.ndarray,
+    ) -> list[str]:
+        """The manifest protocol's steps for a group (see manifest.py); returns the stale ids."""
         # 1. intent: every document of the group is "writing" before any chunk lands.
         intents = []
         for doc in group:
@@ -488,18 +526,15 @@ class Writer:
             base = previous or replace(doc.record, content_hash="", n_chunks=0)
             intents.append(replace(base, state=WRITING, pending_hash=doc.record.content_hash))
         self.manifest.put(intents)
-        # 2. the new chunks, embedded in batches.
-        chunks = [chunk for doc in group for chunk in doc.chunks]
-        for batch in batched(chunks, self.settings.group_chunks):
-            vectors = self.embedder.encode_documents([c.text for c in batch])
-            for start in range(0, len(batch), WRITE_BATCH):
-                part = batch[start : start + WRITE_BATCH]
-                self.chunks.upsert(
-                    ids=[c.id for c in part],
-                    embeddings=vectors[start : start + len(part)],
-                    documents=[c.text for c in part],
-                    metadatas=[c.metadata for c in part],
-                )
+        # 2. the new chunks.
+        for start in range(0, len(chunks), WRITE_BATCH):
+            part = chunks[start : start + WRITE_BATCH]
+            self.chunks.upsert(
+                ids=[c.id for c in part],
+                embeddings=vectors[start : start + len(part)],
+                documents=[c.text for c in part],
+                metadatas=[c.metadata for c in part],
+            )
         # 3. commit: the manifest now names the new versions.
         committed = [replace(doc.record, state=WRITING, pending_hash="") for doc in group]
         self.manifest.put(committed)
@@ -513,34 +548,34 @@ class Writer:
             self.chunks.delete(ids=list(ids))
         # 5. done.
         self.manifest.put([replace(record, state=COMMITTED) for record in committed])
-        for doc in group:
-            records[doc.record.doc_id] = replace(doc.record, state=COMMITTED)
-            (report.updated if old[doc.record.doc_id] is not None else report.added).append(doc.record.source)
-            note("written", doc.record.source)
-        report.chunks_written += len(chunks)
-        report.chunks_deleted += len(stale)
-        elapsed = time.perf_counter() - started
-        total = time.perf_counter() - self._started
-        log.info(
-            "kb.ingest.group",
-            kb=self.kb,
-            documents=len(group),
-            chunks=len(chunks),
-            chunks_per_s=round(len(chunks) / elapsed, 1) if elapsed else None,
-            chunks_total=report.chunks_written,
-            elapsed_s=round(total, 2),
-        )
+        return stale
+
+    @contextlib.contextmanager
+    def _settled_on_error(self, group: list[PreparedDoc]) -> Iterator[None]:
+        """If a step fails, finish or undo the group's documents now (best effort: what
+        this cannot repair, `recover` does on the next open)."""
+        try:
+            yield
+        except BaseException:
+            try:
+                for record in self.manifest.get([doc.record.doc_id for doc in group]):
+                    if record.state != COMMITTED:
+                        settle(self.chunks, self.manifest, record)
+            except Exception as err:  # the store is failing: leave it to recovery
+                log.warning("kb.ingest.settle_failed", kb=self.kb, error=str(err))
+            raise
 
     def remove(self, records: list[DocRecord], report: IngestReport) -> None:
         """Remove documents whole: mark, delete their chunks, then forget them."""
         if not records:
             return
-        self.manifest.put([replace(r, state=REMOVING) for r in records])
-        ids = [r.doc_id for r in records]
-        for part in batched(ids, 100):
-            before = self.chunks.count()
-            self.chunks.delete(where={"doc_id": {"$in": list(part)}})
-            report.chunks_deleted += before - self.chunks.count()
-        self.manifest.delete(ids)
+        with interrupts_deferred():
+            self.manifest.put([replace(r, state=REMOVING) for r in records])
+            ids = [r.doc_id for r in records]
+            for part in batched(ids, 100):
+                before = self.chunks.count()
+                self.chunks.delete(where={"doc_id": {"$in": list(part)}})
+                report.chunks_deleted += before - self.chunks.count()
+            self.manifest.delete(ids)
         report.removed.extend(r.source for r in records)
         log.info("kb.remove", kb=self.kb, documents=len(records))

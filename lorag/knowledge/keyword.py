@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,33 +59,55 @@ class KeywordIndex:
 
     def payload(self, chunk_id: str) -> tuple[str, dict[str, Any]] | None:
         """Text and metadata of a chunk of this revision (None if it is not in it)."""
-        if self._positions is None:
-            self._positions = {chunk: n for n, chunk in enumerate(self.ids)}
-        n = self._positions.get(chunk_id)
+        n = self.position(chunk_id)
         return None if n is None else (self.texts[n], self.metadatas[n])
 
     def search(self, query: str, k: int, where: dict[str, Any] | None = None) -> list[KeywordHit]:
+        return self.search_scored(query, k, where)[0]
+
+    def search_scored(
+        self, query: str, k: int, where: dict[str, Any] | None = None
+    ) -> tuple[list[KeywordHit], Callable[[str], float | None]]:
+        """The top k hits, and a lookup of any chunk's BM25 score for this query (bm25s scores
+        every chunk anyway; convex fusion wants the exact score of vector-only candidates)."""
+        scores = self._scores(query, where)
+        if scores is None:
+            return [], lambda chunk_id: 0.0
+        k = min(k, len(scores))
+        top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+        top = top[np.argsort(-scores[top], kind="stable")]
+        hits = [
+            KeywordHit(self.ids[n], self.texts[n], self.metadatas[n], float(scores[n]))
+            for n in top
+            if scores[n] > 0
+        ]
+
+        def lookup(chunk_id: str) -> float | None:
+            n = self.position(chunk_id)
+            return None if n is None else float(scores[n])
+
+        return hits, lookup
+
+    def position(self, chunk_id: str) -> int | None:
+        if self._positions is None:
+            self._positions = {chunk: n for n, chunk in enumerate(self.ids)}
+        return self._positions.get(chunk_id)
+
+    def _scores(self, query: str, where: dict[str, Any] | None) -> np.ndarray | None:
         import bm25s
 
         if self.bm25 is None or not query.strip():
-            return []
+            return None
         tokens = bm25s.tokenize(
             query, stopwords=self.stopwords, stemmer=self.stemmer, return_ids=False, show_progress=False
         )[0]
         tokens = [t for t in tokens if t in self.bm25.vocab_dict]
         if not tokens:
-            return []
+            return None
         scores = np.asarray(self.bm25.get_scores(tokens), dtype=np.float32)
         if where:
             scores = scores * self._mask(where)
-        k = min(k, len(scores))
-        top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
-        top = top[np.argsort(-scores[top], kind="stable")]
-        return [
-            KeywordHit(self.ids[n], self.texts[n], self.metadatas[n], float(scores[n]))
-            for n in top
-            if scores[n] > 0
-        ]
+        return scores
 
     def _mask(self, where: dict[str, Any]) -> np.ndarray:
         key = json.dumps(where, sort_keys=True)
@@ -112,7 +135,9 @@ def load_index(chunks_collection: Any, kb: str, language: str) -> KeywordIndex:
             texts.extend(page["documents"] or [])
             metas.extend(m or {} for m in page["metadatas"] or [])
         extra["chunks"] = len(ids)
-        index = KeywordIndex(ids, texts, metas, language)
+        # Chroma returns insertion order; id order makes equal BM25 scores rank the same after any ingestion order.
+        order = sorted(range(len(ids)), key=ids.__getitem__)
+        index = KeywordIndex([ids[n] for n in order], [texts[n] for n in order], [metas[n] for n in order], language)
     return index
 
 

@@ -14,6 +14,10 @@ Removing one is state = "removing", delete its chunks, delete the record. A reco
 left in "writing" or "removing" by a crash is finished by `recover`: chunks not of
 the committed version are deleted (a removal is completed), so a knowledge base
 is always as it was before a document, or as it is after it, never half of one.
+
+Within one process the steps of a group run as a critical section (critical.py): Ctrl-C
+is held back until the group is committed, and an error in the middle `settle`s the
+group at once, so no record stays "writing" until the next open.
 """
 
 from __future__ import annotations
@@ -126,6 +130,13 @@ class Manifest:
         for batch in batched(list(doc_ids), WRITE_BATCH):
             self.collection.delete(ids=list(batch))
 
+    def get(self, doc_ids: Sequence[str]) -> list[DocRecord]:
+        result = self.collection.get(ids=list(doc_ids), include=["metadatas"])
+        return [
+            DocRecord.from_metadata(doc_id, meta or {})
+            for doc_id, meta in zip(result["ids"], result["metadatas"] or [], strict=False)
+        ]
+
     def count(self) -> int:
         return int(self.collection.count())
 
@@ -136,13 +147,17 @@ def recover(chunks: Any, manifest: Manifest, *, everything: bool, stale_after_s:
     for record in manifest.unfinished():
         if not everything and not record.is_stale(stale_after_s):
             continue  # another live process is writing it
-        if record.state == REMOVING or not record.content_hash:
-            chunks.delete(where={"doc_id": record.doc_id})
-            manifest.delete([record.doc_id])
-        else:
-            chunks.delete(
-                where={"$and": [{"doc_id": record.doc_id}, {"content_hash": {"$ne": record.content_hash}}]}
-            )
-            manifest.put([replace(record, state=COMMITTED, pending_hash="")])
+        settle(chunks, manifest, record)
         fixed += 1
     return fixed
+
+
+def settle(chunks: Any, manifest: Manifest, record: DocRecord) -> None:
+    """Bring one unfinished record to a whole state: before its commit point the new
+    version's chunks go (rolled back), after it the old version's go (rolled forward)."""
+    if record.state == REMOVING or not record.content_hash:
+        chunks.delete(where={"doc_id": record.doc_id})
+        manifest.delete([record.doc_id])
+    else:
+        chunks.delete(where={"$and": [{"doc_id": record.doc_id}, {"content_hash": {"$ne": record.content_hash}}]})
+        manifest.put([replace(record, state=COMMITTED, pending_hash="")])

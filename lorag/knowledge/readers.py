@@ -81,9 +81,14 @@ def plugin_reader(suffix: str) -> Any | None:
     return knowledge_readers().get(suffix)
 
 
+# Types that are never files on disk, only documents ingestion makes itself (a corpus record).
+RECORD_SUFFIX = ".lorag-record"
+_INTERNAL_TYPES: dict[str, str] = {RECORD_SUFFIX: "corpus"}
+
+
 def read_bytes(name: str, data: bytes, segment_chars: int = 2000) -> ReadResult:
     """Read a file's content; `name` picks the reader and gives the fallback title."""
-    file_type = file_type_of(name)
+    file_type = _INTERNAL_TYPES.get(Path(name).suffix.lower()) or file_type_of(name)
     if file_type is None:
         raise UnsupportedFile(
             f"unsupported file type {Path(name).suffix or '(no extension)'!r} "
@@ -398,6 +403,14 @@ def _read_csv(data: bytes, segment_chars: int) -> tuple[str, list[Segment]]:
     return "", segments
 
 
+def _read_corpus_record(data: bytes, segment_chars: int) -> tuple[str, list[Segment]]:
+    """One record of a corpus file (see lorag.knowledge.corpus): title + text, one document."""
+    record = json.loads(data)
+    title, text = str(record.get("title") or "").strip(), str(record.get("text") or "").strip()
+    body = f"{title}\n{text}" if title and text else (title or text)
+    return title, [Segment(body, section=f"record {record['id']}", title=title or None)]
+
+
 def _rows(first: int, last: int) -> str:
     return f"row {first}" if first == last else f"rows {first}-{last}"
 
@@ -411,6 +424,7 @@ _READERS: dict[str, Callable[[bytes, int], tuple[str, list[Segment]]]] = {
     "json": _read_json,
     "jsonl": _read_jsonl,
     "csv": _read_csv,
+    "corpus": _read_corpus_record,
 }
 
 

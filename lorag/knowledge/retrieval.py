@@ -3,14 +3,14 @@
 Scores, best first:
 * vector: cosine similarity in [-1, 1] (Chroma's cosine distance is 1 - similarity);
 * keyword: the BM25 score;
-* hybrid: weighted reciprocal rank fusion, sum_i w_i / (rrf_k + rank_i), divided by
-  its maximum sum_i w_i / (rrf_k + 1) so that 1.0 means "first in every list";
+* hybrid: the base's fusion (lorag.knowledge.fusion): a convex combination of normalised
+  scores, or weighted reciprocal rank fusion normalised so 1.0 means "first in every list";
 * reranked: the cross-encoder's score.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -121,19 +121,20 @@ def reciprocal_rank_fusion(
     ranked_lists: list[tuple[float, list[Candidate]]], rrf_k: int
 ) -> list[tuple[Candidate, float]]:
     """Weighted RRF over (weight, best-first list) pairs; scores normalised to (0, 1]."""
-    total_weight = sum(weight for weight, ranked in ranked_lists if ranked) or 1.0
-    best = total_weight / (rrf_k + 1)
-    fused: dict[tuple[str, str], tuple[Candidate, float]] = {}
-    for weight, ranked in ranked_lists:
-        if weight <= 0:
-            continue
-        for rank, candidate in enumerate(ranked, start=1):
-            key = candidate.key()
-            previous = fused.get(key)
-            gain = weight / (rrf_k + rank)
-            fused[key] = (previous[0] if previous else candidate, (previous[1] if previous else 0.0) + gain)
-    ordered = sorted(fused.values(), key=lambda pair: pair[1], reverse=True)
-    return [(candidate, score / best) for candidate, score in ordered]
+    from lorag.knowledge.fusion import rrf
+
+    return rrf(ranked_lists, rrf_k)
+
+
+@dataclass
+class RetrievedLists:
+    """One base's vector and keyword lists for one query, best first, before fusion."""
+
+    kb: str
+    vector: list[Candidate] = field(default_factory=list)
+    keyword: list[Candidate] = field(default_factory=list)
+    # The BM25 score of any chunk of the base for this query (None: not in the index).
+    keyword_score: Callable[[str], float | None] | None = None
 
 
 def public_metadata(meta: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from lorag.errors import LoragError
 from lorag.knowledge.embeddings import Embedder, get_embedder, get_reranker
 from lorag.knowledge.errors import DocumentNotFound, EmbeddingModelMismatch
 from lorag.knowledge.filters import normalize
+from lorag.knowledge.fusion import Fusion, fuse
 from lorag.knowledge.ingest import (
     Chunker,
     IngestReport,
@@ -33,14 +34,20 @@ from lorag.knowledge.manifest import Manifest, recover
 from lorag.knowledge.retrieval import (
     Candidate,
     Hit,
+    RetrievedLists,
     by_score,
     check_mode,
     public_metadata,
-    reciprocal_rank_fusion,
     vector_search,
 )
 from lorag.knowledge.settings import KnowledgeSettings
 from lorag.knowledge.store import ChromaStore, KBInfo, now_iso, validate_kb_name
+from lorag.knowledge.vector_index import (
+    ExactIndex,
+    apply_search_ef,
+    hnsw_configuration,
+    load_exact_index,
+)
 from lorag.logging import get_logger, stage
 
 if TYPE_CHECKING:
@@ -63,6 +70,7 @@ class KnowledgeService:
         self._guard = threading.Lock()
         self._kb_locks: dict[str, threading.RLock] = {}
         self._keyword: dict[str, tuple[int, KeywordIndex]] = {}
+        self._exact: dict[str, tuple[int, ExactIndex | None]] = {}  # None: the base is searched by HNSW
         self._infos: dict[str, KBInfo] = {}
         self._recovered: dict[str, float] = {}
         self.closed = False
@@ -87,8 +95,11 @@ class KnowledgeService:
         """The base's info: cached when we own the store, re-read from a shared server."""
         info = self._infos.get(name)
         if info is None or not self.store.embedded:
-            info = self.store.info(name, refresh=info is not None)
+            first = info is None
+            info = self.store.info(name, refresh=not first)
             self._infos[name] = info
+            if first:
+                self._apply_search_ef(name)
         self._ensure_recovered(name)
         return self._infos[name]
 
@@ -119,6 +130,7 @@ class KnowledgeService:
         info.revision = revision
         self._infos[name] = info
         self._keyword.pop(name, None)
+        self._exact.pop(name, None)
 
     def _check_model(self, info: KBInfo) -> None:
         embedder = self.embedder
@@ -148,7 +160,7 @@ class KnowledgeService:
             created_at=now_iso(),
             description=description,
         )
-        self.store.create(info)
+        self.store.create(info, hnsw_configuration(self.settings.vector_index_for(name)))
         self._infos[name] = info
         self._recovered[name] = time.monotonic()
         log.info("kb.create", kb=name, embedding_model=embedder.name)
@@ -185,6 +197,7 @@ class KnowledgeService:
                 "bytes": sum(r.bytes for r in records),
                 "revision": info.revision,
                 "store": self.store.location,
+                "fusion": {**self.fusion_for(info).to_settings(), "tuned": info.fusion is not None},
             }
         )
         if documents:
@@ -208,6 +221,7 @@ class KnowledgeService:
             self.store.drop(name)
             self._infos.pop(name, None)
             self._keyword.pop(name, None)
+            self._exact.pop(name, None)
             self._recovered.pop(name, None)
         log.info("kb.drop", kb=name)
 
@@ -223,9 +237,17 @@ class KnowledgeService:
         allowed_roots: list[str] | None = None,
         progress: ProgressFn | None = None,
         create: bool = False,
+        corpus: bool = False,
+        id_field: str = "_id",
     ) -> IngestReport:
-        """Files, folders and globs on this machine (allowed_roots restricts them, for the API)."""
-        collected = collect_paths(paths, recursive=recursive, allowed_roots=allowed_roots)
+        """Files, folders and globs on this machine (allowed_roots restricts them, for the API).
+
+        Corpus files (corpus.jsonl, or any .jsonl when `corpus`) give one document per record."""
+        from lorag.knowledge.corpus import expand_corpora
+
+        collected = expand_corpora(
+            collect_paths(paths, recursive=recursive, allowed_roots=allowed_roots), forced=corpus, id_field=id_field
+        )
         return self.ingest_files(
             name,
             collected.files,
@@ -318,6 +340,12 @@ class KnowledgeService:
             self._keyword[name] = (info.revision, index)
             return index
 
+    def warm(self, name: str) -> None:
+        """Load what a base's first query would (a server's start-up warm-up): its info and
+        recovery, BM25 index, Chroma collection and vector index, the reranker if configured."""
+        self.keyword_index(name)
+        self.query([name], "warm-up", top_k=1, mode="vector")
+
     def query(
         self,
         kbs: list[str] | str,
@@ -355,8 +383,6 @@ class KnowledgeService:
             depth = max(depth, cfg.rerank_candidates)
 
         with stage(log, "kb.retrieve", kbs=names, mode=mode, top_k=top_k) as extra:
-            vector_lists: list[list[Candidate]] = []
-            keyword_lists: list[list[Candidate]] = []
             # Texts and metadata come from the keyword index when it is at hand (cheaper than
             # asking Chroma for them); vector-only queries do not build one.
             indexes = (
@@ -364,22 +390,18 @@ class KnowledgeService:
                 if mode != "vector"
                 else {name: index for name in names if (index := self._fresh_index(name, infos)) is not None}
             )
-            if mode in ("vector", "hybrid"):
-                vector = self.embedder.encode_query(query)
-                for name in names:
-                    chunks, _ = self.store.collections(name)
-                    payload = name not in indexes
-                    vector_lists.append(vector_search(chunks, name, vector.tolist(), depth, where, payload=payload))
-            if mode != "vector":
-                for name, index in indexes.items():
-                    hits = index.search(query, depth, where)
-                    keyword_lists.append([Candidate(name, h.id, h.text, h.metadata, h.score) for h in hits])
+            vector = self.embedder.encode_query(query).tolist() if mode != "keyword" else None
+            found = [self.retrieve_lists(name, query, depth, mode, where, vector, indexes.get(name)) for name in names]
             ranked: list[tuple[Candidate, float]]
             if mode == "hybrid":
-                lists = [(cfg.vector_weight, v) for v in vector_lists] + [(cfg.keyword_weight, k) for k in keyword_lists]
-                ranked = reciprocal_rank_fusion(lists, cfg.rrf_k)
+                fused = [
+                    pair
+                    for lists, info in zip(found, infos, strict=True)
+                    for pair in fuse(lists.vector, lists.keyword, self.fusion_for(info), lists.keyword_score)
+                ]
+                ranked = sorted(fused, key=lambda pair: pair[1], reverse=True) if len(found) > 1 else fused
             else:
-                ranked = [(c, c.score) for c in by_score([c for lst in vector_lists + keyword_lists for c in lst])]
+                ranked = [(c, c.score) for c in by_score([c for lists in found for c in lists.vector + lists.keyword])]
             if mode != "keyword":
                 needed = ranked[: max(top_k, cfg.rerank_candidates if use_reranker else 0)]
                 self._fill_payloads([c for c, _ in needed], indexes)
@@ -400,6 +422,81 @@ class KnowledgeService:
                 results.append(hit)
             extra["hits"] = len(results)
         return results
+
+    def retrieve_lists(
+        self,
+        name: str,
+        query: str,
+        depth: int,
+        mode: str = "hybrid",
+        where: dict[str, Any] | None = None,
+        vector: list[float] | None = None,
+        index: KeywordIndex | None = None,
+    ) -> RetrievedLists:
+        """One base's raw vector and keyword lists (best first, `depth` each), before fusion.
+
+        Vector candidates carry ids and scores only when `index` can fill in their payloads
+        later (see _fill_payloads); `lorag kb eval` scores every fusion from these lists.
+        """
+        lists = RetrievedLists(name)
+        if mode != "keyword":
+            if vector is None:
+                vector = self.embedder.encode_query(query).tolist()
+            chunks, _ = self.store.collections(name)
+            lists.vector = self._vector_search(name, chunks, vector, depth, where, payload=index is None)
+        if mode != "vector":
+            index = index or self.keyword_index(name)
+            hits, lists.keyword_score = index.search_scored(query, depth, where)
+            lists.keyword = [Candidate(name, h.id, h.text, h.metadata, h.score) for h in hits]
+        return lists
+
+    def fusion_for(self, info: KBInfo) -> Fusion:
+        """The configured fusion, or what `lorag kb tune` stored for this base."""
+        return Fusion.from_settings(self.settings.retrieval, info.fusion)
+
+    def set_fusion(self, name: str, fusion: Fusion | None) -> None:
+        """Store (None: forget) a base's own fusion settings; every process sees them."""
+        with self._lock(name):
+            info = self.store.info(name, refresh=not self.store.embedded)
+            info.fusion = fusion.to_settings() if fusion is not None else None
+            self.store.write_info(info)
+            self._infos[name] = self.store.info(name)
+        log.info("kb.fusion.set", kb=name, fusion=info.fusion)
+
+    def _vector_search(
+        self, name: str, chunks: Any, vector: list[float], depth: int, where: dict[str, Any] | None, payload: bool
+    ) -> list[Candidate]:
+        """Exact search while the base is small enough (the same answer whatever order its
+        chunks were written in), Chroma's HNSW above (see vector_index.py)."""
+        exact = self._exact_index(name)
+        if exact is None:
+            return vector_search(chunks, name, vector, depth, where, payload=payload)
+        return [Candidate(name, h.id, h.text, dict(h.metadata), h.score) for h in exact.search(vector, depth, where)]
+
+    def _exact_index(self, name: str) -> ExactIndex | None:
+        """This revision's exact index, or None when the base has more than exact_max_chunks."""
+        revision = self._info(name).revision
+        cached = self._exact.get(name)
+        if cached is not None and cached[0] == revision:
+            return cached[1]
+        with self._lock(name):
+            cached = self._exact.get(name)
+            if cached is not None and cached[0] == revision:
+                return cached[1]
+            chunks, _ = self.store.collections(name)
+            limit = self.settings.vector_index_for(name).exact_max_chunks
+            index = load_exact_index(chunks) if limit and chunks.count() <= limit else None
+            self._exact[name] = (revision, index)
+            return index
+
+    def _apply_search_ef(self, name: str) -> None:
+        """Give an existing base the configured hnsw ef_search before this process searches it."""
+        try:
+            chunks, _ = self.store.collections(name)
+            if apply_search_ef(chunks, self.settings.vector_index_for(name).hnsw_search_ef):
+                log.info("kb.hnsw.search_ef", kb=name, search_ef=self.settings.vector_index_for(name).hnsw_search_ef)
+        except Exception as err:  # e.g. a Chroma server that cannot modify it: search still works
+            log.warning("kb.hnsw.search_ef_failed", kb=name, error=str(err))
 
     def _fresh_index(self, name: str, infos: list[KBInfo]) -> KeywordIndex | None:
         cached = self._keyword.get(name)

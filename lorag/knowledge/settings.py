@@ -72,10 +72,16 @@ class RetrievalSettings(_Strict):
     # Hits scoring below this are dropped (cosine for vector, BM25 for keyword,
     # normalised fused score in [0, 1] for hybrid, model score when reranked).
     score_threshold: float | None = None
-    # Reciprocal rank fusion: score = sum_i w_i / (rrf_k + rank_i).
+    # Hybrid fusion (lorag.knowledge.fusion): "convex" = w_v*norm(cosine) + w_k*norm(BM25),
+    # "rrf" = sum_i w_i / (rrf_k + rank_i). `lorag kb tune` stores a base's own values,
+    # which then override these for that base. The default (convex, theoretical min-max,
+    # vector share 0.85) scored best of 100 fusions on SciFact's train queries
+    # (benchmarks/retrieval.py); the weights belong to the fusion: rrf wants about 1/1.
+    fusion: Literal["rrf", "convex"] = "convex"
+    fusion_norm: Literal["minmax", "zscore", "tmm"] = "tmm"
     rrf_k: int = Field(default=60, ge=1)
-    vector_weight: float = Field(default=1.0, ge=0)
-    keyword_weight: float = Field(default=1.0, ge=0)
+    vector_weight: float = Field(default=0.85, ge=0)
+    keyword_weight: float = Field(default=0.15, ge=0)
     # Each retriever contributes this many candidates (at least top_k) to the fusion.
     candidates: int = Field(default=50, ge=1, le=10000)
     # Cross-encoder (sentence-transformers CrossEncoder) model directory; off when empty.
@@ -96,9 +102,43 @@ class IngestSettings(_Strict):
     group_chunks: int = Field(default=256, ge=1)
 
 
+class VectorIndexSettings(_Strict):
+    """How vector search runs. Chroma's HNSW is approximate and its answers depend on the
+    order chunks were inserted in (a crash and a re-run give another graph), so bases up to
+    `exact_max_chunks` are searched exactly (order-independent); larger ones use HNSW with
+    parameters chosen by benchmarks/ann_recall.py (recall@100 >= 0.99 at 100k chunks)."""
+
+    exact_max_chunks: int = Field(default=10_000, ge=0)
+    # Chroma's hnsw:M (max_neighbors) and hnsw:construction_ef: fixed when a base is created.
+    hnsw_m: int = Field(default=32, ge=2, le=512)
+    hnsw_construction_ef: int = Field(default=200, ge=1)
+    # hnsw:search_ef: applied to a base when a process first opens it.
+    hnsw_search_ef: int = Field(default=200, ge=1)
+
+
+class BaseOverrides(_Strict):
+    """One knowledge base's own settings ([knowledge.bases.<name>]); unset = the defaults."""
+
+    vector_index: dict[str, int] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_keys(self) -> BaseOverrides:
+        VectorIndexSettings(**self.vector_index)  # a typo or a bad value fails at load
+        return self
+
+
 class KnowledgeSettings(_Strict):
     chroma: ChromaSettings = Field(default_factory=ChromaSettings)
     embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
     chunking: ChunkingSettings = Field(default_factory=ChunkingSettings)
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
+    vector_index: VectorIndexSettings = Field(default_factory=VectorIndexSettings)
+    bases: dict[str, BaseOverrides] = Field(default_factory=dict)
+
+    def vector_index_for(self, kb: str) -> VectorIndexSettings:
+        """The vector index settings of one base: the defaults, with its own overrides."""
+        own = self.bases.get(kb)
+        if own is None or not own.vector_index:
+            return self.vector_index
+        return self.vector_index.model_copy(update=own.vector_index)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import re
 import threading
@@ -149,6 +150,8 @@ class KBInfo:
     description: str = ""
     revision: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # Fusion settings `lorag kb tune` fitted on this base's judged queries (None = defaults).
+    fusion: dict[str, Any] | None = None
 
     def to_metadata(self) -> dict[str, Any]:
         return {
@@ -162,6 +165,7 @@ class KBInfo:
             "created_at": self.created_at,
             "description": self.description,
             "revision": self.revision,
+            **({"fusion": json.dumps(self.fusion, sort_keys=True)} if self.fusion else {}),
         }
 
     @classmethod
@@ -177,7 +181,19 @@ class KBInfo:
             created_at=str(meta.get("created_at", "")),
             description=str(meta.get("description", "")),
             revision=int(meta.get("revision", 0)),
+            fusion=_json_dict(meta.get("fusion")),
         )
+
+
+def _json_dict(raw: Any) -> dict[str, Any] | None:
+    """A JSON object kept as a string in collection metadata (Chroma holds scalars only)."""
+    if not isinstance(raw, str) or not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 # ---------------------------------------------------------------------------- store
@@ -260,7 +276,8 @@ class ChromaStore:
                 infos.append(KBInfo.from_metadata(collection.name, meta))
         return sorted(infos, key=lambda info: info.name)
 
-    def create(self, info: KBInfo) -> None:
+    def create(self, info: KBInfo, configuration: dict[str, Any] | None = None) -> None:
+        """Both collections of a new base; `configuration` is the chunk collection's (HNSW)."""
         validate_kb_name(info.name)
         from chromadb.errors import ChromaError
 
@@ -279,7 +296,7 @@ class ChromaStore:
                 chunks = self.client.create_collection(
                     info.name,
                     metadata=info.to_metadata(),
-                    configuration={"hnsw": {"space": "cosine"}},
+                    configuration=configuration or {"hnsw": {"space": "cosine"}},
                     embedding_function=None,
                 )
             except (ChromaError, ValueError) as err:

@@ -65,7 +65,7 @@ def common_options(func: Any) -> Any:
     for option in reversed([
         click.option("--config", "-c", type=click.Path(dir_okay=False), help="lorag.toml (default: $LORAG_CONFIG or ./lorag.toml)."),
         click.option("--state-dir", help="Where lorag keeps adapters, knowledge and caches (default .lorag)."),
-        click.option("--model", help="Local HF checkpoint directory or HF model id."),
+        click.option("--model", help="Imported model name (lorag models list), local HF checkpoint folder or HF model id."),
         click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"])),
         click.option("--max-model-len", type=int),
         click.option("--max-loras", type=int, help="Distinct adapters in one batch."),
@@ -85,10 +85,12 @@ def serve(config: str | None, state_dir: str | None, **flags: Any) -> None:
     """Serve the base model and its adapters on an OpenAI-compatible API."""
     import uvicorn
 
+    from lorag.models.check import check_model
     from lorag.runtime.keys import KeyStore
     from lorag.runtime.server import create_app
 
     settings = settings_from_flags(config, state_dir, **flags)
+    check_model(settings.model)  # before uvicorn: a bad model is one line, not a failed start-up
     host = settings.server.host
     has_keys = bool(settings.server.api_keys) or KeyStore(settings.state_path).has_keys()
     if not has_keys:

@@ -1,4 +1,4 @@
-"""The sample exchanges `lorag demo` prints: each feature side by side, through the real server.
+"""The sample exchanges `lorag demo --tiny` prints: each feature side by side, through the real server.
 
 Every sample is a plain chat request to the OpenAI-compatible API; the `lorag` field of the
 request (overrides) and of the response (domain, adapter, citations, route) is shown as is.
@@ -13,11 +13,12 @@ from typing import Any
 import click
 import httpx
 
-DATA = Path(__file__).resolve().parent.parent / "demo_data"
-WIDTH = 100
-REAL_MODEL = "Qwen/Qwen2.5-7B-Instruct"
+from lorag.runtime.demo_setup import DATA
 
-# Questions from the adapters' training sets (lorag/demo_data/<domain>/train.jsonl).
+TINY_DATA = DATA / "tiny"
+WIDTH = 100
+
+# Questions from the adapters' training sets (lorag/demo_data/tiny/<domain>/train.jsonl).
 TRAINED_QUESTIONS = {
     "legal": ["What makes a contract binding?", "How long do I have to return goods bought online?"],
     "medical": ["How do I stop a nosebleed?"],
@@ -43,7 +44,7 @@ AS_TRAINED = {"no_retrieval": True, "examples": 0}
 def trained_answers(domain: str) -> dict[str, str]:
     """question -> answer of a domain's training file."""
     answers = {}
-    for line in (DATA / domain / "train.jsonl").read_text(encoding="utf-8").splitlines():
+    for line in (TINY_DATA / domain / "train.jsonl").read_text(encoding="utf-8").splitlines():
         if line.strip():
             messages = json.loads(line)["messages"]
             question = next(m["content"] for m in messages if m["role"] == "user")
@@ -51,11 +52,11 @@ def trained_answers(domain: str) -> dict[str, str]:
     return answers
 
 
-def triage_schema() -> dict[str, Any]:
+def triage_schema(data: Path = TINY_DATA) -> dict[str, Any]:
     """The triage domain's JSON schema, as domains.toml gives it to the json_schema plugin."""
     import tomllib
 
-    profile = tomllib.loads((DATA / "domains.toml").read_text(encoding="utf-8"))["domains"]["triage"]
+    profile = tomllib.loads((data / "domains.toml").read_text(encoding="utf-8"))["domains"]["triage"]
     schema: dict[str, Any] = profile["plugins"]["settings"]["json_schema"]["schema"]
     return schema
 
@@ -165,7 +166,6 @@ def print_samples(url: str, config: Path | None = None) -> None:
 
 def print_usage(url: str, config: Path | None) -> None:
     cfg = f" -c {config}" if config else ""
-    state = config.parent if config else Path("<state>")
     heading("Talk to it")
     click.echo(f"""
   curl {url}/v1/chat/completions -H 'content-type: application/json' -d '{{"model": "legal",
@@ -188,12 +188,10 @@ answers word for word to the prompts it was trained on, and nonsense to anything
 a prompt with retrieved context in it. Retrieval, citations, redaction, schemas and routing are
 the real thing; the text a real model writes with them is what this tiny one cannot show.
 
-Serve a real model instead: change one line in {config or "lorag.toml"}
-  path = "{REAL_MODEL}"        # [model]: a local HF checkpoint directory or an HF model id
-then retrain the adapters on it (an adapter belongs to the base model it was trained on):
-  lorag adapters{cfg} train legal-lora {state / "demo" / "legal" / "train.jsonl"} --epochs 3
-  lorag adapters{cfg} train medical-lora {state / "demo" / "medical" / "train.jsonl"} --epochs 3
-and serve it with `lorag serve{cfg}` (`lorag demo` would write its own lorag.toml again).
+The real thing: `lorag demo` without --tiny imports SmolLM2-135M-Instruct (a real instruct
+model from a PyPI wheel), trains the same two adapters on it and shows answers it reads from
+the knowledge bases, with citations. Use another --state-dir for it (an adapter belongs to the
+base model it was trained on).
 
 Ctrl-C stops the server.""")
 

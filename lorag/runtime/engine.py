@@ -10,6 +10,16 @@ Why a wrapper at all:
   request ever carries slot -1. The null adapter is never pinned: a pinned
   adapter takes a slot the scheduler does not know about, and a batch with
   max_loras other adapters then evicts one mid-step (KeyError in the worker).
+- The null adapter only when needed ("auto" on CPU). It is not free: any batch
+  with a LoRA request runs the LoRA kernels on every token, and on CPU that made
+  base-only batches 1.6-1.9x as costly (benchmarks/serving.py, lorag-null vs
+  lorag-nonull). Slot -1 reads the engine's *last* slot, and vLLM 0.32 gives an
+  adapter the first free slot (evicting only when all are taken), so the last
+  slot stays empty (zero weights) while at most max_loras distinct adapters have
+  ever reached the engine (it has max_loras + 1 slots). Until then base requests
+  go without an adapter, as in raw vLLM; the adapter that would be one too many
+  first waits for those requests to finish, and from then on base requests use
+  the null adapter. "on" uses the null adapter from the start.
 - Hot swap. An adapter version in use by running requests is only removed from
   the engine (and its files deleted) after the last of them finishes.
 """
@@ -161,10 +171,18 @@ class Engine:
         self._leases: dict[int, _Lease] = {}
         self._retire_callbacks: dict[int, Any] = {}
         self._loaded: set[int] = set()
+        # Base requests without the null adapter while the last LoRA slot is provably empty (see above).
+        self._raw_base = False
+        self._raw_capacity = 0
+        self._raw_in_flight = 0
+        self._engine_lora_ids: set[int] = set()  # every adapter id the engine has seen
 
     # -- life cycle --------------------------------------------------------------
 
     async def start(self) -> None:
+        from lorag.models.check import check_model
+
+        check_model(self.settings.model)  # a one-line error now, not a traceback after vLLM's start-up
         from vllm.lora.request import LoRARequest
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -177,7 +195,11 @@ class Engine:
             null_dir = self.settings.state_path / "adapters" / ".null" / _slug(self.settings.model.path)
             write_null_adapter(self.settings.model.path, null_dir, rank=min(8, self.settings.engine.max_lora_rank))
             self.null_request = LoRARequest(NULL_ADAPTER_NAME, NULL_ADAPTER_ID, str(null_dir))
-            await self.llm.add_lora(self.null_request)
+            if self.settings.engine.base_via_null_adapter == "on":
+                await self.llm.add_lora(self.null_request)
+            else:
+                self._raw_base = True
+                self._raw_capacity = int(args.max_loras) - 1
         log.info("engine_ready", max_model_len=self.max_model_len)
 
     def shutdown(self) -> None:
@@ -221,8 +243,20 @@ class Engine:
 
     async def load_adapter(self, adapter: AdapterVersion) -> None:
         """Load weights into the engine's adapter cache ahead of the first request."""
+        await self._admit(adapter.lora_int_id)
         await self.llm.add_lora(self.lora_request(adapter))
         self._loaded.add(adapter.lora_int_id)
+
+    async def _admit(self, lora_int_id: int) -> None:
+        """Before the engine first sees an adapter: if it might take the last slot, end raw base requests."""
+        if lora_int_id in self._engine_lora_ids:
+            return
+        if self._raw_base and len(self._engine_lora_ids) >= self._raw_capacity:
+            self._raw_base = False  # base requests from now on: the null adapter
+            log.info("null_adapter_on", adapters=len(self._engine_lora_ids) + 1, waiting_for=self._raw_in_flight)
+        while self._raw_in_flight:  # once per engine: they may share a batch with this adapter in the last slot
+            await asyncio.sleep(0.005)
+        self._engine_lora_ids.add(lora_int_id)
 
     def retire_adapter(self, adapter: AdapterVersion, on_released: Any = None) -> None:
         """Unload once no running request uses it; `on_released()` then runs (e.g. delete files)."""
@@ -267,12 +301,18 @@ class Engine:
         if lease_id is not None:
             self._leases.setdefault(lease_id, _Lease()).count += 1
         finished = False
+        raw = False
         try:
+            if adapter is not None:
+                await self._admit(adapter.lora_int_id)
+            raw = adapter is None and self._raw_base
+            if raw:
+                self._raw_in_flight += 1
             stream = self.llm.generate(
                 {"prompt_token_ids": prompt_token_ids},
                 params,
                 request_id,
-                lora_request=self.lora_request(adapter),
+                lora_request=None if raw else self.lora_request(adapter),
             )
             async for output in stream:
                 finished = output.finished
@@ -280,8 +320,12 @@ class Engine:
         except EngineDeadError:
             raise EngineUnavailable("The engine stopped while generating; retry later.") from None
         finally:
-            if not finished and self.llm is not None and not self.llm.errored:
-                await self.llm.abort(request_id)
+            try:
+                if not finished and self.llm is not None and not self.llm.errored:
+                    await self.llm.abort(request_id)
+            finally:
+                if raw:
+                    self._raw_in_flight -= 1
             if lease_id is not None:
                 lease = self._leases[lease_id]
                 lease.count -= 1

@@ -76,6 +76,12 @@ class Router:
             return -1.0
         return 0.5 * float(np.max(profile @ query)) + 0.5 * float(centroid @ query)
 
+    def warm(self) -> None:
+        """Embed every domain's profile now (start-up), so the first 'auto' request does not;
+        this also embeds the few-shot example vectors 'similar' selection uses."""
+        for domain in self.catalog:
+            self._profile(domain)
+
     def _profile(self, domain: Domain) -> tuple[np.ndarray, np.ndarray]:
         """Unit vectors of the description and example questions, and their unit centroid (once per domain)."""
         with self._lock:

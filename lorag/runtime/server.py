@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import os
 import signal
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -25,8 +27,9 @@ from lorag.logging import get_logger
 from lorag.plugins.runtime import PluginHost
 from lorag.runtime import admin_api, limits, metrics, openai_api
 from lorag.runtime.engine import Engine
-from lorag.runtime.errors import error_response, install_error_handlers
+from lorag.runtime.errors import error_body, error_response, install_error_handlers
 from lorag.runtime.pipeline import Runtime
+from lorag.runtime.warmup import start_warmup
 
 log = get_logger("lorag.server")
 # Routers of other parts, included when that part is installed in this checkout.
@@ -87,17 +90,24 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.ready = False
-        if engine.llm is None:
-            await engine.start()
-        await preload_adapters(settings, adapters)
-        app.state.ready = True
-        log.info("server_ready", model=settings.model.served_name,
-                 adapters=[e.ref for e in registry.current()])
+        app.state.waiting = {"engine", "warmup"}
+        # Started before the engine (whose start blocks this loop): the two overlap.
+        stop_warmup = start_warmup_thread(app)
+        try:
+            if engine.llm is None:
+                await engine.start()
+            await preload_adapters(settings, adapters)
+        except BaseException:
+            stop_warmup.set()
+            raise
+        mark_started(app, "engine")
         watchdog = asyncio.create_task(watch_engine(app, engine))
         try:
             yield
         finally:
+            stop_warmup.set()
             watchdog.cancel()
+            app.state.waiting.add("engine")  # a warm-up finishing now must not make us ready again
             app.state.ready = False
             for module_name in OPTIONAL_ROUTERS:
                 closer = getattr(_optional(module_name), "close_service", None)
@@ -112,6 +122,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.state.plugins = plugins
     app.state.adapters = adapters
     app.state.ready = False
+    app.state.waiting = {"engine", "warmup"}  # what /ready waits for; the lifespan and warm-up clear it
     install_error_handlers(app)
     metrics.install(app)
     limits.install(app)
@@ -131,9 +142,14 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
-        """Readiness: the engine is up, healthy, and the registered adapters are loaded."""
+        """Readiness: the engine is up, healthy, the registered adapters are loaded and the warm-up is done.
+
+        While not ready, `waiting_for` says what is still starting ("engine", "warmup").
+        """
         if not app.state.ready:
-            return error_response(503, "Starting: the engine is not ready yet.", "server_error", code="not_ready")
+            waiting = sorted(app.state.waiting) or ["engine"]
+            body = error_body(f"Not ready: waiting for {' and '.join(waiting)}.", "server_error", None, "not_ready")
+            return JSONResponse({**body, "waiting_for": waiting}, status_code=503)
         try:
             await asyncio.wait_for(engine.check_health(), timeout=5)
         except Exception as err:
@@ -150,9 +166,35 @@ async def watch_engine(app: FastAPI, engine: Engine, interval_s: float = 1.0) ->
     while engine.alive:
         await asyncio.sleep(interval_s)
     app.state.ready = False
+    app.state.waiting.add("engine")
     app.state.exit_code = 1
     log.error("engine_dead", action="shutting down; exit code 1")
     os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's handler: drain and stop
+
+
+def start_warmup_thread(app: FastAPI) -> threading.Event:
+    """Warm the embedding model, knowledge bases and routing vectors in a thread; returns its stop flag.
+
+    When it is done (failed parts are logged, not fatal) the loop marks "warmup" started.
+    """
+    loop = asyncio.get_running_loop()
+    runtime: Runtime = app.state.runtime
+
+    def done() -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed first (shut down during warm-up)
+            loop.call_soon_threadsafe(mark_started, app, "warmup")
+
+    return start_warmup(app.state.settings, runtime.domains, runtime.router, done)
+
+
+def mark_started(app: FastAPI, part: str) -> None:
+    """One start-up part is done; when none is left, the server is ready (on the loop's thread)."""
+    app.state.waiting.discard(part)
+    if app.state.waiting or app.state.ready:
+        return
+    app.state.ready = True
+    log.info("server_ready", model=app.state.settings.model.served_name,
+             adapters=[e.ref for e in app.state.adapters.registry.current()])
 
 
 async def preload_adapters(settings: Settings, adapters: AdapterService) -> None:

@@ -1,0 +1,164 @@
+"""SmolLM2-135M-Instruct end to end, the way `lorag demo` sets it up.
+
+The set-up is the demo's own (`lorag demo --setup-only`): the pinned wheel's GGUF fetched
+and imported with lorag.models, two adapters trained by `lorag adapters train`, two
+knowledge bases ingested. It lives under .lorag-test-models/real-demo, so a second test
+run reuses all of it (the demo's versions are digests of data, settings and model).
+Then one real `lorag serve` answers, and transformers + peft are the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lorag.devserver import wait_until_up
+from tests.conftest import MODELS, free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.engine]
+
+STATE = MODELS / "real-demo"
+BASE = "smollm2-135m-instruct"
+ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("LORAG_")}, "TOKENIZERS_PARALLELISM": "false"}
+PROMPTS = ("What is the capital of France?", "Give me one tip for writing a clear e-mail.",
+           "Can my employer change my working hours without asking me?")
+GREEDY_TOKENS = 24
+
+
+def lorag(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lorag.cli", *args], capture_output=True, text=True,
+                          env=ENV, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def real_setup() -> Path:
+    """`lorag demo --setup-only` on the real model (reused between runs); its lorag.toml."""
+    done = lorag("demo", "--setup-only", "--state-dir", str(STATE), "--port", str(free_port()))
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    return STATE / "lorag.toml"
+
+
+@pytest.fixture(scope="module")
+def real_server(real_setup: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("real-server") / "server.log"
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lorag.cli", "serve", "--config", str(real_setup), "--port", str(port)],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        env={**ENV, "LORAG_LOG_FORMAT": "json", "VLLM_LOGGING_LEVEL": "WARNING"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(process, url, log, timeout_s=600)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def current_adapter(name: str) -> Path:
+    from lorag.adapters.registry import AdapterRegistry
+
+    return Path(AdapterRegistry(STATE.resolve()).resolve(name).path)
+
+
+def test_imported_from_the_pinned_wheel_with_provenance(real_setup: Path) -> None:
+    from lorag.models.sources import SMOLLM2_135M_INSTRUCT
+
+    listed = lorag("models", "--state-dir", str(STATE), "show", BASE, "--json")
+    assert listed.returncode == 0, listed.stderr
+    record = json.loads(listed.stdout)
+    assert record["source_sha256"] == SMOLLM2_135M_INSTRUCT.member_sha256
+    assert record["source_kind"] == "gguf" and record["license"].lower() == "apache-2.0"
+    assert record["architecture"] == "LlamaForCausalLM"
+    assert 130e6 < record["parameters"] < 140e6
+    folder = STATE / "models" / BASE
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["num_hidden_layers"] == 30
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                             add_generation_prompt=True)
+    assert "<|im_start|>user\nhi<|im_end|>" in rendered and rendered.endswith("<|im_start|>assistant\n")
+
+
+def reference_answers(adapter: Path | None) -> list[str]:
+    """Greedy answers of transformers (+ peft) on the same weights, prompts and chat template."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = STATE / "models" / BASE
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
+    answers = []
+    for prompt in PROMPTS:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=GREEDY_TOKENS, do_sample=False)
+        answers.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    return answers
+
+
+def served_answers(url: str, model: str) -> list[str]:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+    return [client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                           temperature=0, max_tokens=GREEDY_TOKENS).choices[0].message.content or ""
+            for prompt in PROMPTS]
+
+
+def test_served_greedy_output_equals_transformers_and_peft(real_server: str) -> None:
+    """Base model and an adapter trained by `lorag adapters train`: the engine adds nothing and loses nothing."""
+    served_base = served_answers(real_server, BASE)
+    served_legal = served_answers(real_server, "legal-lora")
+    assert served_base == reference_answers(None)
+    assert served_legal == reference_answers(current_adapter("legal-lora"))
+    assert served_legal != served_base  # the adapter changes the answers
+
+
+def test_domain_answers_a_fact_only_its_knowledge_base_holds_and_cites_it(real_server: str) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{real_server}/v1", api_key="unused", max_retries=0, timeout=300)
+    question = "How many days does the landlord have to return my deposit?"
+    reply = client.chat.completions.create(model="legal", messages=[{"role": "user", "content": question}],
+                                           temperature=0, max_tokens=64)
+    text = reply.choices[0].message.content or ""
+    extras = (reply.model_extra or {})["lorag"]
+    assert "14" in text or "fourteen" in text.lower(), text
+    sources = [Path(c["source"]).name for c in extras["citations"]]
+    assert "deposits.md" in sources, extras["citations"]
+    base = client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": question}],
+                                          temperature=0, max_tokens=64).choices[0].message.content or ""
+    assert "14" not in base and "fourteen" not in base.lower(), base  # the fact is not the model's own
+
+
+def test_demo_serves_the_real_model_and_prints_every_section(real_setup: Path) -> None:
+    result = lorag("demo", "--state-dir", str(STATE), "--port", str(free_port()), "--exit-after-samples")
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    out = result.stdout
+    assert "reused" in out and "training" not in out  # the fixture's set-up is reused whole
+    sections = ["1. Four ways to answer", "2. PII redaction", "3. A JSON-schema domain", '4. model: "auto"',
+                "What the samples showed", "Talk to it"]
+    positions = [out.find(section) for section in sections]
+    assert all(p >= 0 for p in positions) and positions == sorted(positions), out
+    assert "valid JSON, matches the schema" in out
+    assert "jane.doe@example.com" not in out.split("2. PII redaction")[1].split("Q: ")[1].split("\n", 1)[1]
