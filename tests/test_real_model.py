@@ -155,7 +155,7 @@ def test_demo_serves_the_real_model_and_prints_every_section(real_setup: Path) -
     result = lorag("demo", "--state-dir", str(STATE), "--port", str(free_port()), "--exit-after-samples")
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     out = result.stdout
-    assert "reused" in out and "training" not in out  # the fixture's set-up is reused whole
+    assert "adapter        reused" in out and "adapter        training" not in out  # the set-up is reused whole
     sections = ["1. Four ways to answer", "2. PII redaction", "3. A JSON-schema domain", '4. model: "auto"',
                 "What the samples showed", "Talk to it"]
     positions = [out.find(section) for section in sections]
