@@ -2,8 +2,12 @@
 
     .venv/bin/python benchmarks/training.py [--examples 128] [--epochs 2] [--rounds 5] [--threads 1]
 
+On a real model (issue 11: SmolLM2-135M-Instruct as an HF folder; ~130 tokens/s on 2 cores):
+
+    .venv/bin/python benchmarks/training.py --model /tmp/smollm2-hf --examples 32 --epochs 1 --rounds 3 --threads 1
+
 Both run one after the other in this one run (alternating per round) on a tiny Llama
-(hidden 256, 4 layers, random weights) built in a temp dir, on the same tokenized chat
+(hidden 256, 4 layers, random weights) built in a temp dir, or on --model, on the same tokenized chat
 examples, LoRA (rank 16, all linear layers), AdamW, linear schedule, gradient clipping,
 batch size, max length, epochs and seed. lorag's side is what the CLI runs (progress
 callback, epoch-end checkpoints, final save and validation); the plain loop saves its
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import statistics
 import sys
@@ -106,6 +111,8 @@ def run_plain(settings: TrainSettings, examples: list[Example], out: Path, pad_i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None,
+                        help="an HF model folder (default: a tiny random Llama built in a temp dir)")
     parser.add_argument("--examples", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -125,7 +132,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="lorag-train-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        model = build_tiny_model(tmp / "model", hidden_size=256, layers=4)
+        model = args.model.resolve() if args.model else build_tiny_model(tmp / "model", hidden_size=256, layers=4)
         data = write_data(tmp / "data.jsonl", args.examples, seed=0)
         settings = TrainSettings(model_path=str(model), rank=16, alpha=32, dropout=0.05, learning_rate=2e-4,
                                  epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length,
@@ -133,7 +140,8 @@ def main() -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(model))
         examples = load_examples(data, tokenizer, args.max_length)
         pad_id = tokenizer.pad_token_id
-        print(f"model: hidden 256, 4 layers; {len(examples)} examples, "
+        described = f"{model}" if args.model else "tiny, hidden 256, 4 layers"
+        print(f"model: {described}; {len(examples)} examples, "
               f"{sum(len(e.input_ids) for e in examples)} tokens/epoch, {args.epochs} epochs, "
               f"batch {args.batch_size}, rank 16 all-linear, {args.threads} thread(s)")
         results: dict[str, list[dict[str, float]]] = {"lorag": [], "plain": []}
@@ -147,7 +155,8 @@ def main() -> None:
                 print(f"round {round_ + 1} {which:5s}: {result['steps']:.0f} steps, "
                       f"loop {result['tokens'] / result['loop_s']:8.0f} tok/s, "
                       f"end to end {result['tokens'] / result['total_s']:8.0f} tok/s, "
-                      f"cpu {result['tokens'] / result['cpu_s']:8.0f} tok/s")
+                      f"cpu {result['tokens'] / result['cpu_s']:8.0f} tok/s, load average "
+                      + "/".join(f"{x:.2f}" for x in os.getloadavg()), flush=True)
         summary: dict[str, Any] = {}
         for which, rows in results.items():
             summary[which] = {

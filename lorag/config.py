@@ -58,8 +58,9 @@ class EngineSettings(Strict):
     max_num_batched_tokens: int | None = Field(default=None, ge=1)
     enforce_eager: bool | None = None
     seed: int = 0
-    # "auto": on where the engine's LoRA kernels mis-handle base requests in mixed
-    # batches (vLLM CPU); see lorag.runtime.engine.
+    # "auto": where the engine's LoRA kernels mis-handle base requests in mixed batches
+    # (vLLM CPU), base requests use the null adapter once the engine's last LoRA slot may
+    # hold an adapter, and go without one before (faster); "on": always. See lorag.runtime.engine.
     base_via_null_adapter: Literal["auto", "on", "off"] = "auto"
     extra: dict[str, Any] = Field(default_factory=dict, description="Passed to AsyncEngineArgs as is.")
 
