@@ -199,6 +199,9 @@ def test_serve_binds_loopback_without_keys(tmp_path: Path, monkeypatch: pytest.M
         class state:  # noqa: N801 - mimics app.state
             pass
 
+    from lorag.models import check
+
+    monkeypatch.setattr(check, "check_model", lambda model: None)  # model "m" is no model: not what this tests
     monkeypatch.setattr(server, "create_app", lambda settings: FakeApp())
     monkeypatch.setattr(uvicorn, "run", lambda app, host, **kw: seen.update(host=host, app=app))
     monkeypatch.setattr(runtime_cli.signal, "signal", lambda *a: None)

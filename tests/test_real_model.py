@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from lorag.devserver import wait_until_up
-from tests.conftest import MODELS, free_port
+from tests.conftest import MODELS, Server, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
@@ -53,17 +53,12 @@ def real_server(real_setup: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         stdout=log.open("wb"), stderr=subprocess.STDOUT,
         env={**ENV, "LORAG_LOG_FORMAT": "json", "VLLM_LOGGING_LEVEL": "WARNING"},
     )
-    url = f"http://127.0.0.1:{port}"
+    server = Server(f"http://127.0.0.1:{port}", process, log, STATE, real_setup)
     try:
-        wait_until_up(process, url, log, timeout_s=600)
-        yield url
+        wait_until_up(process, server.url, log, timeout_s=600)
+        yield server.url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        server.stop()
 
 
 def current_adapter(name: str) -> Path:

@@ -18,6 +18,7 @@ from typing import Any
 
 from lorag.knowledge.errors import IngestInputError
 from lorag.knowledge.ingest import Collected, Skipped, SourceFile
+from lorag.knowledge.json_lines import json_objects
 from lorag.knowledge.readers import RECORD_SUFFIX, decode_text
 
 CORPUS_FILE_TYPE = "corpus"
@@ -55,16 +56,7 @@ def read_records(path: Path, id_field: str = "_id") -> tuple[list[SourceFile], l
     files: list[SourceFile] = []
     skipped: list[Skipped] = []
     seen: dict[str, int] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{label} line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise IngestInputError(f"{where}: not valid JSON ({err.msg})", param="paths") from None
-        if not isinstance(record, dict):
-            raise IngestInputError(f"{where}: expected a JSON object", param="paths")
+    for number, where, record in json_objects(text, label, IngestInputError, "paths"):
         raw_id = record.get(id_field)
         if raw_id is None or isinstance(raw_id, (dict, list)) or not str(raw_id).strip():
             raise IngestInputError(f"{where}: no {id_field!r} field (name the id field with --id-field)", param="paths")

@@ -6,12 +6,12 @@ before any query runs, so a typo never turns into a silently worse score.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorag.errors import LoragError
+from lorag.knowledge.json_lines import json_objects
 
 
 class JudgedSetError(LoragError):
@@ -28,16 +28,7 @@ class JudgedSet:
 def read_queries(text: str, label: str = "queries.jsonl") -> dict[str, str]:
     """`{"_id": ..., "text": ...}` per line (`id` and `query` are accepted too)."""
     queries: dict[str, str] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{label} line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise JudgedSetError(f"{where}: not valid JSON ({err.msg})", param="queries") from None
-        if not isinstance(record, dict):
-            raise JudgedSetError(f"{where}: expected a JSON object", param="queries")
+    for _number, where, record in json_objects(text, label, JudgedSetError, "queries"):
         qid = record.get("_id", record.get("id"))
         query = record.get("text", record.get("query"))
         if qid is None or isinstance(qid, (dict, list)) or not str(qid).strip():

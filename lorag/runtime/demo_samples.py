@@ -126,12 +126,12 @@ class Samples:
         note("\nThe adapter alone (model: medical-lora, no plugins) leaks a contact it memorised from its\n"
              "training data; the medical domain's pii plugin catches it in the output.")
 
-    def json_schema(self) -> None:
+    def json_schema(self, number: int = 4, data: Path = TINY_DATA) -> None:
         import jsonschema
 
-        heading("4. A JSON-schema domain: triage (json_schema plugin, base model)")
+        heading(f"{number}. A JSON-schema domain: triage (json_schema plugin, base model)")
         text, _ = self.ask("triage", TRIAGE, max_tokens=48)
-        schema = triage_schema()
+        schema = triage_schema(data)
         try:
             jsonschema.validate(json.loads(text), schema)
             verdict = "valid JSON, matches the schema"
@@ -140,10 +140,10 @@ class Samples:
         click.echo(f"\n  Q: {TRIAGE}")
         row("triage", text)
         row("", verdict)
-        note("\nConstrained decoding guarantees the shape; the values are the tiny model's guess.")
+        note("\nConstrained decoding guarantees the shape; the values are the model's guess.")
 
-    def routing(self) -> None:
-        heading('5. model: "auto" picks the domain for each question')
+    def routing(self, number: int = 5) -> None:
+        heading(f'{number}. model: "auto" picks the domain for each question')
         click.echo()
         for question in ROUTED:
             _, info = self.ask("auto", question, max_tokens=48)
@@ -164,25 +164,10 @@ def print_samples(url: str, config: Path | None = None) -> None:
     print_usage(url, config)
 
 
-def print_usage(url: str, config: Path | None) -> None:
-    cfg = f" -c {config}" if config else ""
-    heading("Talk to it")
-    click.echo(f"""
-  curl {url}/v1/chat/completions -H 'content-type: application/json' -d '{{"model": "legal",
-    "messages": [{{"role": "user", "content": "When do I get my deposit back?"}}]}}'   # see "citations"
-
-  from openai import OpenAI
-  client = OpenAI(base_url="{url}/v1", api_key="unused")
-  reply = client.chat.completions.create(
-      model="auto", messages=[{{"role": "user", "content": "Is a verbal agreement a real contract?"}}],
-      extra_body={{"lorag": {{"no_retrieval": True, "examples": 0}}}})  # the prompt legal-lora was trained on
-  reply.choices[0].message.content, reply.model_extra["lorag"]     # answer; domain, adapter, route, timings
-
-  lorag chat --server {url} -m medical-lora "How do I stop a nosebleed?"
-  lorag route{cfg} "Can my landlord keep my deposit?"
-  lorag domains list{cfg}
-
-Honestly: the demo model is tiny (2 layers, hidden 128, random weights) and each adapter was
+TINY_OPENAI_CALL = (
+    'model="auto", messages=[{"role": "user", "content": "Is a verbal agreement a real contract?"}],\n'
+    '      extra_body={"lorag": {"no_retrieval": True, "examples": 0}})  # the prompt legal-lora was trained on')
+TINY_EPILOGUE = """Honestly: the demo model is tiny (2 layers, hidden 128, random weights) and each adapter was
 trained for seconds on ~30 examples. It memorises; it does not understand. It gives its trained
 answers word for word to the prompts it was trained on, and nonsense to anything else, including
 a prompt with retrieved context in it. Retrieval, citations, redaction, schemas and routing are
@@ -193,7 +178,30 @@ model from a PyPI wheel), trains the same two adapters on it and shows answers i
 the knowledge bases, with citations. Use another --state-dir for it (an adapter belongs to the
 base model it was trained on).
 
-Ctrl-C stops the server.""")
+"""
+
+
+def print_usage(url: str, config: Path | None, *, openai_call: str = TINY_OPENAI_CALL,
+                chat: str = '-m medical-lora "How do I stop a nosebleed?"', last_command: str = "domains list",
+                epilogue: str = TINY_EPILOGUE) -> None:
+    """How to talk to the demo's server: curl, the openai client and the CLI (each demo names its own examples)."""
+    cfg = f" -c {config}" if config else ""
+    heading("Talk to it")
+    click.echo(f"""
+  curl {url}/v1/chat/completions -H 'content-type: application/json' -d '{{"model": "legal",
+    "messages": [{{"role": "user", "content": "When do I get my deposit back?"}}]}}'   # see "citations"
+
+  from openai import OpenAI
+  client = OpenAI(base_url="{url}/v1", api_key="unused")
+  reply = client.chat.completions.create(
+      {openai_call}
+  reply.choices[0].message.content, reply.model_extra["lorag"]     # answer; domain, adapter, route, timings
+
+  lorag chat --server {url} {chat}
+  lorag route{cfg} "Can my landlord keep my deposit?"
+  lorag {last_command}{cfg}
+
+{epilogue}Ctrl-C stops the server.""")
 
 
 def heading(text: str) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import click
 import httpx
 
-from lorag.runtime.demo_samples import Samples, clip, heading, note, triage_schema
+from lorag.runtime.demo_samples import PII_INPUT, Samples, clip, heading, note, print_usage
 from lorag.runtime.demo_setup import DATA
 
 WIDTH = 100
@@ -48,14 +48,6 @@ WAYS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("base + RAG", {"adapter": "none", "examples": 0}),
     ("whole domain", {}),
 )
-PII_INPUT = "Please update my contact details: jane.doe@example.com, +1 415 555 0199."
-TRIAGE = "I was charged twice for my subscription this month. Please fix it today!"
-ROUTED = [
-    "Can my landlord keep the deposit because the paint has faded?",
-    "How much paracetamol can I give my child?",
-    "My invoice shows a double payment and I cannot log in.",
-    "Who painted the Mona Lisa?",
-]
 
 
 def has_fact(text: str, probe: Probe) -> bool:
@@ -110,30 +102,6 @@ class RealSamples(Samples):
         note("\nThe model only ever saw [EMAIL_1] and [PHONE_1]: the input was redacted before it, and\n"
              "anything that looks like contact data in the output is redacted on its way out.")
 
-    def json_schema(self) -> None:
-        import jsonschema
-
-        heading("3. A JSON-schema domain: triage (json_schema plugin, base model)")
-        text, _ = self.ask("triage", TRIAGE, max_tokens=48)
-        try:
-            jsonschema.validate(json.loads(text), triage_schema(DATA))
-            verdict = "valid JSON, matches the schema"
-        except (ValueError, jsonschema.ValidationError) as err:
-            verdict = f"INVALID: {err}"
-        click.echo(f"\n  Q: {TRIAGE}")
-        answer("triage", text)
-        answer("", verdict)
-
-    def routing(self) -> None:
-        heading('4. model: "auto" picks the domain for each question')
-        click.echo()
-        for question in ROUTED:
-            _, info = self.ask("auto", question, max_tokens=48)  # triage answers whole JSON or fails
-            route = info.get("route", {})
-            verdict = "" if route.get("confident") else "  (low confidence: the fallback)"
-            click.echo(f"  {clip(question, 62):<62} -> {info.get('domain'):<8} score {route.get('score', 0):.2f}"
-                       f"{verdict}")
-
 
 def answer(label: str, text: str, fact: bool | None = None, style: bool | None = None) -> None:
     """An answer under its label, with its marks; multi-line answers keep their lines."""
@@ -164,27 +132,11 @@ def print_samples(url: str, config: Path | None = None) -> None:
         samples = RealSamples(http)
         scores = samples.four_ways()
         samples.pii()
-        samples.json_schema()
-        samples.routing()
+        samples.json_schema(3, DATA)
+        samples.routing(4)
     tally(scores)
-    print_usage(url, config)
-
-
-def print_usage(url: str, config: Path | None) -> None:
-    cfg = f" -c {config}" if config else ""
-    heading("Talk to it")
-    click.echo(f"""
-  curl {url}/v1/chat/completions -H 'content-type: application/json' -d '{{"model": "legal",
-    "messages": [{{"role": "user", "content": "When do I get my deposit back?"}}]}}'   # see "citations"
-
-  from openai import OpenAI
-  client = OpenAI(base_url="{url}/v1", api_key="unused")
-  reply = client.chat.completions.create(
-      model="auto", messages=[{{"role": "user", "content": "Can my landlord enter without notice?"}}])
-  reply.choices[0].message.content, reply.model_extra["lorag"]     # answer; domain, adapter, citations, timings
-
-  lorag chat --server {url} -m medical "What should I do about a mild fever?"
-  lorag route{cfg} "Can my landlord keep my deposit?"
-  lorag eval lorag/demo_data/eval.jsonl{cfg}                      # which strategy wins, measured
-
-Ctrl-C stops the server.""")
+    print_usage(url, config,
+                openai_call='model="auto", messages=[{"role": "user", "content": "Can my landlord enter without notice?"}])',
+                chat='-m medical "What should I do about a mild fever?"',
+                last_command="eval lorag/demo_data/eval.jsonl --concurrency 4",
+                epilogue="")
