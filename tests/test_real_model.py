@@ -88,6 +88,20 @@ def test_imported_from_the_pinned_wheel_with_provenance(real_setup: Path) -> Non
     assert "<|im_start|>user\nhi<|im_end|>" in rendered and rendered.endswith("<|im_start|>assistant\n")
 
 
+def test_demo_serves_the_real_model_and_prints_every_section(real_setup: Path) -> None:
+    """Before the module's server starts: that server holds the state dir's knowledge store while it runs."""
+    result = lorag("demo", "--state-dir", str(STATE), "--port", str(free_port()), "--exit-after-samples")
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    out = result.stdout
+    assert "adapter        reused" in out and "adapter        training" not in out  # the set-up is reused whole
+    sections = ["1. Four ways to answer", "2. PII redaction", "3. A JSON-schema domain", '4. model: "auto"',
+                "What the samples showed", "Talk to it"]
+    positions = [out.find(section) for section in sections]
+    assert all(p >= 0 for p in positions) and positions == sorted(positions), out
+    assert "valid JSON, matches the schema" in out
+    assert "jane.doe@example.com" not in out.split("2. PII redaction")[1].split("Q: ")[1].split("\n", 1)[1]
+
+
 def reference_answers(adapter: Path | None) -> list[str]:
     """Greedy answers of transformers (+ peft) on the same weights, prompts and chat template."""
     import torch
@@ -130,30 +144,19 @@ def test_served_greedy_output_equals_transformers_and_peft(real_server: str) -> 
 
 
 def test_domain_answers_a_fact_only_its_knowledge_base_holds_and_cites_it(real_server: str) -> None:
+    """One of the demo's probes (greedy, so repeatable): the domain reads it, the base model cannot know it."""
     import openai
 
+    from lorag.runtime.demo_samples_real import PROBES, has_fact
+
+    probe = next(p for p in PROBES if p.question == "When is the clinic open on Saturdays?")
     client = openai.OpenAI(base_url=f"{real_server}/v1", api_key="unused", max_retries=0, timeout=300)
-    question = "How many days does the landlord have to return my deposit?"
-    reply = client.chat.completions.create(model="legal", messages=[{"role": "user", "content": question}],
-                                           temperature=0, max_tokens=64)
+    messages = [{"role": "user", "content": probe.question}]
+    reply = client.chat.completions.create(model=probe.domain, messages=messages, temperature=0, max_tokens=64)
     text = reply.choices[0].message.content or ""
     extras = (reply.model_extra or {})["lorag"]
-    assert "14" in text or "fourteen" in text.lower(), text
-    sources = [Path(c["source"]).name for c in extras["citations"]]
-    assert "deposits.md" in sources, extras["citations"]
-    base = client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": question}],
-                                          temperature=0, max_tokens=64).choices[0].message.content or ""
-    assert "14" not in base and "fourteen" not in base.lower(), base  # the fact is not the model's own
-
-
-def test_demo_serves_the_real_model_and_prints_every_section(real_setup: Path) -> None:
-    result = lorag("demo", "--state-dir", str(STATE), "--port", str(free_port()), "--exit-after-samples")
-    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
-    out = result.stdout
-    assert "adapter        reused" in out and "adapter        training" not in out  # the set-up is reused whole
-    sections = ["1. Four ways to answer", "2. PII redaction", "3. A JSON-schema domain", '4. model: "auto"',
-                "What the samples showed", "Talk to it"]
-    positions = [out.find(section) for section in sections]
-    assert all(p >= 0 for p in positions) and positions == sorted(positions), out
-    assert "valid JSON, matches the schema" in out
-    assert "jane.doe@example.com" not in out.split("2. PII redaction")[1].split("Q: ")[1].split("\n", 1)[1]
+    assert has_fact(text, probe), text
+    assert "[1]" in text and Path(extras["citations"][0]["source"]).name == "clinic.md", (text, extras["citations"])
+    base = client.chat.completions.create(model=BASE, messages=messages, temperature=0,
+                                          max_tokens=64).choices[0].message.content or ""
+    assert not has_fact(base, probe), base  # the fact is not the model's own
