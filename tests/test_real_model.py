@@ -149,14 +149,16 @@ def test_domain_answers_a_fact_only_its_knowledge_base_holds_and_cites_it(real_s
 
     from lorag.runtime.demo_samples_real import PROBES, has_fact
 
-    probe = next(p for p in PROBES if p.question == "When is the clinic open on Saturdays?")
+    # Its chunk holds one candidate answer; the Saturday probe's also holds the weekday hours, which a
+    # 135M model picks or not depending on float rounding (seen both ways on the same weights).
+    probe = next(p for p in PROBES if p.question == "From which day of sickness do I need a sick note?")
     client = openai.OpenAI(base_url=f"{real_server}/v1", api_key="unused", max_retries=0, timeout=300)
     messages = [{"role": "user", "content": probe.question}]
     reply = client.chat.completions.create(model=probe.domain, messages=messages, temperature=0, max_tokens=64)
     text = reply.choices[0].message.content or ""
     extras = (reply.model_extra or {})["lorag"]
     assert has_fact(text, probe), text
-    assert "[1]" in text and Path(extras["citations"][0]["source"]).name == "clinic.md", (text, extras["citations"])
+    assert "[1]" in text and Path(extras["citations"][0]["source"]).name == "employment.md", (text, extras["citations"])
     base = client.chat.completions.create(model=BASE, messages=messages, temperature=0,
                                           max_tokens=64).choices[0].message.content or ""
     assert not has_fact(base, probe), base  # the fact is not the model's own
