@@ -7,6 +7,8 @@ same filter is handed to Chroma and evaluated here for BM25, so both modes agree
 
 from __future__ import annotations
 
+import json
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -99,3 +101,33 @@ def matcher(where: dict[str, Any] | None) -> Callable[[dict[str, Any]], bool]:
             return False
 
     return check
+
+
+class FilterMasks:
+    """Per-filter masks over a fixed list of chunk metadata, cached (a few filters repeat a lot).
+
+    The exact vector index and the keyword index both filter in numpy; one cache serves both.
+    """
+
+    MAX_CACHED = 64
+
+    def __init__(self, metadatas: list[dict[str, Any]], dtype: Any) -> None:
+        self.metadatas = metadatas
+        self.dtype = dtype
+        self._masks: dict[str, Any] = {}
+        self._guard = threading.Lock()
+
+    def get(self, where: dict[str, Any]) -> Any:
+        """A numpy array, one entry per chunk: whether it matches `where` (in `dtype`)."""
+        import numpy as np
+
+        key = json.dumps(where, sort_keys=True)
+        with self._guard:
+            mask = self._masks.get(key)
+            if mask is None:
+                check = matcher(where)
+                mask = np.fromiter((check(m) for m in self.metadatas), dtype=self.dtype, count=len(self.metadatas))
+                if len(self._masks) > self.MAX_CACHED:
+                    self._masks.clear()
+                self._masks[key] = mask
+            return mask

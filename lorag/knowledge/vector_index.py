@@ -10,15 +10,13 @@ recall@100 >= 0.99 (benchmarks/ann_recall.py has the figures).
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from lorag.knowledge.filters import matcher
+from lorag.knowledge.filters import FilterMasks
 from lorag.knowledge.settings import VectorIndexSettings
 
 _PAGE = 5000  # rows per Chroma get while loading
@@ -85,8 +83,7 @@ class ExactIndex:
         matrix = np.asarray(vectors, dtype=np.float32).reshape(len(ids), -1)[order] if ids else np.zeros((0, 0), np.float32)
         norms = np.linalg.norm(matrix, axis=1, keepdims=True) if len(ids) else np.ones((0, 1), np.float32)
         self.matrix = matrix / np.where(norms > 0, norms, 1.0)
-        self._masks: dict[str, np.ndarray] = {}
-        self._guard = threading.Lock()
+        self._filters = FilterMasks(self.metadatas, bool)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -116,16 +113,8 @@ class ExactIndex:
         ]
 
     def _mask(self, where: dict[str, Any]) -> np.ndarray:
-        key = json.dumps(where, sort_keys=True)
-        with self._guard:
-            mask = self._masks.get(key)
-            if mask is None:
-                check = matcher(where)
-                mask = np.fromiter((check(m) for m in self.metadatas), dtype=bool, count=len(self.metadatas))
-                if len(self._masks) > 64:
-                    self._masks.clear()
-                self._masks[key] = mask
-            return mask
+        mask: np.ndarray = self._filters.get(where)
+        return mask
 
 
 def load_exact_index(collection: Any) -> ExactIndex:
