@@ -340,3 +340,56 @@ def test_settings_errors_are_readable(models: Models) -> None:
 
     with pytest.raises(LoragError, match=r"rank: Input should be greater than or equal to 1"):
         TrainSettings.build(model_path=str(models.base), rank=0)
+
+
+def test_length_grouped_batches_pad_less_and_keep_every_example() -> None:
+    """Grouping reorders within an epoch only: each example once, same for (seed, epoch), far less padding."""
+    import random
+
+    from lorag.adapters.train import epoch_batches
+
+    rng = random.Random(0)
+    lengths = [rng.choice([40, 60, 80, 400, 450]) for _ in range(97)]
+
+    def padded(batches: list[list[int]]) -> int:
+        return sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
+
+    for epoch in range(3):
+        grouped = epoch_batches(lengths, 4, seed=1, epoch=epoch, group_by_length=True)
+        plain = epoch_batches(lengths, 4, seed=1, epoch=epoch, group_by_length=False)
+        assert sorted(i for batch in grouped for i in batch) == list(range(97))
+        assert sorted(i for batch in plain for i in batch) == list(range(97))
+        assert grouped == epoch_batches(lengths, 4, seed=1, epoch=epoch, group_by_length=True)  # resumable
+        assert padded(grouped) < 0.7 * padded(plain)
+        assert max(len(batch) for batch in grouped) == 4
+    assert epoch_batches(lengths, 4, 1, 0, True) != epoch_batches(lengths, 4, 1, 1, True)  # reshuffled per epoch
+    assert epoch_batches(lengths, 1, 1, 0, True) == epoch_batches(lengths, 1, 1, 0, False)  # nothing to group
+
+
+def test_loss_on_labelled_positions_equals_the_models_own(models: Models, tmp_path: Path, one_thread: None) -> None:
+    """Logits only where a label follows: the same loss and gradients as the model's full-sequence loss."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorag.adapters.train import batch_loss, collate, takes_logits_to_keep
+
+    tokenizer = AutoTokenizer.from_pretrained(str(models.base))
+    examples = load_examples(write_qa(tmp_path / "qa.jsonl"), tokenizer, 256)[:4]
+    model = AutoModelForCausalLM.from_pretrained(str(models.base), dtype=torch.float32)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0))
+    assert takes_logits_to_keep(model)
+    batch = collate(examples, tokenizer.pad_token_id or 0, "cpu")
+
+    def loss_and_grads(head_positions: bool) -> tuple[float, list[torch.Tensor]]:
+        model.zero_grad()
+        loss = batch_loss(model, batch, head_positions)
+        loss.backward()
+        return float(loss), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    full, full_grads = loss_and_grads(False)
+    kept, kept_grads = loss_and_grads(True)
+    assert kept == pytest.approx(full, rel=1e-5)
+    for a, b in zip(full_grads, kept_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)

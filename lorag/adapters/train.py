@@ -30,6 +30,9 @@ log = get_logger("lorag.adapters.train")
 ALL_LINEAR = "all-linear"
 # Settings that change how a run is saved, not what it computes: a resume may change them.
 RESUME_FREE = ("save_steps", "keep_checkpoints", "gradient_checkpointing")
+# Batches per window that length grouping sorts (transformers' LengthGroupedSampler uses 50 too):
+# wide enough to find similar lengths, narrow enough to keep the epoch's order random.
+LENGTH_GROUP_BATCHES = 50
 
 
 class TrainSettings(BaseModel):
@@ -50,6 +53,7 @@ class TrainSettings(BaseModel):
     max_grad_norm: float = Field(default=1.0, gt=0)
     epochs: int = Field(default=3, ge=1)
     batch_size: int = Field(default=8, ge=1)
+    group_by_length: bool = Field(default=True, description="Batch examples of similar length (less padding).")
     grad_accum: int = Field(default=1, ge=1)
     max_length: int = Field(default=1024, ge=2)
     val_split: float = Field(default=0.1, ge=0, lt=1)
@@ -143,6 +147,7 @@ def train(
     amp_dtype = _amp_dtype(settings.precision, device)
     model, targets = _build_model(settings, device, amp_dtype)
     pad_id = _pad_id(tokenizer)
+    head_positions = takes_logits_to_keep(model)
     micro_batches = math.ceil(len(train_set) / settings.batch_size)
     steps_per_epoch = math.ceil(micro_batches / settings.grad_accum)
     total_steps = steps_per_epoch * settings.epochs
@@ -164,7 +169,7 @@ def train(
     resumed_from = state.step
 
     def evaluate() -> float:
-        return _evaluate(model, val_set, settings.batch_size, pad_id, device, amp_dtype)
+        return _evaluate(model, val_set, settings.batch_size, pad_id, device, amp_dtype, head_positions)
 
     def save(state: ckpt.TrainerState) -> None:
         ckpt.save_checkpoint(
@@ -194,13 +199,14 @@ def train(
     last_epoch_loss: float | None = None
     model.train()
     while state.epoch < settings.epochs and not stopped_early:
-        batches = _epoch_batches(len(train_set), settings.batch_size, settings.seed, state.epoch)
+        batches = epoch_batches([len(e.input_ids) for e in train_set], settings.batch_size, settings.seed,
+                                state.epoch, settings.group_by_length)
         accumulated = 0
         for index in range(state.batch_in_epoch, len(batches)):
             chunk = [train_set[i] for i in batches[index]]
             batch = collate(chunk, pad_id, device)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss = model(**batch).loss
+                loss = batch_loss(model, batch, head_positions)
             scaler.scale(loss / settings.grad_accum).backward()
             accumulated += 1
             labelled = sum(_predicted_tokens(e) for e in chunk)
@@ -298,12 +304,25 @@ def split(examples: list[Example], val_split: float, seed: int) -> tuple[list[Ex
     return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
 
 
-def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """This epoch's shuffled micro-batches: a function of (seed, epoch) alone, so a resume sees the same."""
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
+    """This epoch's shuffled micro-batches: a function of (seed, epoch) alone, so a resume sees the same.
+
+    Grouped by length, each window of LENGTH_GROUP_BATCHES batches of the shuffled order is
+    sorted by length before it is cut, and the batches are shuffled again: every batch pads
+    to its own longest example, so mixing a 400-token example with 80-token ones costs
+    nearly five times the compute the short ones need.
+    """
     import torch
 
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    if not group_by_length or batch_size == 1:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    window = batch_size * LENGTH_GROUP_BATCHES
+    order = [i for start in range(0, len(order), window)
+             for i in sorted(order[start : start + window], key=lambda i: -lengths[i])]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
 def collate(examples: list[Example], pad_id: int, device: Any) -> dict[str, Any]:
@@ -320,6 +339,33 @@ def collate(examples: list[Example], pad_id: int, device: Any) -> dict[str, Any]
         labels[row, :n] = torch.tensor(example.labels)
         mask[row, :n] = 1
     return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+
+
+def batch_loss(model: Any, batch: dict[str, Any], head_positions: bool) -> Any:
+    """Mean cross-entropy over the batch's labelled tokens, as the model's own loss computes it.
+
+    With `head_positions`, the output head runs only at positions some row has a label
+    after: a prompt (system, question, retrieved context) needs no logits, and on a small
+    model the head and its softmax over the vocabulary are a large share of a step
+    (SmolLM2-135M: 49k x 576, ~20% of the forward pass per token).
+    """
+    import torch
+
+    if not head_positions:
+        return model(**batch).loss
+    targets = batch["labels"][:, 1:]
+    keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(1)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    return torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), targets[:, keep].flatten(), ignore_index=IGNORE)
+
+
+def takes_logits_to_keep(model: Any) -> bool:
+    """Whether the model's forward can compute logits at chosen positions only (transformers' Llama, Qwen, ... do)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def _predicted_tokens(example: Example) -> int:
@@ -456,7 +502,8 @@ def _linear_schedule(warmup_ratio: float, total_steps: int) -> Callable[[int], f
     return factor
 
 
-def _evaluate(model: Any, examples: list[Example], batch_size: int, pad_id: int, device: Any, amp_dtype: Any) -> float:
+def _evaluate(model: Any, examples: list[Example], batch_size: int, pad_id: int, device: Any, amp_dtype: Any,
+              head_positions: bool) -> float:
     """Mean loss per assistant token over the validation set."""
     import torch
 
@@ -465,7 +512,7 @@ def _evaluate(model: Any, examples: list[Example], batch_size: int, pad_id: int,
     with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         for chunk in _batches(examples, batch_size):
             n = sum(_predicted_tokens(e) for e in chunk)
-            total += float(model(**collate(chunk, pad_id, device)).loss) * n
+            total += float(batch_loss(model, collate(chunk, pad_id, device), head_positions)) * n
             count += n
     model.train()
     return total / max(count, 1)

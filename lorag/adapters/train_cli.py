@@ -41,6 +41,8 @@ TARGETS_HELP = "Comma-separated leaf names of linear layers (q_proj,v_proj,...),
 @click.option("--weight-decay", type=click.FloatRange(0), default=0.0, show_default=True)
 @click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--group-by-length/--no-group-by-length", default=True, show_default=True,
+              help="Batch examples of similar length together: less padding, same examples per epoch.")
 @click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
               help="Micro-batches per optimizer step.")
 @click.option("--max-length", type=click.IntRange(min=2), default=1024, show_default=True,
@@ -69,7 +71,8 @@ TARGETS_HELP = "Comma-separated leaf names of linear layers (q_proj,v_proj,...),
 @click.pass_obj  # the adapters group's Target
 def train_command(target: Target, name: str, data: Path, model_path: str | None, output: Path | None,
                   rank: int, alpha: int | None, target_modules: str, dropout: float, lr: float,
-                  warmup_ratio: float, weight_decay: float, epochs: int, batch_size: int, grad_accum: int,
+                  warmup_ratio: float, weight_decay: float, epochs: int, batch_size: int, group_by_length: bool,
+                  grad_accum: int,
                   max_length: int, val_split: float, eval_steps: int, early_stopping_patience: int, seed: int,
                   precision: str, gradient_checkpointing: bool, qlora: bool, save_steps: int,
                   keep_checkpoints: int, resume: bool, version: str | None, no_activate: bool, serve: bool,
@@ -102,7 +105,7 @@ def train_command(target: Target, name: str, data: Path, model_path: str | None,
         trust_remote_code=settings.model.trust_remote_code, rank=rank, alpha=alpha or 2 * rank,
         target_modules=tuple(t.strip() for t in target_modules.split(",") if t.strip()), dropout=dropout,
         learning_rate=lr, warmup_ratio=warmup_ratio, weight_decay=weight_decay, epochs=epochs,
-        batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, val_split=val_split,
+        batch_size=batch_size, group_by_length=group_by_length, grad_accum=grad_accum, max_length=max_length, val_split=val_split,
         eval_steps=eval_steps, early_stopping_patience=early_stopping_patience, seed=seed, precision=precision,
         gradient_checkpointing=gradient_checkpointing, qlora=qlora, save_steps=save_steps,
         keep_checkpoints=keep_checkpoints,
