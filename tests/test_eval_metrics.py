@@ -331,6 +331,11 @@ def test_recommendation_says_when_it_cannot_tell() -> None:
     assert "adapter+rag leads on this data (F1 1.00 vs 0.92 for adapter, +0.08), but the gap is within noise " \
            "on 12 items" in advice
     assert "adapter is not clearly worse (F1 0.92) and costs 0.6x the latency" in advice
+    # A runner-up only a little faster is no reason to give up the lead.
+    barely = _run({"base": ([0.0] * 12, 10.0), "adapter": ([1.0] * 11 + [0.0], 19.0),
+                   "adapter+rag": ([1.0] * 12, 20.0)})
+    assert "within noise" in report.recommendation(barely)
+    assert "not clearly worse" not in report.recommendation(barely)
     tie = _run({"base": ([0.0] * 12, 10.0), "adapter": ([1.0] * 12, 11.0), "adapter+rag": ([1.0] * 12, 20.0),
                 "rag": ([1.0] * 12, 15.0)})
     assert report.recommendation(tie) == ("adapter, rag and adapter+rag tie on this data (F1 1.00), ahead of base "

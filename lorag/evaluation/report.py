@@ -32,6 +32,8 @@ JSON_FILE = "results.json"
 SUMMARY_CSV = "summary.csv"
 ITEMS_CSV = "items.csv"
 CHART_FILE = "quality_vs_latency.png"
+# A strategy this much faster (or more) than the winner, and not clearly worse, is worth naming.
+CHEAPER_LATENCY = 0.8
 
 COLUMNS: tuple[tuple[str, str, str], ...] = (
     # (header, summary field, format)
@@ -220,9 +222,13 @@ def _cost(run: EvalRun, best: StrategySummary) -> str:
 
 
 def _cheaper_alternative(run: EvalRun, best: StrategySummary, others: Sequence[StrategySummary]) -> str:
-    """A faster strategy the winner does not clearly beat, if there is one."""
+    """A clearly faster strategy the winner does not clearly beat, if there is one.
+
+    Clearly faster: at most CHEAPER_LATENCY of the winner's median. Medians a few percent
+    apart are as noisy as F1 on twenty items, and trading quality for them is no advice.
+    """
     for other in sorted(others, key=lambda s: s.latency_ms_p50):
-        if other.latency_ms_p50 >= best.latency_ms_p50:
+        if other.latency_ms_p50 > CHEAPER_LATENCY * best.latency_ms_p50:
             break
         if compare(run, best, other).within_noise:
             return (f"{other.strategy} is not clearly worse (F1 {other.f1:.2f}) and costs "
