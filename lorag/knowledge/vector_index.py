@@ -53,6 +53,19 @@ def apply_search_ef(collection: Any, search_ef: int) -> bool:
 TIE = 1e-5
 
 
+def similarities(matrix: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """`matrix @ query` on torch's thread pool, the one that just embedded the query.
+
+    numpy's OpenBLAS keeps a pool of its own whose threads spin after each call; on a
+    2-core machine they then fight torch's threads for the cores, and the next query
+    embedding took 4x as long (hybrid p50 at 10k chunks: 27 ms with numpy, 14 ms without).
+    """
+    import torch
+
+    product: np.ndarray = (torch.from_numpy(matrix) @ torch.from_numpy(query)).numpy()
+    return product
+
+
 def _ties_by_position(ranked: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Best-first positions with each run of near-equal scores put in position (id) order and
     given the run's best score, so that a later sort by score keeps that order."""
@@ -82,7 +95,7 @@ class ExactIndex:
         self.metadatas = [metadatas[n] for n in order]
         matrix = np.asarray(vectors, dtype=np.float32).reshape(len(ids), -1)[order] if ids else np.zeros((0, 0), np.float32)
         norms = np.linalg.norm(matrix, axis=1, keepdims=True) if len(ids) else np.ones((0, 1), np.float32)
-        self.matrix = matrix / np.where(norms > 0, norms, 1.0)
+        self.matrix = np.ascontiguousarray(matrix / np.where(norms > 0, norms, 1.0), dtype=np.float32)
         self._filters = FilterMasks(self.metadatas, bool)
 
     def __len__(self) -> int:
@@ -94,7 +107,7 @@ class ExactIndex:
             return []
         query = np.asarray(vector, dtype=np.float32)
         query = query / (np.linalg.norm(query) or 1.0)
-        scores = self.matrix @ query
+        scores = similarities(self.matrix, query)
         allowed = np.flatnonzero(self._mask(where)) if where else None
         if allowed is not None:
             scores = scores[allowed]
