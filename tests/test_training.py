@@ -386,7 +386,7 @@ def test_loss_on_labelled_positions_equals_the_models_own(models: Models, tmp_pa
         model.zero_grad()
         loss = batch_loss(model, batch, head_positions)
         loss.backward()
-        return float(loss), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
     full, full_grads = loss_and_grads(False)
     kept, kept_grads = loss_and_grads(True)
