@@ -16,7 +16,8 @@ query latency.
    set; hybrid >= vector + 0.02 on SciFact.
 2. Ingestion: chunks/s of `KnowledgeService.ingest_files` (read, split, embed, write to
    Chroma, manifest commits) against the embedding model's raw `encode` of the very same
-   chunk texts with the same batch size. Target: >= 0.90x.
+   chunk texts with the same batch size, in rounds (the first one warms the process up: a
+   raw encode right after it would get warm kernels for free). Target: >= 0.90x.
 3. Latency: p50/p95 of `KnowledgeService.query` (query embedding + search) per mode at each
    size. The large chunk sets are synthetic: texts drawn from a vocabulary, vectors made
    from real embeddings of a few thousand of them plus noise (embedding 100k chunks on
@@ -378,6 +379,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,100000", help="Chunk counts for the latency runs.")
     parser.add_argument("--queries", type=int, default=200, help="Queries per mode and size.")
     parser.add_argument("--ingest-docs", type=int, default=120, help="Documents for the ingestion run.")
+    parser.add_argument("--ingest-rounds", type=int, default=3,
+                        help="Ingestion runs; the first warms up torch's kernels, which the raw encode after it "
+                             "would otherwise get for free.")
     parser.add_argument("--data", type=Path, default=DATA, help="Folder of the judged sets (BEIR layout).")
     parser.add_argument("--sets", default=",".join(SETS), help="Judged sets to score (comma-separated).")
     parser.add_argument(
@@ -423,8 +427,14 @@ def main() -> None:
             if not args.skip_ingest:
                 print("ingestion throughput ...", flush=True)
                 wait_for_quiet(args.quiet_load, args.quiet_wait)
-                results["ingestion"] = bench_ingestion(service, args.ingest_docs)
-                print(f"  {json.dumps(results['ingestion'])}", flush=True)
+                rounds = []
+                for _ in range(args.ingest_rounds):
+                    rounds.append(bench_ingestion(service, args.ingest_docs))
+                    print(f"  {json.dumps(rounds[-1])}", flush=True)
+                steady = rounds[1:] or rounds
+                results["ingestion"] = {"rounds": rounds, "ratio": statistics.median(r["ratio"] for r in steady)}
+                print(f"  ingestion / raw encode, median of rounds 2+ (round 1 warms the process up): "
+                      f"{results['ingestion']['ratio']:.3f} (target >= 0.90)", flush=True)
             if not args.skip_latency:
                 print("query latency ...", flush=True)
                 sizes = [int(s) for s in args.sizes.split(",") if s]
