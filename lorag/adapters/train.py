@@ -316,12 +316,14 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, gr
 
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(len(lengths), generator=generator).tolist()
-    if not group_by_length or batch_size == 1:
-        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    window = batch_size * LENGTH_GROUP_BATCHES
-    order = [i for start in range(0, len(order), window)
-             for i in sorted(order[start : start + window], key=lambda i: -lengths[i])]
+    grouped = group_by_length and batch_size > 1
+    if grouped:
+        window = batch_size * LENGTH_GROUP_BATCHES
+        order = [i for start in range(0, len(order), window)
+                 for i in sorted(order[start : start + window], key=lambda i: -lengths[i])]
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if not grouped:
+        return batches
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
