@@ -21,8 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lorag.devmodel import build_random_adapter, build_tiny_model  # noqa: E402
-from lorag.runtime.engine import NULL_ADAPTER_ID, write_null_adapter  # noqa: E402
+from lorag.demo.devmodel import build_tiny_model  # noqa: E402
+from lorag.engine import NULL_ADAPTER_ID, write_null_adapter  # noqa: E402
+from tests.random_adapter import build_random_adapter  # noqa: E402
 
 
 async def greedy(llm, prompt: list[int], lora, request_id: str) -> tuple[int, ...]:  # type: ignore[no-untyped-def]

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/load.py [--requests 2000] [--concurrency 32] [--models base,a1,a2,a3]
 
-Starts its own `lorag serve` on loopback (the tiny model from lorag.devmodel, three
+Starts its own `lorag serve` on loopback (the tiny model from lorag.demo.devmodel, three
 adapters, two adapter slots so they swap), then:
 1. solo: each (model, prompt) once, alone, greedy -> the reference answers;
 2. load: `--requests` chat completions (every fourth one streamed) at `--concurrency`,
@@ -37,8 +37,9 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lorag.devmodel import build_random_adapter, build_tiny_model  # noqa: E402
-from lorag.devserver import wait_until_up  # noqa: E402
+from lorag.demo.devmodel import build_tiny_model  # noqa: E402
+from tests.devserver import wait_until_up  # noqa: E402
+from tests.random_adapter import build_random_adapter  # noqa: E402
 
 ADMIN_KEY = "sk-load-admin-key"
 USER_KEY = "sk-load-user-key"

@@ -7,14 +7,14 @@
 
 One `lorag serve` in this one run serves a domain `bench`: a random rank-8 adapter,
 a system prompt and a knowledge base `bench-kb` built with lorag's own KnowledgeService
-(lorag/demo_data/*/knowledge and docs/*.md: a few hundred chunks), top_k = 4, plugins
+(lorag/demo/data/*/knowledge and docs/*.md: a few hundred chunks), top_k = 4, plugins
 off, no few-shot examples. For each question the two sides are:
  - rag:    POST /v1/chat/completions {model: "bench", messages: [question]}: resolve,
            retrieve (hybrid vector + BM25), prompt fitting and the chat template, generate;
  - direct: POST /v1/completions {model: <the domain's adapter>, prompt: <token ids>} with
            the final prompt's token ids: the same adapter, the same tokens, the same output.
 The direct prompt is built before timing with lorag's own functions (the hits from the
-server's /v1/knowledge/bench-kb/query with the same top_k, lorag.runtime.prompt.build_messages
+server's /v1/knowledge/bench-kb/query with the same top_k, lorag.serving.prompt.build_messages
 and the model's chat template, as the server renders it); the run checks, per question,
 that the rag side's prompt_tokens equals its length and that both sides' greedy answers
 are identical, so the engine does the same work on both sides and the difference is what
@@ -49,15 +49,16 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lorag.devmodel import build_random_adapter, build_tiny_model  # noqa: E402
-from lorag.devserver import wait_until_up  # noqa: E402
+from lorag.demo.devmodel import build_tiny_model  # noqa: E402
+from tests.devserver import wait_until_up  # noqa: E402
+from tests.random_adapter import build_random_adapter  # noqa: E402
 
 KB = "bench-kb"
 DOMAIN = "bench"
 ADAPTER = "bench-lora"
 TOP_K = 4
 SYSTEM_PROMPT = "You are a careful assistant. Answer from the context in two or three sentences."
-SOURCES = [ROOT / "lorag" / "demo_data" / "legal" / "knowledge", ROOT / "lorag" / "demo_data" / "medical" / "knowledge",
+SOURCES = [ROOT / "lorag" / "demo" / "data" / "legal" / "knowledge", ROOT / "lorag" / "demo" / "data" / "medical" / "knowledge",
            ROOT / "docs"]
 QUESTIONS = [
     "How long does a landlord have to return a tenancy deposit?",
@@ -134,7 +135,7 @@ def build_knowledge(config: Path) -> str:
 def final_prompt(client: httpx.Client, tokenizer: Any, question: str) -> tuple[list[int], list[str]]:
     """The token ids the server renders for the domain request, built with lorag's own prompt functions."""
     from lorag.knowledge.retrieval import Hit
-    from lorag.runtime.prompt import build_messages
+    from lorag.serving.prompt import build_messages
 
     response = client.post(f"/v1/knowledge/{KB}/query", json={"query": question, "top_k": TOP_K})
     response.raise_for_status()

@@ -23,7 +23,7 @@ only served_model_name's type and two unused multimodal/reasoning-parser default
 Servers: `vllm` (python -m vllm.entrypoints.openai.api_server), `lorag` (`lorag serve`,
 plugins off, engine.base_via_null_adapter = "auto": on CPU, base requests use the null
 adapter only once more than max_loras adapters have reached the engine, see
-lorag/runtime/engine.py), `lorag-null` ("on": every base request through the null
+lorag/engine.py), `lorag-null` ("on": every base request through the null
 adapter), `lorag-nonull` ("off": never; NOT adapter-safe on vLLM CPU with more adapters
 than max_loras, measured only to price the null adapter), `lorag-nostats`
 (engine.extra disable_log_stats = true), `lorag+plugins` (PII + blocklist + formatting
@@ -58,8 +58,9 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lorag.devmodel import build_random_adapter, build_tiny_model  # noqa: E402
-from lorag.devserver import wait_until_up  # noqa: E402
+from lorag.demo.devmodel import build_tiny_model  # noqa: E402
+from tests.devserver import wait_until_up  # noqa: E402
+from tests.random_adapter import build_random_adapter  # noqa: E402
 
 KV_BYTES = 512 << 20
 PROMPT = "Explain the notice period a tenant must give before ending a lease, with an example."

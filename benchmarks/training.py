@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from lorag.adapters.data import load_examples  # noqa: E402
 from lorag.adapters.train import TrainSettings, collate, resolve_target_modules  # noqa: E402
-from lorag.devmodel import TINY_CORPUS, build_tiny_model  # noqa: E402
+from lorag.demo.devmodel import TINY_CORPUS, build_tiny_model  # noqa: E402
 
 WORDS = TINY_CORPUS.split()
 

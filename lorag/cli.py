@@ -17,17 +17,17 @@ from lorag import __version__
 
 # command name -> "module:attribute" of a click command or group.
 SUBCOMMANDS: dict[str, str] = {
-    "serve": "lorag.runtime.cli:serve",
-    "chat": "lorag.runtime.cli:chat",
-    "demo": "lorag.runtime.demo:demo",
+    "serve": "lorag.server.cli:serve",
+    "chat": "lorag.chat:chat",
+    "demo": "lorag.demo.command:demo",
     "adapters": "lorag.adapters.cli:adapters_group",
     "models": "lorag.models.cli:models_group",
     "kb": "lorag.knowledge.cli:kb_group",
     "plugins": "lorag.plugins.cli:plugins_group",
     "eval": "lorag.evaluation.cli:eval_command",
-    "domains": "lorag.runtime.domains_cli:domains_group",
-    "route": "lorag.runtime.domains_cli:route",
-    "keys": "lorag.runtime.keys_cli:keys_group",
+    "domains": "lorag.serving.domains_cli:domains_group",
+    "route": "lorag.serving.domains_cli:route",
+    "keys": "lorag.server.keys_cli:keys_group",
 }
 
 

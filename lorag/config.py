@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lorag.knowledge.settings import KnowledgeSettings
 from lorag.plugins.settings import PluginsSettings
-from lorag.runtime.domain_settings import DomainSettings, RoutingSettings, check_domain_names
+from lorag.serving.settings import DomainSettings, RoutingSettings, check_domain_names
 
 CONFIG_ENV = "LORAG_CONFIG"
 STATE_ENV = "LORAG_STATE_DIR"
@@ -60,7 +60,7 @@ class EngineSettings(Strict):
     seed: int = 0
     # "auto": where the engine's LoRA kernels mis-handle base requests in mixed batches
     # (vLLM CPU), base requests use the null adapter once the engine's last LoRA slot may
-    # hold an adapter, and go without one before (faster); "on": always. See lorag.runtime.engine.
+    # hold an adapter, and go without one before (faster); "on": always. See lorag.engine.
     base_via_null_adapter: Literal["auto", "on", "off"] = "auto"
     extra: dict[str, Any] = Field(default_factory=dict, description="Passed to AsyncEngineArgs as is.")
 

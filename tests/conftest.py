@@ -1,14 +1,19 @@
 """Shared fixtures: a tiny model and adapters built locally, and a real `lorag serve` process.
 
 Starting vLLM costs ~20 s on CPU, so one server serves the whole session; tests
-that need their own (restart) start it themselves with `start_server`.
+that need their own (restart) start it themselves with `start_server`. Every test that
+starts an engine, itself or through a fixture, is marked `engine`: `pytest -m "not engine"`
+is the fast loop (the request path runs there on tests/echo_engine.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,8 +24,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lorag.devmodel import build_random_adapter, build_tiny_model
-from lorag.devserver import wait_until_up
+from lorag.demo.devmodel import build_tiny_model
+from tests.devserver import wait_until_up
+from tests.random_adapter import build_random_adapter
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = Path(os.environ.get("LORAG_TEST_MODELS", ROOT / ".lorag-test-models"))
@@ -30,6 +36,28 @@ MAX_LORAS = 2
 MAX_RANK = 8
 BASE_NAME = "tiny-base"
 SERVED_ADAPTERS = ("alpha", "beta", "gamma", "delta")
+
+
+# Code that starts a vLLM engine: a `lorag serve` process, the demo, the in-process engine.
+ENGINE_STARTS = re.compile(r"start_server\(|lorag_demo\(|\[\"serve\"|LocalPipeline\(|\bEngine\(settings")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `engine` every test whose own code, or any fixture it uses, starts an engine."""
+    for item in items:
+        fixtures = getattr(item, "_fixtureinfo", None)
+        functions = [defs[-1].func for defs in (fixtures.name2fixturedefs.values() if fixtures else [])]
+        functions.append(getattr(item, "function", None))
+        if any(_starts_engine(function) for function in functions if function is not None):
+            item.add_marker(pytest.mark.engine)
+
+
+@functools.cache
+def _starts_engine(function: object) -> bool:
+    try:
+        return bool(ENGINE_STARTS.search(inspect.getsource(function)))  # type: ignore[arg-type]
+    except (OSError, TypeError):
+        return False
 
 
 @dataclass

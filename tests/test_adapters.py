@@ -13,8 +13,8 @@ import pytest
 
 from lorag.adapters.registry import AdapterRegistry
 from lorag.adapters.validate import AdapterInfo, AdapterInvalid, check_inside_roots
-from lorag.devmodel import build_random_adapter
 from tests.conftest import ADMIN_KEY, USER_KEY, Models, Server, start_server
+from tests.random_adapter import build_random_adapter
 
 MESSAGES = [{"role": "user", "content": "Summarise the policy."}]
 

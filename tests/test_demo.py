@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from lorag.config import load_settings
-from lorag.runtime.demo_samples import trained_answers, triage_schema
-from lorag.runtime.demo_setup import DATA, TINY, TRAINED
+from lorag.demo.samples import trained_answers, triage_schema
+from lorag.demo.setup import DATA, TINY, TRAINED
 from tests.conftest import free_port
 
 ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("LORAG_")}, "TOKENIZERS_PARALLELISM": "false"}
@@ -113,7 +113,7 @@ def test_eval_set_loads_with_lorag_eval_reader() -> None:
 
 def test_demo_data_ships_in_the_wheel() -> None:
     pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
-    assert "demo_data/**/*" in pyproject["tool"]["setuptools"]["package-data"]["lorag"]
+    assert "demo/data/**/*" in pyproject["tool"]["setuptools"]["package-data"]["lorag"]
 
 
 # -- set-up -------------------------------------------------------------------------
@@ -122,8 +122,8 @@ def test_demo_data_ships_in_the_wheel() -> None:
 @pytest.mark.slow
 def test_setup_trains_registers_ingests_and_writes_a_config_that_loads(first_setup: Setup) -> None:
     from lorag.adapters.registry import AdapterRegistry
-    from lorag.adapters.service import AdapterService
     from lorag.knowledge.service import KnowledgeService
+    from lorag.serving.adapter_service import AdapterService
 
     state = first_setup.state
     settings = load_settings(state / "lorag.toml")

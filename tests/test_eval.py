@@ -34,8 +34,8 @@ from typing import Any
 import pytest
 
 from lorag.knowledge.retrieval import Hit
-from lorag.runtime.domain_settings import Example
-from lorag.runtime.prompt import build_messages
+from lorag.serving.prompt import build_messages
+from lorag.serving.settings import Example
 from tests.conftest import MODELS, Models
 
 # Single tokens of the tiny tokenizer (with their leading space): one-word answers the model can copy.
@@ -233,10 +233,10 @@ def build_domain(reader: Path, tmp_path: Path) -> tuple[Path, dict[str, list[dic
     import asyncio
 
     from lorag.adapters.registry import AdapterRegistry
-    from lorag.adapters.service import AdapterService
     from lorag.adapters.train import TrainSettings, train
     from lorag.config import load_settings
     from lorag.knowledge.service import KnowledgeService
+    from lorag.serving.adapter_service import AdapterService
 
     kb_asked, kb_unasked, memo, names = world()
     docs = tmp_path / "kb"

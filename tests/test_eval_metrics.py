@@ -427,7 +427,7 @@ def test_bundled_eval_set_is_unseen_and_complete() -> None:
     import difflib
     import tomllib
 
-    data = Path(__file__).parent.parent / "lorag" / "demo_data"
+    data = Path(__file__).parent.parent / "lorag" / "demo" / "data"
     seen: dict[str, str] = {}
     for domain in ("legal", "medical"):
         for line in (data / domain / "train.jsonl").read_text(encoding="utf-8").splitlines():
@@ -496,7 +496,8 @@ def test_eval_command_checks_everything_before_starting_the_engine(tmp_path: Pat
 def test_errors_every_item_would_hit_stop_the_run() -> None:
     from lorag.errors import LoragError, NotFoundError
     from lorag.evaluation.runner import _systemic
-    from lorag.runtime.pipeline import ContextTooLong, KnowledgeUnavailable
+    from lorag.serving.context import KnowledgeUnavailable
+    from lorag.serving.generation import ContextTooLong
 
     assert _systemic(NotFoundError("no adapter 'memo'", param="lorag.adapter"))
     assert _systemic(KnowledgeUnavailable("store locked"))

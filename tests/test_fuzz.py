@@ -3,7 +3,7 @@
 - schemathesis reads the running server's own /openapi.json and sends valid and
   invalid requests to every operation, with the admin key (reaches everything) and a
   user key; a bounded, derandomized run (the same few hundred cases every time).
-- hypothesis throws arbitrary JSON at the request models of lorag.runtime.protocol:
+- hypothesis throws arbitrary JSON at the request models of lorag.serving.protocol:
   they accept it or raise a ValidationError (a 400), never anything else (a 500).
 The server has its own state directory, so what the fuzz deletes or creates
 (adapters, knowledge bases) touches no other test.
@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from pydantic import ValidationError
 
-from lorag.runtime.protocol import ChatCompletionRequest, CompletionRequest
+from lorag.serving.protocol import ChatCompletionRequest, CompletionRequest
 from tests.conftest import (
     ADMIN_KEY,
     BASE_NAME,

@@ -21,9 +21,9 @@ from click.testing import CliRunner
 
 from lorag.config import ApiKey, ConfigError, load_settings
 from lorag.errors import AuthenticationError
-from lorag.runtime.auth import ANONYMOUS_ADMIN, Keyring, entry_for, identify
-from lorag.runtime.keys import KeyStore, hash_secret
-from lorag.runtime.keys_cli import keys_group
+from lorag.server.auth import ANONYMOUS_ADMIN, Keyring, entry_for, identify
+from lorag.server.keys import KeyStore, hash_secret
+from lorag.server.keys_cli import keys_group
 from tests.conftest import ADMIN_KEY, USER_KEY, Models, Server, start_server
 
 PUBLIC = {"/health", "/ready", "/metrics", "/openapi.json", "/docs", "/redoc"}
@@ -188,8 +188,8 @@ def test_serve_binds_loopback_without_keys(tmp_path: Path, monkeypatch: pytest.M
     """The bind decision only: uvicorn and the app are doubles (starting vLLM proves nothing here)."""
     import uvicorn
 
-    from lorag.runtime import cli as runtime_cli
-    from lorag.runtime import server
+    from lorag.server import app as server
+    from lorag.server import cli as runtime_cli
 
     if with_store_key:
         KeyStore(tmp_path / "state").create("app")

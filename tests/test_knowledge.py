@@ -197,8 +197,8 @@ def test_reingest_is_incremental_and_sync_removes_what_disappeared(make_service:
     assert_consistent(service, kb)
 
 
-def test_filters_several_knowledge_bases_and_the_retrieve_function(make_service: ServiceFactory, tmp_path: Path) -> None:
-    from lorag.knowledge import Hit, retrieve
+def test_filters_several_knowledge_bases_and_hits_for_citations(make_service: ServiceFactory, tmp_path: Path) -> None:
+    from lorag.knowledge import Hit
 
     corpus = write_corpus(tmp_path / "corpus")
     service = make_service()
@@ -220,7 +220,7 @@ def test_filters_several_knowledge_bases_and_the_retrieve_function(make_service:
     strict = service.query(first, "volcano Sicily", mode="vector", score_threshold=0.99)
     assert strict == []
 
-    hits = retrieve(service, [first], "Which volcano is on Sicily?", 2, "hybrid", None)
+    hits = service.query([first], "Which volcano is on Sicily?", top_k=2, mode="hybrid")
     assert isinstance(hits[0], Hit) and Path(hits[0].source).name == "notes.txt"
     assert set(hits[0].to_dict()) >= {"source", "text", "score", "metadata", "kb", "location"}
 
@@ -232,20 +232,24 @@ def test_filters_several_knowledge_bases_and_the_retrieve_function(make_service:
         service.query(["no-such-kb"], "x")
 
 
-def test_retrieve_with_settings_uses_one_shared_service(tmp_path: Path) -> None:
-    from lorag.knowledge import retrieve
-    from lorag.knowledge.service import shared_service
+def test_knowledge_link_opens_one_service_and_reopens_after_close(tmp_path: Path) -> None:
+    from lorag.knowledge.link import KnowledgeLink
 
     settings = settings_for(tmp_path, "embedded", None)
-    service = shared_service(settings)
+    link = KnowledgeLink(settings)
+    assert link.opened() is None  # nothing opened until a part asks
+    service = link.get()
     try:
         service.create("shared")
         service.ingest_paths("shared", [str(write_corpus(tmp_path / "corpus") / "notes.txt")])
-        hits = retrieve(settings, ["shared"], "volcano", 1, "vector", None)
-        assert Path(hits[0].source).name == "notes.txt"
-        assert shared_service(settings) is service
+        assert link.get() is service and link.opened() is service
+        link.close()
+        assert service.closed and link.opened() is None
+        reopened = link.get()  # the store's lock was released: it opens again
+        hits = reopened.query(["shared"], "volcano", top_k=1, mode="vector")
+        assert reopened is not service and Path(hits[0].source).name == "notes.txt"
     finally:
-        service.close()
+        link.close()
 
 
 # ---------------------------------------------------------------------------- crashes

@@ -16,7 +16,8 @@ from fastapi.responses import JSONResponse
 
 from lorag.config import load_settings
 from lorag.errors import LoragError
-from lorag.knowledge.api import close_service, router
+from lorag.knowledge.link import KnowledgeLink
+from lorag.server.knowledge_api import router
 from tests.knowledge_helpers import free_port, hold_store_lock, write_corpus
 
 pytestmark = pytest.mark.timeout(300)
@@ -27,6 +28,7 @@ USER = {"Authorization": "Bearer sk-user-knowledge"}
 def build_app(settings: Any) -> FastAPI:
     app = FastAPI()
     app.state.settings = settings
+    app.state.knowledge = KnowledgeLink(settings)  # what lorag.serving.build gives the real app
     app.include_router(router)
 
     @app.exception_handler(LoragError)
@@ -62,7 +64,7 @@ def server(tmp_path: Path) -> Iterator[tuple[str, Path, FastAPI]]:
     finally:
         uv.should_exit = True
         thread.join(10)
-        close_service(app)
+        app.state.knowledge.close()
 
 
 def test_knowledge_api(server: tuple[str, Path, FastAPI], tmp_path: Path) -> None:
@@ -166,7 +168,7 @@ def test_knowledge_api(server: tuple[str, Path, FastAPI], tmp_path: Path) -> Non
         assert client.delete("/v1/knowledge/manuals", headers=USER).status_code == 403
         assert client.delete("/v1/knowledge/manuals", headers=ADMIN).json() == {"name": "manuals", "deleted": True}
         assert client.get("/v1/knowledge", headers=USER).json()["data"] == []
-    assert app.state.knowledge is not None
+    assert app.state.knowledge.opened() is not None
 
 
 def test_the_api_reports_a_store_held_by_another_process(tmp_path: Path) -> None:
@@ -195,4 +197,4 @@ def test_the_api_reports_a_store_held_by_another_process(tmp_path: Path) -> None
         holder.kill()
         uv.should_exit = True
         thread.join(10)
-        close_service(app)
+        app.state.knowledge.close()

@@ -312,7 +312,6 @@ def test_eval_and_tune_over_the_admin_api(tmp_path: Path) -> None:
     import uvicorn
 
     from lorag.config import load_settings
-    from lorag.knowledge.api import close_service
     from tests.knowledge_helpers import free_port
     from tests.test_knowledge_api import ADMIN, USER, build_app
 
@@ -351,4 +350,4 @@ def test_eval_and_tune_over_the_admin_api(tmp_path: Path) -> None:
     finally:
         server.should_exit = True
         thread.join(10)
-        close_service(app)
+        app.state.knowledge.close()

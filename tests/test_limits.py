@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lorag.config import LimitsSettings
 from lorag.errors import LoragError
-from lorag.runtime.limits import GenerationTimeout, Guard, Limiter, RateLimited, TokenBucket
+from lorag.server.limits import GenerationTimeout, Guard, Limiter, RateLimited, TokenBucket
 from tests.conftest import ADMIN_KEY, USER_KEY, Models, Server, start_server
 
 OTHER_KEY = "sk-other-test-key"

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from lorag.cli import cli
 from lorag.config import load_settings
-from lorag.devmodel import build_tiny_model
+from lorag.demo.devmodel import build_tiny_model
 from lorag.models import (
     SMOLLM2_135M_INSTRUCT,
     WheelFile,
@@ -305,7 +305,7 @@ def test_real_gguf_import_matches_the_gguf_model(real_gguf: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lorag.runtime.demo_setup import REAL
+    from lorag.demo.setup import REAL
 
     models_dir = MODELS / "real-demo" / "models"
     try:

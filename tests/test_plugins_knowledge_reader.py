@@ -22,7 +22,7 @@ STATUTE = """Civil Procedure Code
 def test_plugin_reader_is_used_by_ingestion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     install_example_plugin(tmp_path / "site")
     monkeypatch.delenv(LOAD_ENV, raising=False)
-    monkeypatch.setattr(manager, "_cli_plugins", None)  # load again, now with the example installed
+    manager.forget_process_plugins()  # load again, now with the example installed
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "ccp.statute").write_text(STATUTE, encoding="utf-8")
@@ -39,9 +39,9 @@ def test_plugin_reader_is_used_by_ingestion(tmp_path: Path, monkeypatch: pytest.
         assert "four years" in hits[0].text and "§ 2" in hits[0].location
     finally:
         service.close()
-    monkeypatch.setattr(manager, "_cli_plugins", None)
+    manager.forget_process_plugins()
     monkeypatch.setenv(LOAD_ENV, "")  # plugins off: the extension is unknown again
     from lorag.knowledge.readers import file_type_of
 
     assert file_type_of("x.statute") is None
-    monkeypatch.setattr(manager, "_cli_plugins", None)
+    manager.forget_process_plugins()

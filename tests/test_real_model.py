@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from lorag.devserver import wait_until_up
 from tests.conftest import MODELS, Server, free_port
+from tests.devserver import wait_until_up
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
@@ -147,7 +147,7 @@ def test_domain_answers_a_fact_only_its_knowledge_base_holds_and_cites_it(real_s
     """One of the demo's probes (greedy, so repeatable): the domain reads it, the base model cannot know it."""
     import openai
 
-    from lorag.runtime.demo_samples_real import PROBES, has_fact
+    from lorag.demo.samples_real import PROBES, has_fact
 
     # Its chunk holds one candidate answer; the Saturday probe's also holds the weekday hours, which a
     # 135M model picks or not depending on float rounding (seen both ways on the same weights).

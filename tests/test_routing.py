@@ -7,9 +7,10 @@ from typing import Any
 import pytest
 
 from lorag.config import Settings
-from lorag.runtime.auth import Principal
-from lorag.runtime.domains import DomainCatalog
-from lorag.runtime.routing import Router
+from lorag.knowledge.link import KnowledgeLink
+from lorag.serving.domains import DomainCatalog
+from lorag.serving.principal import Principal
+from lorag.serving.routing import Router
 
 
 def examples(*questions: str) -> dict[str, Any]:
@@ -63,7 +64,7 @@ LABELLED = [
 @pytest.fixture(scope="module")
 def router() -> Router:
     settings = Settings.model_validate({"domains": DOMAINS, "routing": {"threshold": 0.2, "fallback": "general"}})
-    return Router(settings, DomainCatalog(settings))
+    return Router(settings, DomainCatalog(settings), KnowledgeLink(settings))
 
 
 def test_auto_routes_labelled_questions_to_their_domain(router: Router) -> None:

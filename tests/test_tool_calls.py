@@ -8,7 +8,7 @@ import pytest
 def test_required_tool_choice_schema_and_calls() -> None:
     import json
 
-    from lorag.runtime.tool_calls import ToolPlan, forced_choice
+    from lorag.serving.tool_calls import ToolPlan, forced_choice
 
     weather = {"type": "function", "function": {"name": "weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}}}}}

@@ -14,9 +14,10 @@ import structlog
 from fastapi.testclient import TestClient
 
 from lorag.config import Settings, load_settings
-from lorag.runtime.domains import DomainCatalog
-from lorag.runtime.routing import Router
-from lorag.runtime.warmup import warm_up
+from lorag.knowledge.link import KnowledgeLink
+from lorag.serving.domains import DomainCatalog
+from lorag.serving.routing import Router
+from lorag.serving.warmup import warm_up
 
 CONFIG = """
 [domains.legal]
@@ -40,14 +41,13 @@ def settings_for(tmp_path: Path, config: str = CONFIG) -> Settings:
 def test_warm_up_logs_every_part_and_a_missing_knowledge_base_is_logged_not_raised(tmp_path: Path) -> None:
     settings = settings_for(tmp_path)
     catalog = DomainCatalog(settings)
-    router = Router(settings, catalog)
+    knowledge = KnowledgeLink(settings)
+    router = Router(settings, catalog, knowledge)
     try:
         with structlog.testing.capture_logs() as events:
-            report = warm_up(settings, catalog, router)
+            report = warm_up(knowledge, catalog, router)
     finally:
-        from lorag.knowledge.service import close_shared
-
-        close_shared(settings)
+        knowledge.close()
     warm = {(e["part"], e.get("kb")): e for e in events if e["event"] == "warmup"}
     assert warm[("embeddings", None)]["ok"] and warm[("routing", None)]["ok"]
     failed = warm[("knowledge", "missing-kb")]
@@ -63,7 +63,8 @@ def test_warm_up_without_domains_loads_nothing(tmp_path: Path) -> None:
     settings = settings_for(tmp_path, config="")
     catalog = DomainCatalog(settings)
     with structlog.testing.capture_logs() as events:
-        report = warm_up(settings, catalog, Router(settings, catalog))
+        knowledge = KnowledgeLink(settings)
+        report = warm_up(knowledge, catalog, Router(settings, catalog, knowledge))
     assert [e["part"] for e in events if e["event"] == "warmup"] == ["total"]
     assert not report.failed and not [e for e in events if e["event"] == "kb.embedding.load"]
 
@@ -83,11 +84,11 @@ class StartedEngine:
 
 def test_ready_says_it_waits_for_the_warmup_while_health_answers(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from lorag.runtime import server
+    from lorag.server import app as server
 
     release = threading.Event()
 
-    def slow_warmup(settings: Settings, catalog: DomainCatalog, router: Router,
+    def slow_warmup(knowledge: KnowledgeLink, catalog: DomainCatalog, router: Router,
                     on_done: Callable[[], None]) -> threading.Event:
         def run() -> None:
             release.wait(60)

@@ -51,7 +51,7 @@ class Target:
 
     def service(self) -> Any:
         from lorag.adapters.registry import AdapterRegistry
-        from lorag.adapters.service import AdapterService
+        from lorag.serving.adapter_service import AdapterService
 
         return AdapterService(self.settings, AdapterRegistry(self.settings.state_path))
 

@@ -38,10 +38,11 @@ def eval_command(data: Path, domain: str | None, strategies: str, out_dir: Path 
     Each line: {"question", "answer", "sources"?, "schema"?, "domain"?, "subset"?, "format"?, "id"?}.
     See docs/eval.md.
     """
+    from lorag.cli_options import settings_from_flags
     from lorag.evaluation import report
     from lorag.evaluation.dataset import load_eval_set
     from lorag.evaluation.runner import Evaluator, assign_domains, parse_strategies, plan_runs
-    from lorag.runtime.cli import LocalChat, settings_from_flags
+    from lorag.serving.local import LocalPipeline
 
     items = load_eval_set(data)
     chosen = parse_strategies(strategies)
@@ -50,9 +51,9 @@ def eval_command(data: Path, domain: str | None, strategies: str, out_dir: Path 
     plan = plan_runs(items, chosen, domains, settings)
     out = out_dir or Path("lorag-eval") / f"{data.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
-    local = LocalChat(settings)
+    local = LocalPipeline(settings)
     try:
-        evaluator = Evaluator(local.runtime, local.loop.run_until_complete, max_tokens, concurrency)
+        evaluator = Evaluator(local.pipeline, local.loop.run_until_complete, max_tokens, concurrency)
         meta = {"data": str(data.resolve()), "items": len(items), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         with _progress(plan.requests) as step:
             run = evaluator.evaluate(plan, domains, progress=step, meta=meta)

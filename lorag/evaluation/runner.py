@@ -1,9 +1,9 @@
-"""Run an evaluation set through the real runtime, once per strategy.
+"""Run an evaluation set through the real pipeline, once per strategy.
 
 Each strategy is the same chat request to the item's domain with a different `lorag`
 override (the field any API caller may send), so what is measured is exactly what a
 client of that domain would get: the domain's prompt, retrieval, few-shot examples,
-adapter and plugins, through the in-process runtime `lorag chat` uses (no server, no
+adapter and plugins, through the in-process pipeline `lorag chat` uses (no server, no
 HTTP in the timings). Decoding is greedy (temperature 0) so runs repeat.
 
 Requests run one at a time, so latency is a single caller's wait; each strategy gets one
@@ -26,8 +26,8 @@ from lorag.logging import get_logger
 
 if TYPE_CHECKING:
     from lorag.config import Settings
-    from lorag.runtime.domain_settings import DomainSettings
-    from lorag.runtime.pipeline import Runtime
+    from lorag.serving.pipeline import Pipeline
+    from lorag.serving.settings import DomainSettings
 
 log = get_logger("lorag.eval")
 
@@ -145,12 +145,12 @@ def plan_runs(items: Sequence[EvalItem], strategies: Sequence[Strategy], domains
 
 
 class Evaluator:
-    """Runs items under strategies on one in-process runtime (an event loop of its own)."""
+    """Runs items under strategies on one in-process pipeline (an event loop of its own)."""
 
-    def __init__(self, runtime: Runtime, run: Callable[[Any], Any], max_tokens: int | None,
+    def __init__(self, pipeline: Pipeline, run: Callable[[Any], Any], max_tokens: int | None,
                  concurrency: int = 1) -> None:
-        self.runtime = runtime
-        self.run = run  # runs a coroutine to completion on the runtime's loop
+        self.pipeline = pipeline
+        self.run = run  # runs a coroutine to completion on the pipeline's loop
         self.max_tokens = max_tokens  # None: each domain's own default
         # Requests in flight at once: the engine batches them (greedy answers do not change;
         # latencies are then those of a loaded server).
@@ -176,7 +176,7 @@ class Evaluator:
         log.info("eval.done", duration_s=duration, strategies=len(summaries))
         info = {**(meta or {}), "duration_s": duration, "max_tokens": self.max_tokens,
                 "concurrency": self.concurrency,
-                "model": self.runtime.base_model, "domains": sorted(set(domains.values()))}
+                "model": self.pipeline.base_model, "domains": sorted(set(domains.values()))}
         return EvalRun(meta=info, items=results, summaries=summaries, notes=list(plan.notes))
 
     async def _answer_all(self, todo: list[EvalItem], strategy: Strategy, domains: dict[int, str],
@@ -199,7 +199,7 @@ class Evaluator:
         return result
 
     async def _answer(self, item: EvalItem, strategy: Strategy, domain: str) -> ItemResult:
-        from lorag.runtime.protocol import ChatCompletionRequest
+        from lorag.serving.protocol import ChatCompletionRequest
 
         result = ItemResult(strategy=strategy.name, item=item.name, line=item.line, domain=domain,
                             question=item.question, references=list(item.answers), subset=item.subset)
@@ -230,10 +230,10 @@ class Evaluator:
         return score(result, item, strategy.retrieval)
 
     async def _ask(self, request: Any) -> tuple[Any, Any]:
-        from lorag.runtime.pipeline import new_request_id
+        from lorag.serving.jobs import new_request_id
 
-        job = await self.runtime.prepare_chat(request, new_request_id("eval"))
-        return job, await self.runtime.complete(job)
+        job = await self.pipeline.prepare_chat(request, new_request_id("eval"))
+        return job, await self.pipeline.complete(job)
 
 
 def _systemic(err: LoragError) -> bool:

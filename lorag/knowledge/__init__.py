@@ -1,6 +1,6 @@
 """Knowledge bases: ingestion with llama-index, Chroma storage, hybrid retrieval, citations.
 
-`retrieve`, `Hit` and `KnowledgeService` are imported lazily: lorag.config imports
+`Hit` and `KnowledgeService` are imported lazily: lorag.config imports
 this package for its settings, and must not pay for chromadb or torch.
 """
 
@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Hit", "KnowledgeService", "retrieve"]
+__all__ = ["Hit", "KnowledgeService"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("Hit", "retrieve"):
+    if name == "Hit":
         from lorag.knowledge import retrieval as module
 
         return getattr(module, name)

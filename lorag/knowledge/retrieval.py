@@ -12,13 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lorag.errors import LoragError
-
-if TYPE_CHECKING:
-    from lorag.config import Settings
-    from lorag.knowledge.service import KnowledgeService
 
 MODES = ("vector", "keyword", "hybrid")
 # Chunk metadata that is bookkeeping, not something a citation shows.
@@ -139,26 +135,3 @@ class RetrievedLists:
 
 def public_metadata(meta: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in meta.items() if k not in _INTERNAL}
-
-
-def retrieve(
-    settings_or_service: Settings | KnowledgeService,
-    kb_names: list[str],
-    query: str,
-    top_k: int = 5,
-    mode: str = "hybrid",
-    filters: dict[str, Any] | None = None,
-    *,
-    score_threshold: float | None = None,
-    rerank: bool | None = None,
-) -> list[Hit]:
-    """The request pipeline's entry point: ranked, citable hits from one or more knowledge bases.
-
-    Given Settings, the process-wide service for those settings is used (opened once).
-    """
-    from lorag.knowledge.service import KnowledgeService, shared_service
-
-    service = settings_or_service if isinstance(settings_or_service, KnowledgeService) else shared_service(settings_or_service)
-    return service.query(
-        kb_names, query, top_k=top_k, mode=mode, filters=filters, score_threshold=score_threshold, rerank=rerank
-    )

@@ -7,7 +7,6 @@ caller in a process sees the same, current knowledge.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -77,6 +76,11 @@ class KnowledgeService:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> KnowledgeService:
+        """The service for a configuration; its `[plugins] modules` join the process's plugins,
+        so their knowledge readers are used by ingestion."""
+        from lorag.plugins.manager import process_plugins
+
+        process_plugins(settings.plugins.modules)
         return cls(settings.knowledge, settings.state_path)
 
     # -- plumbing -------------------------------------------------------------
@@ -525,46 +529,3 @@ class KnowledgeService:
         if not self.closed:
             self.closed = True
             self.store.close()
-            _forget(self)
-
-
-# ---------------------------------------------------------------------------- sharing
-
-_SHARED: dict[str, KnowledgeService] = {}
-_SHARED_GUARD = threading.Lock()
-
-
-def _key(settings: Settings) -> str:
-    return json.dumps([str(settings.state_path), settings.knowledge.model_dump(mode="json")], sort_keys=True)
-
-
-def shared_service(settings: Settings) -> KnowledgeService:
-    """One service per store and configuration in a process (the API and pipeline share it)."""
-    key = _key(settings)
-    with _SHARED_GUARD:
-        service = _SHARED.get(key)
-        if service is None or service.closed:
-            service = _SHARED[key] = KnowledgeService.from_settings(settings)
-        return service
-
-
-def opened_service(settings: Settings) -> KnowledgeService | None:
-    """The process-wide service if something already opened it (never opens the store itself)."""
-    with _SHARED_GUARD:
-        service = _SHARED.get(_key(settings))
-    return service if service is not None and not service.closed else None
-
-
-def close_shared(settings: Settings) -> None:
-    """Close the process-wide service for these settings, if one was opened (releases the store lock)."""
-    with _SHARED_GUARD:
-        service = _SHARED.pop(_key(settings), None)
-    if service is not None:
-        service.close()
-
-
-def _forget(service: KnowledgeService) -> None:
-    with _SHARED_GUARD:
-        for key, value in list(_SHARED.items()):
-            if value is service:
-                del _SHARED[key]

@@ -14,7 +14,7 @@ import click
 
 from lorag.config import Settings, load_settings
 from lorag.logging import get_logger
-from lorag.plugins.manager import LoadedPlugins, cli_plugins, describe, impls_of
+from lorag.plugins.manager import LoadedPlugins, describe, impls_of, process_plugins
 
 log = get_logger("lorag.plugins")
 
@@ -25,7 +25,7 @@ def plugins_group() -> None:
 
 
 def _host(config: str | None) -> Any:
-    from lorag.plugins.runtime import PluginHost
+    from lorag.plugins.host import PluginHost
 
     settings: Settings = load_settings(config)
     return PluginHost.from_settings(settings)
@@ -79,7 +79,7 @@ def list_tools(config: str | None) -> None:
 
 def add_plugin_commands(group: click.Group, loaded: LoadedPlugins | None = None) -> None:
     """Run register_commands for each loaded plugin; a crash there is one line on stderr."""
-    loaded = loaded or cli_plugins()
+    loaded = loaded or process_plugins()
     for name in [n for n, r in loaded.records.items() if r.ok]:
         for impl in impls_of(loaded.pm, "register_commands", name):
             try:

@@ -20,6 +20,7 @@ import importlib.util
 import os
 import re
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -144,8 +145,7 @@ def load_plugins(modules: dict[str, str] | None = None, *, load: str | None = No
             error=f"listed in {LOAD_ENV} but no installed package provides it"))
 
     for name, module_path in (modules or {}).items():
-        record = PluginRecord(name, "module", module_path)
-        _register(loaded, record, partial(import_module, name, module_path))
+        _register(loaded, PluginRecord(name, "module", module_path), partial(import_module, name, module_path))
 
     _collect_registrations(loaded)
     return loaded
@@ -273,17 +273,43 @@ def _reader_registrar(loaded: LoadedPlugins, plugin: str) -> Callable[[str, Any]
     return register
 
 
-_cli_plugins: LoadedPlugins | None = None
+_process_plugins: LoadedPlugins | None = None
+_process_env: str | None = None  # $LORAG_LOAD_PLUGINS when the set was loaded
+_process_guard = threading.Lock()
 
 
-def cli_plugins() -> LoadedPlugins:
-    """Plugins for the CLI process (entry points + built-ins), loaded once on first use."""
-    global _cli_plugins
-    if _cli_plugins is None:
-        _cli_plugins = load_plugins()
-    return _cli_plugins
+def process_plugins(modules: dict[str, str] | None = None) -> LoadedPlugins:
+    """The process's one plugin set: built-ins, entry points and `[plugins] modules`.
+
+    Loaded on first use; a later call that names modules not loaded yet adds them. The
+    server's PluginHost, ingestion's readers, the tools and the CLI's plugin commands are
+    all views over this set, so a plugin is the same object (and sees the same state) everywhere.
+    A call the set cannot serve (another $LORAG_LOAD_PLUGINS, a module name bound to another
+    path) loads a new set, which becomes the process's.
+    """
+    global _process_plugins, _process_env
+    env = os.environ.get(LOAD_ENV)
+    with _process_guard:
+        current = _process_plugins
+        if current is None or env != _process_env or any(
+            name in current.records and current.records[name].target != path for name, path in (modules or {}).items()
+        ):
+            _process_plugins, _process_env = load_plugins(modules), env
+            return _process_plugins
+        for name, module_path in (modules or {}).items():
+            if name not in current.records:
+                _register(current, PluginRecord(name, "module", module_path), partial(import_module, name, module_path))
+                _collect_registrations(current, only=name)
+        return current
+
+
+def forget_process_plugins() -> None:
+    """Drop the process's plugin set, so the next use loads again (tests that install plugins)."""
+    global _process_plugins
+    with _process_guard:
+        _process_plugins = None
 
 
 def knowledge_readers() -> dict[str, Any]:
-    """Extension -> reader from every loaded plugin, for the knowledge part's ingestion."""
-    return {ext: reader for ext, (_, reader) in cli_plugins().knowledge_readers.items()}
+    """Extension -> reader from the process's plugins, for the knowledge part's ingestion."""
+    return {ext: reader for ext, (_, reader) in process_plugins().knowledge_readers.items()}

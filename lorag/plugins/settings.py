@@ -14,7 +14,7 @@
     style = "plain"
 
 The structure is checked here; each plugin's own settings are checked against the
-model its `settings_model` hook returns, when the plugins load (lorag.plugins.runtime).
+model its `settings_model` hook returns, when the plugins load (lorag.plugins.host).
 """
 
 from __future__ import annotations

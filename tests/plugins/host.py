@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from lorag.config import Settings
+from lorag.plugins.host import PluginHost, RequestHooks
 from lorag.plugins.manager import add_plugin, load_plugins
-from lorag.plugins.runtime import PluginHost, RequestHooks
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent

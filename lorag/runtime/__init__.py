@@ -1,1 +1,0 @@
-"""Serving core: vLLM engine, request path, OpenAI-compatible server, auth."""

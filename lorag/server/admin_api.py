@@ -1,0 +1,74 @@
+"""Admin routes (admin API key): load, list, switch and unload adapters at run time."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from lorag.adapters.registry import version_to_json
+from lorag.server.auth import Principal, require_admin
+from lorag.serving.adapter_service import AdapterService
+
+router = APIRouter(prefix="/admin")
+
+
+class AddAdapter(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    path: str = Field(min_length=1)
+    version: str | None = None
+    activate: bool = True
+
+
+class Activate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: str = Field(min_length=1)
+
+
+def get_adapters(request: Request) -> AdapterService:
+    service: AdapterService = request.app.state.adapters
+    return service
+
+
+@router.get("/adapters")
+async def list_adapters(
+    service: AdapterService = Depends(get_adapters), _: Principal = Depends(require_admin)
+) -> dict[str, Any]:
+    return {"data": service.list()}
+
+
+@router.get("/adapters/{name}")
+async def show_adapter(
+    name: str, service: AdapterService = Depends(get_adapters), _: Principal = Depends(require_admin)
+) -> dict[str, Any]:
+    return service.registry.describe(name)
+
+
+@router.post("/adapters", status_code=201)
+async def add_adapter(
+    body: AddAdapter, service: AdapterService = Depends(get_adapters), _: Principal = Depends(require_admin)
+) -> dict[str, Any]:
+    entry = await service.add(body.name, Path(body.path), version=body.version, activate=body.activate)
+    return version_to_json(entry)
+
+
+@router.post("/adapters/{name}/activate")
+async def activate_adapter(
+    name: str, body: Activate, service: AdapterService = Depends(get_adapters),
+    _: Principal = Depends(require_admin),
+) -> dict[str, Any]:
+    entry = await asyncio.to_thread(service.registry.activate, name, body.version)
+    return version_to_json(entry)
+
+
+@router.delete("/adapters/{name}")
+async def remove_adapter(
+    name: str, version: str | None = None, service: AdapterService = Depends(get_adapters),
+    _: Principal = Depends(require_admin),
+) -> dict[str, Any]:
+    removed = service.remove(name, version)
+    return {"removed": [entry.ref for entry in removed]}

@@ -1,0 +1,328 @@
+"""OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions.
+
+Shapes follow OpenAI's API reference so unmodified OpenAI clients work; lorag's
+extras (adapter, timings) travel in a `lorag` field that those clients ignore.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from lorag.errors import LoragError
+from lorag.server.auth import Principal, require_key
+from lorag.server.errors import error_body
+from lorag.server.limits import admit
+from lorag.server.metrics import observe
+from lorag.serving.jobs import Choice, Delta, Job, new_request_id
+from lorag.serving.pipeline import Pipeline
+from lorag.serving.prompt import citation
+from lorag.serving.protocol import ChatCompletionRequest, CompletionRequest
+
+router = APIRouter()
+DISCONNECT_POLL_S = 0.5
+
+
+def get_pipeline(request: Request) -> Pipeline:
+    pipeline: Pipeline = request.app.state.pipeline
+    return pipeline
+
+
+@router.get("/v1/models")
+async def list_models(
+    pipeline: Pipeline = Depends(get_pipeline), principal: Principal = Depends(require_key)
+) -> dict[str, Any]:
+    """Domains the key may use (and 'auto'), then the base model and adapters for unscoped keys."""
+    created = int(time.time())
+    base = pipeline.base_model
+    data: list[dict[str, Any]] = []
+    usable = pipeline.domains.usable(principal)
+    for domain in usable:
+        data.append({"id": domain.name, "object": "model", "created": created, "owned_by": "lorag",
+                     "root": domain.settings.adapter or base, "parent": base,
+                     "lorag": {"domain": domain.name, **domain.summary()}})
+    if usable:
+        data.append({"id": "auto", "object": "model", "created": created, "owned_by": "lorag", "root": base,
+                     "parent": base, "lorag": {"routes_to": [d.name for d in usable]}})
+    if not (principal.admin or principal.domains is None):
+        return {"object": "list", "data": data}
+    data.append({"id": base, "object": "model", "created": created, "owned_by": "lorag", "root": base,
+                 "parent": None, "max_model_len": pipeline.engine.max_model_len})
+    for entry in pipeline.registry.current():
+        for model_id in (entry.name, entry.ref):
+            if model_id in pipeline.domains:
+                continue  # the domain of that name answers it
+            data.append({
+                "id": model_id, "object": "model", "created": int(entry.created_at), "owned_by": "lorag",
+                "root": entry.ref, "parent": base,
+                "lorag": {"adapter": entry.ref, "rank": entry.rank, "lora_int_id": entry.lora_int_id},
+            })
+    return {"object": "list", "data": data}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(
+    body: ChatCompletionRequest,
+    request: Request,
+    pipeline: Pipeline = Depends(get_pipeline),
+    principal: Principal = Depends(require_key),
+) -> Any:
+    job = await pipeline.prepare_chat(body, request_id_for(request, "chatcmpl"), principal)
+    return await respond(request, pipeline, job, body, stream_chat, chat_response)
+
+
+@router.post("/v1/completions")
+async def completions(
+    body: CompletionRequest,
+    request: Request,
+    pipeline: Pipeline = Depends(get_pipeline),
+    principal: Principal = Depends(require_key),
+) -> Any:
+    job = await pipeline.prepare_completion(body, request_id_for(request, "cmpl"), principal)
+    return await respond(request, pipeline, job, body, stream_completion, completion_response)
+
+
+async def respond(request: Request, pipeline: Pipeline, job: Job, body: Any, streamer: Any, builder: Any) -> Any:
+    """SSE when the client asked for a stream, one JSON response otherwise (the same text either way)."""
+    seen = observe(request, job)  # metrics: status, stage timings, tokens
+    guard = admit(request, job)  # the key's token rate (429) and the generation deadline
+    if body.stream:
+        chunks = seen.stream(guard.stream(streamer(pipeline, job, body)))
+        return StreamingResponse(sse(chunks), media_type="text/event-stream", headers=_stream_headers(job))
+    choices = seen.done(await guard.run(until_disconnected(request, pipeline.complete(job))))
+    return JSONResponse(builder(job, body, choices, pipeline), headers={"x-request-id": job.request_id})
+
+
+# -- helpers --------------------------------------------------------------------
+
+
+def request_id_for(request: Request, prefix: str) -> str:
+    rid: str = request.state.request_id if hasattr(request.state, "request_id") else new_request_id(prefix)
+    return rid if rid.startswith(prefix) else f"{prefix}-{rid}"
+
+
+async def until_disconnected(request: Request, work: Awaitable[list[Choice]]) -> list[Choice]:
+    """Await `work`, cancelling it (and so aborting the engine request) if the client goes away."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise LoragError("Client disconnected.", code="client_disconnected")
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+def _stream_headers(job: Job) -> dict[str, str]:
+    return {"x-request-id": job.request_id, "cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+async def sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+    """Server-sent events; an error mid-stream becomes an error event, then [DONE]."""
+    try:
+        async for chunk in chunks:
+            yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
+    except LoragError as err:
+        yield f"data: {json.dumps(error_body(err.message, err.error_type, err.param, err.code))}\n\n"
+    except Exception as err:  # never a stack trace to the client
+        from lorag.server.errors import log_unexpected
+
+        log_unexpected(err)
+        yield f"data: {json.dumps(error_body('Internal error while generating.', 'server_error', None, None))}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def usage(job: Job, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": job.prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": job.prompt_tokens + completion_tokens,
+    }
+
+
+def lorag_extras(job: Job) -> dict[str, Any]:
+    """What OpenAI clients ignore and lorag's users read: who answered, from what, how fast."""
+    extras = {**job.extras, "domain": job.target.domain.name if job.target.domain else None,
+              "adapter": job.target.adapter_ref, "request_id": job.request_id,
+              "citations": [citation(number, hit) for number, hit in enumerate(job.citations, start=1)],
+              "timings": job.timings}
+    if job.target.route is not None:
+        extras["route"] = job.target.route.to_dict()
+    return extras
+
+
+# -- chat -----------------------------------------------------------------------
+
+
+def chat_logprobs(tokenizer: Any, token_ids: list[int], logprobs: list[dict[int, Any]], top_k: int) -> dict[str, Any]:
+    """OpenAI's chat logprobs: the sampled token and the `top_k` most likely ones at each step."""
+    content = []
+    for token_id, candidates in zip(token_ids, logprobs, strict=False):
+        chosen = candidates.get(token_id)
+        text = _token_text(tokenizer, token_id, chosen)
+        ranked = sorted(candidates.items(), key=lambda kv: -kv[1].logprob)[:top_k]
+        content.append({
+            "token": text,
+            "logprob": max(chosen.logprob, -9999.0) if chosen else -9999.0,
+            "bytes": list(text.encode()),
+            "top_logprobs": [
+                {"token": (t := _token_text(tokenizer, tid, lp)), "logprob": max(lp.logprob, -9999.0),
+                 "bytes": list(t.encode())}
+                for tid, lp in ranked
+            ],
+        })
+    return {"content": content}
+
+
+def _token_text(tokenizer: Any, token_id: int, logprob: Any) -> str:
+    decoded = getattr(logprob, "decoded_token", None)
+    return decoded if decoded is not None else tokenizer.decode([token_id])
+
+
+def chat_response(job: Job, body: ChatCompletionRequest, choices: list[Choice], pipeline: Pipeline) -> dict[str, Any]:
+    out = []
+    for choice in choices:
+        entry: dict[str, Any] = {
+            "index": choice.index,
+            "message": {"role": "assistant", "content": choice.text},
+            "logprobs": None,
+            "finish_reason": choice.finish_reason or "stop",
+        }
+        calls = job.tool_calls.get(choice.index)
+        if calls:  # the model called the client's own tools: the client runs them
+            entry["message"] = {"role": "assistant", "content": choice.text or None,
+                                "tool_calls": [call.to_openai() for call in calls]}
+        if body.logprobs:
+            entry["logprobs"] = chat_logprobs(
+                pipeline.engine.tokenizer, choice.token_ids, choice.logprobs, body.top_logprobs or 0
+            )
+        out.append(entry)
+    return {
+        "id": job.request_id,
+        "object": "chat.completion",
+        "created": job.created,
+        "model": body.model,
+        "choices": out,
+        "usage": usage(job, sum(len(c.token_ids) for c in choices)),
+        "lorag": lorag_extras(job),
+    }
+
+
+async def stream_chat(pipeline: Pipeline, job: Job, body: ChatCompletionRequest) -> AsyncIterator[dict[str, Any]]:
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        data = {"id": job.request_id, "object": "chat.completion.chunk", "created": job.created,
+                "model": body.model, "choices": choices}
+        if body.include_usage:
+            data["usage"] = None
+        data.update(extra)
+        return data
+
+    started: set[int] = set()
+    completion_tokens = 0
+    async for delta in pipeline.generate(job):
+        completion_tokens += len(delta.token_ids)
+        if delta.index not in started:
+            started.add(delta.index)
+            yield chunk([{"index": delta.index, "delta": {"role": "assistant", "content": ""},
+                          "logprobs": None, "finish_reason": None}])
+        yield chunk([_chat_delta(pipeline, job, body, delta)])
+    final: dict[str, Any] = {"lorag": lorag_extras(job)}
+    if body.include_usage:
+        yield chunk([], usage=usage(job, completion_tokens), **final)
+    else:
+        yield chunk([], **final)
+
+
+def _chat_delta(pipeline: Pipeline, job: Job, body: ChatCompletionRequest, delta: Delta) -> dict[str, Any]:
+    logprobs = None
+    if body.logprobs and delta.logprobs:
+        logprobs = chat_logprobs(pipeline.engine.tokenizer, delta.token_ids, delta.logprobs, body.top_logprobs or 0)
+    content: dict[str, Any] = {"content": delta.text} if delta.text or not delta.finish_reason else {}
+    calls = job.tool_calls.get(delta.index) if delta.finish_reason == "tool_calls" else None
+    if calls:
+        content["tool_calls"] = [{"index": i, **call.to_openai()} for i, call in enumerate(calls)]
+    return {"index": delta.index, "delta": content, "logprobs": logprobs, "finish_reason": delta.finish_reason}
+
+
+# -- text completions -----------------------------------------------------------
+
+
+def completion_logprobs(tokenizer: Any, token_ids: list[int], logprobs: list[dict[int, Any]], offset: int) -> dict[str, Any]:
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    position = offset
+    for token_id, candidates in zip(token_ids, logprobs, strict=False):
+        chosen = candidates.get(token_id)
+        text = _token_text(tokenizer, token_id, chosen)
+        tokens.append(text)
+        token_logprobs.append(chosen.logprob if chosen else None)
+        top.append({_token_text(tokenizer, tid, lp): lp.logprob for tid, lp in candidates.items()})
+        offsets.append(position)
+        position += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def completion_response(job: Job, body: CompletionRequest, choices: list[Choice], pipeline: Pipeline) -> dict[str, Any]:
+    tokenizer = pipeline.engine.tokenizer
+    out = []
+    for choice in choices:
+        prefix = tokenizer.decode(job.prompts[choice.index // job.n]) if body.echo else ""
+        entry: dict[str, Any] = {
+            "index": choice.index,
+            "text": prefix + choice.text,
+            "logprobs": None,
+            "finish_reason": choice.finish_reason or "stop",
+        }
+        if body.logprobs is not None:
+            entry["logprobs"] = completion_logprobs(tokenizer, choice.token_ids, choice.logprobs, len(prefix))
+        out.append(entry)
+    return {
+        "id": job.request_id,
+        "object": "text_completion",
+        "created": job.created,
+        "model": body.model,
+        "choices": out,
+        "usage": usage(job, sum(len(c.token_ids) for c in choices)),
+        "lorag": lorag_extras(job),
+    }
+
+
+async def stream_completion(pipeline: Pipeline, job: Job, body: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
+    tokenizer = pipeline.engine.tokenizer
+
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        data = {"id": job.request_id, "object": "text_completion", "created": job.created,
+                "model": body.model, "choices": choices}
+        if body.include_usage:
+            data["usage"] = None
+        data.update(extra)
+        return data
+
+    echoed: set[int] = set()
+    offsets: dict[int, int] = {}
+    completion_tokens = 0
+    async for delta in pipeline.generate(job):
+        completion_tokens += len(delta.token_ids)
+        text = delta.text
+        if body.echo and delta.index not in echoed:
+            echoed.add(delta.index)
+            text = tokenizer.decode(job.prompts[delta.index // job.n]) + text
+        logprobs = None
+        if body.logprobs is not None and delta.logprobs:
+            logprobs = completion_logprobs(tokenizer, delta.token_ids, delta.logprobs, offsets.get(delta.index, 0))
+        offsets[delta.index] = offsets.get(delta.index, 0) + len(text)
+        yield chunk([{"index": delta.index, "text": text, "logprobs": logprobs, "finish_reason": delta.finish_reason}])
+    if body.include_usage:
+        yield chunk([], usage=usage(job, completion_tokens), lorag=lorag_extras(job))
+    else:
+        yield chunk([], lorag=lorag_extras(job))
+

@@ -1,0 +1,1 @@
+"""The HTTP-free request path: resolution, prompt, tools, domains, routing, the protocol."""

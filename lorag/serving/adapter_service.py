@@ -1,0 +1,87 @@
+"""Adding and removing adapters: validation, the registry and (when serving) the engine together.
+
+The server's admin API and the offline CLI both go through this one class, so
+the same checks guard both doors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lorag.adapters.registry import AdapterRegistry, AdapterVersion, check_name, version_to_json
+from lorag.adapters.validate import check_inside_roots, model_module_names, validate_adapter
+from lorag.config import Settings
+from lorag.logging import get_logger
+
+if TYPE_CHECKING:
+    from lorag.engine import Engine
+
+log = get_logger("lorag.adapters")
+
+
+class AdapterService:
+    def __init__(self, settings: Settings, registry: AdapterRegistry, engine: Engine | None = None) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.engine = engine
+
+    @property
+    def allowed_roots(self) -> list[Path]:
+        return [Path(r) for r in self.settings.adapters.allowed_roots] + [self.settings.state_path]
+
+    @cached_property
+    def _model_modules(self) -> set[str]:
+        return model_module_names(self.settings.model.path)
+
+    def validate(self, name: str, path: Path, version: str | None, trusted: bool) -> tuple[Path, Any]:
+        check_name(name, version)
+        source = path.expanduser().resolve() if trusted else check_inside_roots(path, self.allowed_roots)
+        info = validate_adapter(
+            source,
+            served_model=self.settings.model.path,
+            model_module_names=self._model_modules,
+            max_lora_rank=self.settings.engine.max_lora_rank,
+        )
+        return source, info
+
+    async def add(
+        self, name: str, path: Path, *, version: str | None = None, activate: bool = True, trusted: bool = False
+    ) -> AdapterVersion:
+        """Validate, copy in, load into the engine, then make it visible (in that order)."""
+        source, info = await asyncio.to_thread(self.validate, name, path, version, trusted)
+        # Registered but not yet current, so no request can reach it before the engine has it.
+        entry = await asyncio.to_thread(self.registry.register, name, source, info, version=version, activate=False)
+        if self.engine is not None:
+            try:
+                await self.engine.load_adapter(entry)
+            except Exception as err:
+                self.registry.unregister(entry.name, entry.version)
+                self.registry.delete_files(entry)
+                from lorag.adapters.validate import AdapterInvalid
+
+                raise AdapterInvalid(f"The engine refused adapter {entry.ref}: {err}") from None
+        if activate:
+            entry = self.registry.activate(entry.name, entry.version)
+        log.info("adapter_added", adapter=entry.ref, lora_int_id=entry.lora_int_id, rank=entry.rank)
+        return entry
+
+    def remove(self, name: str, version: str | None = None) -> list[AdapterVersion]:
+        """Forget now; unload and delete files once running requests are done with it."""
+        removed = self.registry.unregister(name, version)
+        for entry in removed:
+            if self.engine is not None:
+                self.engine.retire_adapter(entry, on_released=lambda e=entry: self.registry.delete_files(e))
+            else:
+                self.registry.delete_files(entry)
+            log.info("adapter_removed", adapter=entry.ref)
+        return removed
+
+    def list(self) -> list[dict[str, Any]]:
+        current = {(e.name, e.version) for e in self.registry.current()}
+        return [
+            {**version_to_json(e), "current": (e.name, e.version) in current}
+            for e in self.registry.all_versions()
+        ]

@@ -1,0 +1,25 @@
+"""Who is calling: what one request's API key may reach. The HTTP layer (lorag.server.auth) makes one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The caller of one request, with what its key may reach."""
+
+    name: str
+    admin: bool
+    # Domains this key may use; None means every domain.
+    domains: frozenset[str] | None = None
+    # May query knowledge bases directly (/v1/knowledge), not only through a domain.
+    knowledge: bool = True
+    # May change retrieval or the adapter per request (the body's `lorag` field).
+    overrides: bool = True
+
+    def may_use(self, domain: str) -> bool:
+        return self.admin or self.domains is None or domain in self.domains
+
+
+ANONYMOUS_ADMIN = Principal(name="anonymous", admin=True)

@@ -1,0 +1,77 @@
+"""Stage 1: which domain, model and adapter version answer a request, checked against the caller's key."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lorag.adapters.registry import AdapterRegistry, AdapterVersion, split_ref
+from lorag.errors import NotFoundError, PermissionDenied
+from lorag.serving.domains import Domain, DomainCatalog
+from lorag.serving.jobs import Target
+from lorag.serving.routing import Router
+
+if TYPE_CHECKING:
+    from lorag.serving.principal import Principal
+
+
+class Resolver:
+    def __init__(self, base_model: str, registry: AdapterRegistry, domains: DomainCatalog, router: Router) -> None:
+        self.base_model = base_model
+        self.registry = registry
+        self.domains = domains
+        self.router = router
+
+    def resolve(self, model: str, principal: Principal | None = None, question: str = "",
+                adapter_override: str | None = None) -> Target:
+        """What answers `model`.
+
+        'auto' -> the routed domain; '<domain>' -> the domain and its adapter ('<domain>@v2': that
+        version of the domain's adapter); '<base model>' -> base; '<adapter>[@version]' -> it.
+        Base and bare adapters are for keys not scoped to domains.
+        """
+        route = None
+        if model == "auto":
+            if not self.domains.domains:
+                raise NotFoundError("'auto' needs domains in lorag.toml; none are configured.", param="model")
+            route = self.router.route(question, principal)
+            model = route.domain
+        name, version = split_ref(model)
+        if name in self.domains:
+            self.domains.check_use(principal, name)
+            domain = self.domains.get(name)
+            adapter = self._domain_adapter(domain, version, adapter_override, principal)
+            return Target(model=model, adapter=adapter, domain=domain, route=route)
+        if principal is not None and not principal.admin and principal.domains is not None:
+            raise PermissionDenied(f"This API key may only use its domains, not the model '{model}'.",
+                                   param="model")
+        if model == self.base_model:
+            return Target(model=model, adapter=None)
+        return Target(model=model, adapter=self._adapter(model, "model"))
+
+    def _domain_adapter(self, domain: Domain, version: str | None, override: str | None,
+                        principal: Principal | None) -> AdapterVersion | None:
+        configured = domain.settings.adapter
+        if override is not None:
+            if override == "none":
+                return None
+            if split_ref(override)[0] != (split_ref(configured)[0] if configured else None) and not (
+                principal is None or principal.admin or principal.domains is None
+            ):
+                raise PermissionDenied("This API key may not swap the domain's adapter for another one.",
+                                       param="lorag.adapter")
+            return self._adapter(override, "lorag.adapter")
+        if configured is None:
+            if version is not None:
+                raise NotFoundError(f"The domain '{domain.name}' has no adapter, so no version '{version}'.",
+                                    param="model")
+            return None
+        ref = f"{split_ref(configured)[0]}@{version}" if version else configured
+        return self._adapter(ref, "model")
+
+    def _adapter(self, ref: str, param: str) -> AdapterVersion:
+        try:
+            return self.registry.resolve(ref)
+        except NotFoundError:
+            raise NotFoundError(
+                f"The model '{ref}' does not exist. GET /v1/models lists the served models.", param=param,
+            ) from None
