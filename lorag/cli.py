@@ -87,6 +87,9 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         sys.exit(130)
+    except click.UsageError as err:  # a bad flag, argument or value: one line naming it, exit 2
+        click.echo(f"error: {err.format_message()}", err=True)
+        sys.exit(2)
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)

@@ -189,7 +189,7 @@ def test_serve_binds_loopback_without_keys(tmp_path: Path, monkeypatch: pytest.M
     import uvicorn
 
     from lorag.server import app as server
-    from lorag.server import cli as runtime_cli
+    from lorag.server import cli as serve_cli
 
     if with_store_key:
         KeyStore(tmp_path / "state").create("app")
@@ -204,8 +204,8 @@ def test_serve_binds_loopback_without_keys(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(check, "check_model", lambda model: None)  # model "m" is no model: not what this tests
     monkeypatch.setattr(server, "create_app", lambda settings: FakeApp())
     monkeypatch.setattr(uvicorn, "run", lambda app, host, **kw: seen.update(host=host, app=app))
-    monkeypatch.setattr(runtime_cli.signal, "signal", lambda *a: None)
-    result = CliRunner().invoke(runtime_cli.serve, ["--model", "m", "--host", "0.0.0.0",
+    monkeypatch.setattr(serve_cli.signal, "signal", lambda *a: None)
+    result = CliRunner().invoke(serve_cli.serve, ["--model", "m", "--host", "0.0.0.0",
                                                     "--state-dir", str(tmp_path / "state")])
     assert result.exit_code == 0, result.output
     if with_store_key:

@@ -209,9 +209,9 @@ def remove_documents(
 
 def _domains(request: Request) -> DomainCatalog:
     """The server's domain catalog (an app without the request path builds one from its settings)."""
-    runtime = getattr(request.app.state, "runtime", None)
-    if runtime is not None:
-        return runtime.domains  # type: ignore[no-any-return]
+    pipeline = getattr(request.app.state, "pipeline", None)
+    if pipeline is not None:
+        return pipeline.domains  # type: ignore[no-any-return]
     catalog: DomainCatalog | None = getattr(request.app.state, "domains", None)
     if catalog is None:
         catalog = request.app.state.domains = DomainCatalog(request.app.state.settings)

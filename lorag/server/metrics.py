@@ -173,11 +173,11 @@ class StateCollector(Collector):
     def collect(self) -> Iterable[GaugeMetricFamily]:
         state = self.app.state
         yield _gauge("lorag_ready", "1 when the server is ready to answer.", float(bool(getattr(state, "ready", False))))
-        runtime = getattr(state, "runtime", None)
-        if runtime is not None:
+        pipeline = getattr(state, "pipeline", None)
+        if pipeline is not None:
             yield _gauge("lorag_adapters_registered", "Adapters with a current version in the registry.",
-                         len(runtime.registry.current()))
-            engine = runtime.engine
+                         len(pipeline.registry.current()))
+            engine = pipeline.engine
             yield _gauge("lorag_adapters_loaded", "Adapter versions loaded in the engine.",
                          engine.loaded_adapters if engine.llm is not None else 0)
         limiter = getattr(state, "limiter", None)
