@@ -47,10 +47,10 @@ from lorag.config import load_settings  # noqa: E402
 from lorag.knowledge.corpus import expand_corpora  # noqa: E402
 from lorag.knowledge.evaluate import QueryRun, Runs, collect, document_refs  # noqa: E402
 from lorag.knowledge.fusion import Fusion  # noqa: E402
-from lorag.knowledge.ingest import SourceFile, collect_paths  # noqa: E402
 from lorag.knowledge.judged import load_files  # noqa: E402
 from lorag.knowledge.manifest import DocRecord, Manifest, chunk_id_for, doc_id_for  # noqa: E402
 from lorag.knowledge.service import KnowledgeService  # noqa: E402
+from lorag.knowledge.source_files import SourceFile, collect_paths  # noqa: E402
 
 WORDS = ["river", "mountain", "copper", "violin", "orbit", "harbor", "lantern", "meadow", "signal", "glacier", "quartz", "falcon", "cinnamon", "turbine", "archive", "compass", "velvet", "thunder", "saffron", "ledger", "canyon", "beacon", "protein", "enzyme", "membrane", "receptor", "neuron", "cortex", "tumor", "vaccine", "antibody", "genome", "mutation", "insulin", "kidney", "liver", "plasma", "lattice", "photon", "quantum", "magnet", "crystal", "polymer", "catalyst", "reactor", "voltage", "circuit", "sensor", "robot", "market", "invoice", "contract", "tariff", "budget", "pension", "mortgage", "dividend", "auditor", "revenue", "subsidy"]
 

@@ -41,8 +41,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from lorag.adapters.batches import collate  # noqa: E402
 from lorag.adapters.data import load_examples  # noqa: E402
-from lorag.adapters.train import TrainSettings, collate, resolve_target_modules  # noqa: E402
+from lorag.adapters.train_model import resolve_target_modules  # noqa: E402
+from lorag.adapters.train_settings import TrainSettings  # noqa: E402
 from lorag.demo.devmodel import TINY_CORPUS, build_tiny_model  # noqa: E402
 
 WORDS = TINY_CORPUS.split()

@@ -54,13 +54,7 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name in self.lazy:
             module_name, attr = self.lazy[cmd_name].split(":")
-            try:
-                module = importlib.import_module(module_name)
-            except ModuleNotFoundError as err:
-                if err.name and err.name.startswith("lorag"):
-                    return None  # that part is not built in this checkout
-                raise
-            command: click.Command = getattr(module, attr)
+            command: click.Command = getattr(importlib.import_module(module_name), attr)
             return command
         found = super().get_command(ctx, cmd_name)
         if found is None and not self._plugin_commands_added:

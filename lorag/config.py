@@ -13,10 +13,11 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from lorag.knowledge.settings import KnowledgeSettings
 from lorag.plugins.settings import PluginsSettings
+from lorag.schema import Strict
 from lorag.serving.settings import DomainSettings, RoutingSettings, check_domain_names
 
 CONFIG_ENV = "LORAG_CONFIG"
@@ -25,10 +26,6 @@ STATE_ENV = "LORAG_STATE_DIR"
 
 class ConfigError(Exception):
     """A lorag.toml (or flag) that cannot be used; the message is meant for a person."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelSettings(Strict):
@@ -166,7 +163,7 @@ class Settings(Strict):
     def _imported_model_by_name(self) -> Settings:
         # `model.path = "NAME"` may name a model imported with `lorag models import`: every
         # consumer (engine, training, adapter validation) then sees the one folder path.
-        from lorag.models.catalog import resolve_model_path
+        from lorag.models.names import resolve_model_path
 
         resolved = resolve_model_path(self.model.path, self.state_path)
         if resolved != self.model.path:

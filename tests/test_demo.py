@@ -122,8 +122,8 @@ def test_demo_data_ships_in_the_wheel() -> None:
 @pytest.mark.slow
 def test_setup_trains_registers_ingests_and_writes_a_config_that_loads(first_setup: Setup) -> None:
     from lorag.adapters.registry import AdapterRegistry
+    from lorag.adapters.service import AdapterService
     from lorag.knowledge.service import KnowledgeService
-    from lorag.serving.adapter_service import AdapterService
 
     state = first_setup.state
     settings = load_settings(state / "lorag.toml")

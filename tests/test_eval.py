@@ -170,8 +170,8 @@ def build_reader(base: Path, out: Path, steps: int = 600) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lorag.adapters.batches import collate
     from lorag.adapters.data import load_examples
-    from lorag.adapters.train import collate
 
     if (out / "config.json").exists():
         return out
@@ -233,10 +233,10 @@ def build_domain(reader: Path, tmp_path: Path) -> tuple[Path, dict[str, list[dic
     import asyncio
 
     from lorag.adapters.registry import AdapterRegistry
+    from lorag.adapters.service import AdapterService
     from lorag.adapters.train import TrainSettings, train
     from lorag.config import load_settings
     from lorag.knowledge.service import KnowledgeService
-    from lorag.serving.adapter_service import AdapterService
 
     kb_asked, kb_unasked, memo, names = world()
     docs = tmp_path / "kb"

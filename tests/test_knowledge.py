@@ -574,7 +574,7 @@ def test_the_same_corpus_in_any_order_or_resumed_gives_the_same_top_10(
 ) -> None:
     """HNSW answers depend on insertion order; small bases are searched exactly, so two
     orders and an interrupted-then-resumed ingestion rank every query identically."""
-    from lorag.knowledge.ingest import collect_paths
+    from lorag.knowledge.source_files import collect_paths
 
     corpus = write_corpus(tmp_path / "corpus")
     for copy in ("copy-a.txt", "copy-b.txt"):  # identical chunks: exact score ties in every mode
@@ -833,7 +833,8 @@ def test_settings_defaults_and_validation() -> None:
 
 
 def test_reciprocal_rank_fusion_uses_the_weights() -> None:
-    from lorag.knowledge.retrieval import Candidate, reciprocal_rank_fusion
+    from lorag.knowledge.fusion import rrf as reciprocal_rank_fusion
+    from lorag.knowledge.retrieval import Candidate
 
     def ranked(order: str) -> list[Candidate]:
         return [Candidate("kb", chunk, "", {}, 0.0) for chunk in order]

@@ -336,7 +336,7 @@ def test_early_stopping_keeps_the_best_checkpoint(models: Models, tmp_path: Path
 
 
 def test_settings_errors_are_readable(models: Models) -> None:
-    from lorag.adapters.train import TrainSettings
+    from lorag.adapters.train_settings import TrainSettings
 
     with pytest.raises(LoragError, match=r"rank: Input should be greater than or equal to 1"):
         TrainSettings.build(model_path=str(models.base), rank=0)
@@ -346,7 +346,7 @@ def test_length_grouped_batches_pad_less_and_keep_every_example() -> None:
     """Grouping reorders within an epoch only: each example once, same for (seed, epoch), far less padding."""
     import random
 
-    from lorag.adapters.train import epoch_batches
+    from lorag.adapters.batches import epoch_batches
 
     rng = random.Random(0)
     lengths = [rng.choice([40, 60, 80, 400, 450]) for _ in range(97)]
@@ -372,7 +372,7 @@ def test_loss_on_labelled_positions_equals_the_models_own(models: Models, tmp_pa
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lorag.adapters.train import batch_loss, collate, takes_logits_to_keep
+    from lorag.adapters.batches import batch_loss, collate, takes_logits_to_keep
 
     tokenizer = AutoTokenizer.from_pretrained(str(models.base))
     examples = load_examples(write_qa(tmp_path / "qa.jsonl"), tokenizer, 256)[:4]

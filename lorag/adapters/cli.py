@@ -10,81 +10,29 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Any
 
 import click
 
-from lorag.config import Settings, load_settings
+from lorag.adapters.cli_backend import AdapterBackend, AdapterOptions, pass_backend
+from lorag.adapters.train_cli import train_command
+from lorag.cli_options import config_options
 from lorag.errors import LoragError
 
 SERVER_ENV = "LORAG_SERVER"
 API_KEY_ENV = "LORAG_API_KEY"
 
 
-class Target:
-    """Either a server's admin API or the local registry."""
-
-    def __init__(self, settings: Settings, server: str | None, api_key: str | None, offline: bool) -> None:
-        self.settings = settings
-        self.client: Any = None
-        url = None if offline else server or _answering_server(settings)
-        if url:
-            import httpx
-
-            headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-            self.client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=120)
-
-    def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        import httpx
-
-        try:
-            response = self.client.request(method, path, **kwargs)
-        except httpx.HTTPError as err:
-            raise LoragError(f"cannot reach the server at {self.client.base_url}: {err}") from None
-        if response.status_code >= 400:
-            try:
-                message = response.json()["error"]["message"]
-            except Exception:
-                message = response.text[:300]
-            raise LoragError(message)
-        return response.json()
-
-    def service(self) -> Any:
-        from lorag.adapters.registry import AdapterRegistry
-        from lorag.serving.adapter_service import AdapterService
-
-        return AdapterService(self.settings, AdapterRegistry(self.settings.state_path))
-
-
-def _answering_server(settings: Settings) -> str | None:
-    import httpx
-
-    host = settings.server.host if settings.server.host not in ("0.0.0.0", "::") else "127.0.0.1"
-    url = f"http://{host}:{settings.server.port}"
-    try:
-        if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-            return url
-    except httpx.HTTPError:
-        pass
-    return None
-
-
-pass_target = click.make_pass_decorator(Target)
-
-
 @click.group("adapters")
-@click.option("--config", "-c", type=click.Path(dir_okay=False), help="lorag.toml.")
-@click.option("--state-dir", help="State directory (default .lorag).")
+@config_options
 @click.option("--model", help="Base model path (for validation when no server runs).")
 @click.option("--server", envvar=SERVER_ENV, help="A running server's URL (default: the configured one, if it answers).")
 @click.option("--api-key", envvar=API_KEY_ENV, help="Admin API key for the server.")
 @click.option("--offline", is_flag=True, help="Edit the registry directly even if a server answers.")
 @click.pass_context
-def adapters_group(ctx: click.Context, config: str | None, state_dir: str | None, model: str | None,
-                   server: str | None, api_key: str | None, offline: bool) -> None:
+def adapters_group(ctx: click.Context, model: str | None, server: str | None, api_key: str | None,
+                   offline: bool) -> None:
     """Register, list, switch and remove LoRA adapters."""
-    settings = load_settings(config, {"state_dir": state_dir, "model.path": model})
-    ctx.obj = Target(settings, server, api_key, offline)
+    ctx.obj = AdapterOptions(model, server, api_key, offline)
 
 
 @adapters_group.command("add")
@@ -92,8 +40,8 @@ def adapters_group(ctx: click.Context, config: str | None, state_dir: str | None
 @click.argument("path", type=click.Path())
 @click.option("--version", help="Version label (default: v1, v2, ...).")
 @click.option("--no-activate", is_flag=True, help="Register without making it the name's current version.")
-@pass_target
-def add(target: Target, name: str, path: str, version: str | None, no_activate: bool) -> None:
+@pass_backend
+def add(target: AdapterBackend, name: str, path: str, version: str | None, no_activate: bool) -> None:
     """Validate and register the PEFT LoRA directory PATH as NAME (a new version if NAME exists)."""
     if target.client:
         body = {"name": name, "path": str(Path(path).resolve()), "version": version, "activate": not no_activate}
@@ -111,8 +59,8 @@ def add(target: Target, name: str, path: str, version: str | None, no_activate: 
 
 @adapters_group.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@pass_target
-def list_(target: Target, as_json: bool) -> None:
+@pass_backend
+def list_(target: AdapterBackend, as_json: bool) -> None:
     """List adapters and their versions (* marks the current one)."""
     rows = target.call("GET", "/admin/adapters")["data"] if target.client else target.service().list()
     if as_json:
@@ -127,8 +75,8 @@ def list_(target: Target, as_json: bool) -> None:
 
 @adapters_group.command("show")
 @click.argument("name")
-@pass_target
-def show(target: Target, name: str) -> None:
+@pass_backend
+def show(target: AdapterBackend, name: str) -> None:
     """Show NAME's versions and which is current."""
     data = target.call("GET", f"/admin/adapters/{name}") if target.client else target.service().registry.describe(name)
     click.echo(json.dumps(data, indent=2))
@@ -137,8 +85,8 @@ def show(target: Target, name: str) -> None:
 @adapters_group.command("activate")
 @click.argument("name")
 @click.argument("version")
-@pass_target
-def activate(target: Target, name: str, version: str) -> None:
+@pass_backend
+def activate(target: AdapterBackend, name: str, version: str) -> None:
     """Make VERSION the one requests for NAME get (running requests keep theirs)."""
     if target.client:
         target.call("POST", f"/admin/adapters/{name}/activate", json={"version": version})
@@ -149,8 +97,8 @@ def activate(target: Target, name: str, version: str) -> None:
 
 @adapters_group.command("remove")
 @click.argument("ref")
-@pass_target
-def remove(target: Target, ref: str) -> None:
+@pass_backend
+def remove(target: AdapterBackend, ref: str) -> None:
     """Remove NAME (all versions) or NAME@VERSION."""
     from lorag.adapters.registry import split_ref
 
@@ -163,6 +111,5 @@ def remove(target: Target, ref: str) -> None:
     click.echo("removed " + ", ".join(removed))
 
 
-from lorag.adapters.train_cli import train_command  # noqa: E402
 
 adapters_group.add_command(train_command)

@@ -65,10 +65,6 @@ class Example:
     input_ids: list[int]
     labels: list[int]
 
-    @property
-    def trained_tokens(self) -> int:
-        return sum(1 for label in self.labels if label != IGNORE)
-
 
 class LineError(Exception):
     """What is wrong with one line (collected, then reported together)."""

@@ -13,68 +13,34 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
 from lorag.adapters import checkpoints as ckpt
-from lorag.adapters.data import IGNORE, Example, file_digest, load_examples
+from lorag.adapters.batches import (
+    batch_loss,
+    collate,
+    epoch_batches,
+    evaluate_loss,
+    predicted_tokens,
+    split,
+    takes_logits_to_keep,
+)
+from lorag.adapters.data import file_digest, load_examples
+from lorag.adapters.train_model import (
+    amp_dtype_for,
+    build_model,
+    linear_schedule,
+    load_tokenizer,
+    pad_id_of,
+)
+from lorag.adapters.train_settings import RESUME_FREE, TrainSettings
 from lorag.errors import LoragError
 from lorag.logging import get_logger
 
 log = get_logger("lorag.adapters.train")
-
-ALL_LINEAR = "all-linear"
-# Settings that change how a run is saved, not what it computes: a resume may change them.
-RESUME_FREE = ("save_steps", "keep_checkpoints", "gradient_checkpointing")
-# Batches per window that length grouping sorts (transformers' LengthGroupedSampler uses 50 too):
-# wide enough to find similar lengths, narrow enough to keep the epoch's order random.
-LENGTH_GROUP_BATCHES = 50
-
-
-class TrainSettings(BaseModel):
-    """Everything that decides what is trained (flags of `lorag adapters train`)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    model_path: str = Field(min_length=1)
-    tokenizer_path: str | None = None
-    trust_remote_code: bool = False
-    rank: int = Field(default=16, ge=1)
-    alpha: int = Field(default=32, ge=1)
-    target_modules: tuple[str, ...] = (ALL_LINEAR,)
-    dropout: float = Field(default=0.05, ge=0, lt=1)
-    learning_rate: float = Field(default=2e-4, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    warmup_ratio: float = Field(default=0.03, ge=0, le=1)
-    max_grad_norm: float = Field(default=1.0, gt=0)
-    epochs: int = Field(default=3, ge=1)
-    batch_size: int = Field(default=8, ge=1)
-    group_by_length: bool = Field(default=True, description="Batch examples of similar length (less padding).")
-    grad_accum: int = Field(default=1, ge=1)
-    max_length: int = Field(default=1024, ge=2)
-    val_split: float = Field(default=0.1, ge=0, lt=1)
-    eval_steps: int = Field(default=0, ge=0, description="Also evaluate every N steps (0: at epoch ends only).")
-    early_stopping_patience: int = Field(default=0, ge=0, description="Evaluations without improvement (0: off).")
-    seed: int = 0
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    gradient_checkpointing: bool = False
-    qlora: bool = False
-    save_steps: int = Field(default=0, ge=0, description="Checkpoint every N steps (besides each epoch end).")
-    keep_checkpoints: int = Field(default=2, ge=1)
-
-    @classmethod
-    def build(cls, **values: Any) -> TrainSettings:
-        """Validated settings, or a LoragError naming each bad value."""
-        try:
-            return cls(**values)
-        except ValidationError as err:
-            problems = "; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in err.errors())
-            raise LoragError(f"Invalid training settings: {problems}") from None
-
 
 @dataclass(frozen=True)
 class TrainProgress:
@@ -136,7 +102,7 @@ def train(
     import torch
 
     report = progress or (lambda _event: None)
-    tokenizer = _load_tokenizer(settings)
+    tokenizer = load_tokenizer(settings)
     examples = load_examples(data, tokenizer, settings.max_length)
     train_set, val_set = split(examples, settings.val_split, settings.seed)
     if settings.early_stopping_patience and not val_set:
@@ -144,16 +110,16 @@ def train(
     checkpoint = ckpt.prepare_run(run_dir, fingerprint(settings, data), resume)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    amp_dtype = _amp_dtype(settings.precision, device)
-    model, targets = _build_model(settings, device, amp_dtype)
-    pad_id = _pad_id(tokenizer)
+    amp_dtype = amp_dtype_for(settings.precision, device)
+    model, targets = build_model(settings, device, amp_dtype)
+    pad_id = pad_id_of(tokenizer)
     head_positions = takes_logits_to_keep(model)
     micro_batches = math.ceil(len(train_set) / settings.batch_size)
     steps_per_epoch = math.ceil(micro_batches / settings.grad_accum)
     total_steps = steps_per_epoch * settings.epochs
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(settings.warmup_ratio, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(settings.warmup_ratio, total_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     base_ref = model_reference(settings.model_path)
 
@@ -169,7 +135,7 @@ def train(
     resumed_from = state.step
 
     def evaluate() -> float:
-        return _evaluate(model, val_set, settings.batch_size, pad_id, device, amp_dtype, head_positions)
+        return evaluate_loss(model, val_set, settings.batch_size, pad_id, device, amp_dtype, head_positions)
 
     def save(state: ckpt.TrainerState) -> None:
         ckpt.save_checkpoint(
@@ -209,7 +175,7 @@ def train(
                 loss = batch_loss(model, batch, head_positions)
             scaler.scale(loss / settings.grad_accum).backward()
             accumulated += 1
-            labelled = sum(_predicted_tokens(e) for e in chunk)
+            labelled = sum(predicted_tokens(e) for e in chunk)
             loss_value = float(loss.detach())
             state.epoch_loss_sum += loss_value * labelled
             state.epoch_tokens += labelled
@@ -286,238 +252,6 @@ def train(
              tokens=tokens_here, tokens_per_s=round(result.tokens_per_second, 1))
     report(TrainProgress("end", state.step, total_steps, state.epoch, loss=result.train_loss, val_loss=final_val))
     return result
-
-
-# -- data -----------------------------------------------------------------------------
-
-
-def split(examples: list[Example], val_split: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """A seeded random split; at least one example on each side when validation is asked for."""
-    import torch
-
-    if val_split <= 0:
-        return examples, []
-    if len(examples) < 2:
-        raise LoragError("A validation split needs at least 2 examples; add data or pass --val-split 0.")
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = min(max(1, round(len(examples) * val_split)), len(examples) - 1)
-    return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
-
-
-def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
-    """This epoch's shuffled micro-batches: a function of (seed, epoch) alone, so a resume sees the same.
-
-    Grouped by length, each window of LENGTH_GROUP_BATCHES batches of the shuffled order is
-    sorted by length before it is cut, and the batches are shuffled again: every batch pads
-    to its own longest example, so mixing a 400-token example with 80-token ones costs
-    nearly five times the compute the short ones need.
-    """
-    import torch
-
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    grouped = group_by_length and batch_size > 1
-    if grouped:
-        window = batch_size * LENGTH_GROUP_BATCHES
-        order = [i for start in range(0, len(order), window)
-                 for i in sorted(order[start : start + window], key=lambda i: -lengths[i])]
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    if not grouped:
-        return batches
-    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-
-
-def collate(examples: list[Example], pad_id: int, device: Any) -> dict[str, Any]:
-    """Right-pad to the longest example; padding is masked out of attention and loss."""
-    import torch
-
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, example in enumerate(examples):
-        n = len(example.input_ids)
-        ids[row, :n] = torch.tensor(example.input_ids)
-        labels[row, :n] = torch.tensor(example.labels)
-        mask[row, :n] = 1
-    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
-
-
-def batch_loss(model: Any, batch: dict[str, Any], head_positions: bool) -> Any:
-    """Mean cross-entropy over the batch's labelled tokens, as the model's own loss computes it.
-
-    With `head_positions`, the output head runs only at positions some row has a label
-    after: a prompt (system, question, retrieved context) needs no logits, and on a small
-    model the head and its softmax over the vocabulary are a large share of a step
-    (SmolLM2-135M: 49k x 576, ~20% of the forward pass per token).
-    """
-    import torch
-
-    if not head_positions:
-        return model(**batch).loss
-    targets = batch["labels"][:, 1:]
-    keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(1)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
-    return torch.nn.functional.cross_entropy(
-        logits.float().flatten(0, 1), targets[:, keep].flatten(), ignore_index=IGNORE)
-
-
-def takes_logits_to_keep(model: Any) -> bool:
-    """Whether the model's forward can compute logits at chosen positions only (transformers' Llama, Qwen, ... do)."""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
-
-
-def _predicted_tokens(example: Example) -> int:
-    """Tokens the loss averages over: labelled ones, less the first (nothing predicts it)."""
-    return sum(1 for label in example.labels[1:] if label != IGNORE)
-
-
-def _batches(examples: list[Example], size: int) -> Iterator[list[Example]]:
-    for start in range(0, len(examples), size):
-        yield examples[start : start + size]
-
-
-# -- model ----------------------------------------------------------------------------
-
-
-def _load_tokenizer(settings: TrainSettings) -> Any:
-    from transformers import AutoTokenizer
-
-    source = settings.tokenizer_path or settings.model_path
-    try:
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=settings.trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise LoragError(f"Cannot load the tokenizer of {source}: {err}") from None
-
-
-def _amp_dtype(precision: str, device: Any) -> Any:
-    """Mixed precision only where it pays and works: CUDA (bf16 where supported, else fp16)."""
-    import torch
-
-    if device.type != "cuda":
-        if precision in ("bf16", "fp16"):
-            raise LoragError(f"--precision {precision} needs a CUDA GPU; on CPU training runs in fp32.")
-        return None
-    if precision == "fp32":
-        return None
-    if precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise LoragError("This GPU does not support bf16; use --precision fp16 or auto.")
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if precision == "bf16" else torch.float16
-
-
-def _build_model(settings: TrainSettings, device: Any, amp_dtype: Any) -> tuple[Any, list[str]]:
-    """The base model (4-bit with --qlora) wrapped with a fresh LoRA adapter; returns it and its targets."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    kwargs: dict[str, Any] = {"dtype": amp_dtype or torch.float32, "trust_remote_code": settings.trust_remote_code}
-    if settings.qlora:
-        kwargs.update(_qlora_kwargs(device, amp_dtype))
-    try:
-        model = AutoModelForCausalLM.from_pretrained(settings.model_path, **kwargs)
-    except (OSError, ValueError) as err:
-        raise LoragError(f"Cannot load the base model {settings.model_path}: {err}") from None
-    if not settings.qlora:
-        model.to(device)
-    model.config.use_cache = False
-    targets = resolve_target_modules(model, settings.target_modules)
-    if settings.qlora:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=settings.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif settings.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    torch.manual_seed(settings.seed)  # the LoRA A matrices' initialisation
-    config = LoraConfig(
-        r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-        target_modules=targets, bias="none", task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, config), targets
-
-
-def _qlora_kwargs(device: Any, amp_dtype: Any) -> dict[str, Any]:
-    import torch
-
-    if device.type != "cuda":
-        raise LoragError("--qlora needs a CUDA GPU and none is available; train a plain LoRA adapter without --qlora.")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise LoragError("--qlora needs bitsandbytes, which is not installed: pip install bitsandbytes") from None
-    from transformers import BitsAndBytesConfig
-
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=amp_dtype or torch.float32,
-    )
-    return {"quantization_config": quantization, "device_map": {"": device.index or 0}}
-
-
-def resolve_target_modules(model: Any, requested: tuple[str, ...]) -> list[str]:
-    """Leaf names of the linear layers to adapt ('all-linear': all but the output head).
-
-    Leaf names, not peft's full module paths: the registry and the engine match adapters
-    to the model by leaf name (q_proj, ...).
-    """
-    import torch
-
-    head = model.get_output_embeddings()
-    linear = sorted({
-        name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and module is not head and name
-    })
-    if tuple(requested) == (ALL_LINEAR,):
-        return linear
-    unknown = sorted(set(requested) - set(linear))
-    if unknown:
-        raise LoragError(
-            f"Target modules {', '.join(unknown)} are not linear layers of this model "
-            f"(it has: {', '.join(linear)}; or use {ALL_LINEAR})."
-        )
-    return sorted(set(requested))
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0
-
-
-def _linear_schedule(warmup_ratio: float, total_steps: int) -> Callable[[int], float]:
-    warmup = int(total_steps * warmup_ratio)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return factor
-
-
-def _evaluate(model: Any, examples: list[Example], batch_size: int, pad_id: int, device: Any, amp_dtype: Any,
-              head_positions: bool) -> float:
-    """Mean loss per assistant token over the validation set."""
-    import torch
-
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        for chunk in _batches(examples, batch_size):
-            n = sum(_predicted_tokens(e) for e in chunk)
-            total += float(batch_loss(model, collate(chunk, pad_id, device), head_positions)) * n
-            count += n
-    model.train()
-    return total / max(count, 1)
 
 
 def _record_eval(state: ckpt.TrainerState, val_loss: float, settings: TrainSettings,

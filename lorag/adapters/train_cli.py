@@ -1,6 +1,6 @@
 """`lorag adapters train NAME DATA.jsonl`: fine-tune a LoRA adapter, then register (and serve) it.
 
-Registration goes the way every `lorag adapters` command goes (the group's Target): through
+Registration goes the way every `lorag adapters` command goes (lorag.adapters.cli_backend): through
 a running server's admin API, which hot-loads the new version, or into the registry in the
 state directory when no server runs.
 """
@@ -13,14 +13,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
+from lorag.adapters.cli_backend import AdapterBackend, pass_backend
 from lorag.errors import LoragError
-
-if TYPE_CHECKING:
-    from lorag.adapters.cli import Target
 
 TARGETS_HELP = "Comma-separated leaf names of linear layers (q_proj,v_proj,...), or all-linear."
 
@@ -68,8 +66,8 @@ TARGETS_HELP = "Comma-separated leaf names of linear layers (q_proj,v_proj,...),
 @click.option("--no-activate", is_flag=True, help="Register without making it NAME's current version.")
 @click.option("--serve", is_flag=True, help="Hot-load into the running server (required to answer; checked first).")
 @click.option("--no-register", is_flag=True, help="Only train; register later with `lorag adapters add`.")
-@click.pass_obj  # the adapters group's Target
-def train_command(target: Target, name: str, data: Path, model_path: str | None, output: Path | None,
+@pass_backend
+def train_command(target: AdapterBackend, name: str, data: Path, model_path: str | None, output: Path | None,
                   rank: int, alpha: int | None, target_modules: str, dropout: float, lr: float,
                   warmup_ratio: float, weight_decay: float, epochs: int, batch_size: int, group_by_length: bool,
                   grad_accum: int,
@@ -193,7 +191,7 @@ def _logs_above_the_bar() -> Iterator[None]:
         structlog.configure(logger_factory=before)
 
 
-def _register(target: Target, name: str, adapter_dir: Path, version: str | None, activate: bool) -> None:
+def _register(target: AdapterBackend, name: str, adapter_dir: Path, version: str | None, activate: bool) -> None:
     """Through the server's admin API (hot-loaded) when one answers, else into the local registry."""
     from lorag.adapters.registry import version_to_json
 

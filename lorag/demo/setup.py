@@ -244,7 +244,7 @@ def train_adapter(settings: Settings, kind: DemoKind, domain: DemoDomain, data: 
     """Train with `lorag adapters train` (in this process) unless this exact version is registered."""
     import torch
 
-    from lorag.adapters.cli import Target
+    from lorag.adapters.cli_backend import AdapterBackend
     from lorag.adapters.registry import AdapterRegistry
     from lorag.adapters.train_cli import train_command
     from lorag.errors import NotFoundError
@@ -264,7 +264,7 @@ def train_adapter(settings: Settings, kind: DemoKind, domain: DemoDomain, data: 
     lines = sum(1 for line in train_file.read_text(encoding="utf-8").splitlines() if line.strip())
     echo(f"  adapter        training {domain.adapter} on {lines} examples:\n"
          f"                 lorag adapters train {domain.adapter} {shown(train_file)} {' '.join(kind.train_args)}")
-    target = Target(settings, server=None, api_key=None, offline=True)
+    target = AdapterBackend(settings, server=None, api_key=None, offline=True)
     threads = torch.get_num_threads()
     if kind.train_threads:
         torch.set_num_threads(kind.train_threads)

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from lorag.knowledge.errors import IngestInputError
-from lorag.knowledge.ingest import Collected, Skipped, SourceFile
 from lorag.knowledge.json_lines import json_objects
 from lorag.knowledge.readers import RECORD_SUFFIX, decode_text
+from lorag.knowledge.source_files import Collected, Skipped, SourceFile
 
 CORPUS_FILE_TYPE = "corpus"
 CORPUS_NAMES = ("corpus.jsonl",)  # BEIR's name: always read as a corpus

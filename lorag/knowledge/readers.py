@@ -8,19 +8,28 @@ a reason a person can act on; ingestion reports it by name and goes on.
 
 from __future__ import annotations
 
-import csv
 import io
-import json
 import re
 import tempfile
-import unicodedata
 import zipfile
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
+
+from lorag.knowledge.record_readers import read_corpus_record, read_csv, read_json, read_jsonl
+from lorag.knowledge.segments import (
+    EmptyDocument,
+    ReadResult,
+    Segment,
+    UnreadableFile,
+    UnsupportedFile,
+    decode_text,
+    location_of,
+)
+
+__all__ = ["EmptyDocument", "ReadResult", "UnreadableFile", "UnsupportedFile", "decode_text", "location_of", "read_bytes"]
 
 SUPPORTED: dict[str, str] = {
     ".txt": "text",
@@ -37,33 +46,6 @@ SUPPORTED: dict[str, str] = {
     ".ndjson": "jsonl",
     ".csv": "csv",
 }
-
-
-class UnreadableFile(Exception):
-    """The file cannot be turned into text; the message says why."""
-
-
-class UnsupportedFile(UnreadableFile):
-    """No reader for this file type."""
-
-
-class EmptyDocument(UnreadableFile):
-    """The file has no text to index."""
-
-
-@dataclass
-class Segment:
-    text: str
-    page: int | None = None
-    section: str | None = None
-    title: str | None = None  # a record's own title (JSON/JSONL), else the document's
-
-
-@dataclass
-class ReadResult:
-    file_type: str
-    title: str
-    segments: list[Segment]
 
 
 def file_type_of(name: str) -> str | None:
@@ -125,22 +107,6 @@ def _read_with_plugin(reader: Any, name: str, data: bytes, segment_chars: int) -
 
 
 # ---------------------------------------------------------------------------- text
-
-
-def decode_text(data: bytes) -> str:
-    """UTF-8 (or a legacy 8-bit encoding); binary junk is refused rather than indexed."""
-    if b"\x00" in data[:65536]:
-        raise UnreadableFile("binary data (NUL bytes), not a text file")
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        pass
-    text = data.decode("cp1252", errors="replace")
-    sample = text[:65536]
-    bad = sum(1 for ch in sample if ch == "\ufffd" or (unicodedata.category(ch) == "Cc" and ch not in "\t\n\r\f"))
-    if bad > max(8, len(sample) // 100):
-        raise UnreadableFile("binary data (not valid UTF-8 text)")
-    return text
 
 
 def _read_text(data: bytes, segment_chars: int) -> tuple[str, list[Segment]]:
@@ -318,117 +284,16 @@ def _docx_heading_level(style: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-# ---------------------------------------------------------------------------- records
-
-_TEXT_KEYS = ("text", "content", "body", "abstract", "description", "page_content")
-_TITLE_KEYS = ("title", "name", "heading", "subject")
-_ID_KEYS = ("_id", "id", "doc_id", "uuid")
-
-
-def _record_segment(record: Any, where: str) -> Segment:
-    if isinstance(record, dict):
-        title = next((str(record[k]) for k in _TITLE_KEYS if isinstance(record.get(k), str)), None)
-        body = next((str(record[k]) for k in _TEXT_KEYS if isinstance(record.get(k), str)), None)
-        ident = next((str(record[k]) for k in _ID_KEYS if k in record), None)
-        if body is None:
-            body = "\n".join(f"{key}: {_scalar(value)}" for key, value in record.items())
-        elif title:
-            body = f"{title}\n{body}"
-        section = f"{where} ({ident})" if ident else where
-        return Segment(body, section=section, title=title)
-    return Segment(_scalar(record), section=where)
-
-
-def _scalar(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-
-
-def _read_json(data: bytes, segment_chars: int) -> tuple[str, list[Segment]]:
-    try:
-        value = json.loads(decode_text(data))
-    except json.JSONDecodeError as err:
-        raise UnreadableFile(f"not valid JSON: {err}") from err
-    title = ""
-    if isinstance(value, dict):
-        title = next((str(value[k]) for k in _TITLE_KEYS if isinstance(value.get(k), str)), "")
-        listed = next((value[k] for k in ("documents", "records", "items", "data") if isinstance(value.get(k), list)), None)
-        if listed is None:
-            return title, [_record_segment(value, "record 1")]
-        value = listed
-    if isinstance(value, list):
-        return title, [_record_segment(item, f"record {i}") for i, item in enumerate(value, start=1)]
-    return title, [Segment(_scalar(value))]
-
-
-def _read_jsonl(data: bytes, segment_chars: int) -> tuple[str, list[Segment]]:
-    segments = []
-    for number, line in enumerate(decode_text(data).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UnreadableFile(f"line {number} is not valid JSON: {err.msg}") from err
-        segments.append(_record_segment(record, f"line {number}"))
-    return "", segments
-
-
-def _read_csv(data: bytes, segment_chars: int) -> tuple[str, list[Segment]]:
-    text = decode_text(data)
-    try:
-        dialect: Any = csv.Sniffer().sniff(text[:4096], delimiters=",;\t|")
-    except csv.Error:
-        dialect = csv.excel
-    rows = list(csv.reader(io.StringIO(text), dialect))
-    if not rows:
-        return "", []
-    header, body = rows[0], rows[1:]
-    if not body:
-        return "", [Segment(", ".join(header), section="row 1")]
-    segments: list[Segment] = []
-    lines: list[str] = []
-    first = 2
-    size = 0
-    for line_no, row in enumerate(body, start=2):
-        rendered = "; ".join(
-            f"{header[i] if i < len(header) else f'column {i + 1}'}: {cell}" for i, cell in enumerate(row) if cell.strip()
-        )
-        if lines and size + len(rendered) > segment_chars:
-            segments.append(Segment("\n".join(lines), section=_rows(first, line_no - 1)))
-            lines, size, first = [], 0, line_no
-        lines.append(rendered)
-        size += len(rendered) + 1
-    if lines:
-        segments.append(Segment("\n".join(lines), section=_rows(first, len(body) + 1)))
-    return "", segments
-
-
-def _read_corpus_record(data: bytes, segment_chars: int) -> tuple[str, list[Segment]]:
-    """One record of a corpus file (see lorag.knowledge.corpus): title + text, one document."""
-    record = json.loads(data)
-    title, text = str(record.get("title") or "").strip(), str(record.get("text") or "").strip()
-    body = f"{title}\n{text}" if title and text else (title or text)
-    return title, [Segment(body, section=f"record {record['id']}", title=title or None)]
-
-
-def _rows(first: int, last: int) -> str:
-    return f"row {first}" if first == last else f"rows {first}-{last}"
-
-
 _READERS: dict[str, Callable[[bytes, int], tuple[str, list[Segment]]]] = {
     "text": _read_text,
     "markdown": _read_markdown,
     "html": _read_html,
     "pdf": _read_pdf,
     "docx": _read_docx,
-    "json": _read_json,
-    "jsonl": _read_jsonl,
-    "csv": _read_csv,
-    "corpus": _read_corpus_record,
+    "json": read_json,
+    "jsonl": read_jsonl,
+    "csv": read_csv,
+    "corpus": read_corpus_record,
 }
 
 
-def location_of(page: int | None, section: str | None) -> str:
-    """The human-readable place of a chunk in its document, e.g. 'page 3' or 'Setup > Install'."""
-    parts: Iterable[str] = ([f"page {page}"] if page else []) + ([section] if section else [])
-    return ", ".join(parts)

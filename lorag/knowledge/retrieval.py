@@ -113,15 +113,6 @@ def by_score(candidates: list[Candidate]) -> list[Candidate]:
     return sorted(candidates, key=lambda c: c.score, reverse=True)
 
 
-def reciprocal_rank_fusion(
-    ranked_lists: list[tuple[float, list[Candidate]]], rrf_k: int
-) -> list[tuple[Candidate, float]]:
-    """Weighted RRF over (weight, best-first list) pairs; scores normalised to (0, 1]."""
-    from lorag.knowledge.fusion import rrf
-
-    return rrf(ranked_lists, rrf_k)
-
-
 @dataclass
 class RetrievedLists:
     """One base's vector and keyword lists for one query, best first, before fusion."""

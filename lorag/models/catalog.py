@@ -1,9 +1,8 @@
 """The imported models under `<state_dir>/models/`: list, show, remove, and resolve a name.
 
 Why names: after `lorag models import smollm2.gguf`, a person should be able to write
-`model.path = "smollm2"` (or `lorag serve --model smollm2`) instead of a folder path.
-A name only counts when the folder carries a provenance record, so a stray folder or
-an unfinished import is never mistaken for a model.
+`model.path = "smollm2"` (or `lorag serve --model smollm2`) instead of a folder path
+(lorag.models.names resolves it).
 """
 
 from __future__ import annotations
@@ -14,15 +13,8 @@ import tempfile
 from pathlib import Path
 
 from lorag.models.errors import ModelSourceNotFound
-from lorag.models.probe import NAME_RE
-from lorag.models.record import RECORD_FILE, ModelRecord, read_record
-
-MODELS_SUBDIR = "models"
-
-
-def state_models_dir(state_dir: str | Path) -> Path:
-    """Where imported models live for a state directory."""
-    return Path(state_dir).expanduser().resolve() / MODELS_SUBDIR
+from lorag.models.names import imported_model_dir, resolve_model_path, state_models_dir
+from lorag.models.record import ModelRecord, read_record
 
 
 def list_models(models_dir: str | Path) -> list[ModelRecord]:
@@ -39,14 +31,6 @@ def list_models(models_dir: str | Path) -> list[ModelRecord]:
             record.name = folder.name
             records.append(record)
     return records
-
-
-def imported_model_dir(models_dir: str | Path, name: str) -> Path | None:
-    """The folder of the imported model `name`, or None if there is none."""
-    if not NAME_RE.match(name):
-        return None
-    folder = Path(models_dir) / name
-    return folder.resolve() if (folder / RECORD_FILE).is_file() else None
 
 
 def get_model(models_dir: str | Path, name: str) -> ModelRecord:
@@ -70,7 +54,5 @@ def remove_model(models_dir: str | Path, name: str) -> ModelRecord:
     return record
 
 
-def resolve_model_path(value: str, state_dir: str | Path) -> str:
-    """An imported model's absolute folder when `value` names one; otherwise `value` unchanged."""
-    folder = imported_model_dir(state_models_dir(state_dir), value) if value else None
-    return str(folder) if folder is not None else value
+__all__ = ["get_model", "imported_model_dir", "list_models", "remove_model", "resolve_model_path",
+           "state_models_dir"]

@@ -6,27 +6,33 @@ An imported model is served by name: `lorag serve --model NAME` or
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
-from lorag.config import load_settings
+from lorag.cli_options import cli_settings, config_options
 from lorag.models.catalog import get_model, list_models, remove_model, state_models_dir
 from lorag.models.convert import DTYPES
 from lorag.models.record import ModelRecord
 
-pass_models_dir = click.make_pass_decorator(Path)
+
+def pass_models_dir(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The command gets `<state_dir>/models` of the chosen config first (-c/--state-dir here or on the group)."""
+    @functools.wraps(func)
+    def with_models_dir(*args: Any, **kwargs: Any) -> Any:
+        return func(state_models_dir(cli_settings().state_path), *args, **kwargs)
+
+    return config_options(with_models_dir)
 
 
 @click.group("models")
-@click.option("--config", "-c", type=click.Path(dir_okay=False), help="lorag.toml (for its state_dir).")
-@click.option("--state-dir", help="State directory (default .lorag); models live in its models/ folder.")
-@click.pass_context
-def models_group(ctx: click.Context, config: str | None, state_dir: str | None) -> None:
+@config_options
+def models_group() -> None:
     """Import base models (a GGUF file or a Hugging Face folder) and serve them by name."""
-    settings = load_settings(config, {"state_dir": state_dir})
-    ctx.obj = state_models_dir(settings.state_path)
 
 
 @models_group.command("import")

@@ -26,7 +26,8 @@ from lorag.models.files import (
     sha256_file,
     staging_dir,
 )
-from lorag.models.probe import NAME_RE, SourceInfo, probe_source, weights_digest
+from lorag.models.names import NAME_RE
+from lorag.models.probe import SourceInfo, probe_source, weights_digest
 from lorag.models.record import ModelRecord, write_record
 
 log = get_logger("lorag.models")

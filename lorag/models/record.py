@@ -14,7 +14,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-RECORD_FILE = "lorag-model.json"
+from lorag.models.names import RECORD_FILE
+
+__all__ = ["RECORD_FILE", "ModelRecord", "read_record"]
 
 
 @dataclass

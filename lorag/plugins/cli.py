@@ -12,32 +12,38 @@ from typing import Any
 
 import click
 
-from lorag.config import Settings, load_settings
+from lorag.cli_options import cli_settings, config_options
+from lorag.config import Settings
 from lorag.logging import get_logger
-from lorag.plugins.manager import LoadedPlugins, describe, impls_of, process_plugins
+from lorag.plugins.manager import (
+    LoadedPlugins,
+    call_registration,
+    describe,
+    process_plugins,
+)
 
 log = get_logger("lorag.plugins")
 
 
 @click.group("plugins")
+@config_options
 def plugins_group() -> None:
     """Inspect installed plugins: versions, hooks, tools and the domains that use them."""
 
 
-def _host(config: str | None) -> Any:
+def _host() -> Any:
     from lorag.plugins.host import PluginHost
 
-    settings: Settings = load_settings(config)
+    settings: Settings = cli_settings()
     return PluginHost.from_settings(settings)
 
 
 @plugins_group.command("list")
-@click.option("--config", "-c", type=click.Path(dir_okay=False),
-              help="lorag.toml (default: $LORAG_CONFIG or ./lorag.toml).")
+@config_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def list_plugins(config: str | None, as_json: bool) -> None:
+def list_plugins(as_json: bool) -> None:
     """Every plugin: version, source, status, hooks, and the domains that enable it ("*": the default)."""
-    host = _host(config)
+    host = _host()
     rows = []
     for name, record in sorted(host.records.items()):
         rows.append({
@@ -69,10 +75,10 @@ def list_plugins(config: str | None, as_json: bool) -> None:
 
 
 @plugins_group.command("tools")
-@click.option("--config", "-c", type=click.Path(dir_okay=False))
-def list_tools(config: str | None) -> None:
+@config_options
+def list_tools() -> None:
     """Tools plugins offer, as the OpenAI `tools` entries the models would see."""
-    host = _host(config)
+    host = _host()
     click.echo(json.dumps([tool.openai_schema() | {"plugin": tool.plugin} for tool in host.tools.values()],
                           indent=2))
 
@@ -81,8 +87,7 @@ def add_plugin_commands(group: click.Group, loaded: LoadedPlugins | None = None)
     """Run register_commands for each loaded plugin; a crash there is one line on stderr."""
     loaded = loaded or process_plugins()
     for name in [n for n, r in loaded.records.items() if r.ok]:
-        for impl in impls_of(loaded.pm, "register_commands", name):
-            try:
-                impl.function(group)
-            except Exception as err:
-                click.echo(f"warning: plugin '{name}' could not add its commands: {describe(err)}", err=True)
+        try:
+            call_registration(loaded, name, "register_commands", group)
+        except Exception as err:  # the rest of the CLI keeps working
+            click.echo(f"warning: plugin '{name}' could not add its commands: {describe(err)}", err=True)

@@ -1,67 +1,25 @@
-"""What the serving core calls on every request: PluginHost and RequestHooks.
-
-    host = PluginHost.from_settings(settings)            # once, at start-up
-    hooks = host.for_request(request_id=rid, domain=model_name)   # PluginUnavailable -> 503
-    messages = hooks.request_received(messages)          # ContentBlocked -> 400 content_filter
-    chunks = hooks.context_retrieved(query, chunks)
-    kwargs = hooks.sampling_params(kwargs, request.response_format)   # then SamplingParams(**kwargs)
-    for attempt in range(hooks.max_retries + 1):
-        stream = hooks.output_stream(index)              # per choice, per attempt
-        for delta in generation:                         # streamed or not: the same calls
-            send(stream.feed(delta))
-            if stream.blocked: stop this choice; send(message), finish_reason "content_filter"
-        send(stream.finish())                            # then check stream.blocked again
-        verdict = hooks.output_complete(stream.text, index)
-        if verdict.action != "retry": break
-        messages += [assistant: stream.text, user: verdict.message]; generate again
-    else: raise hooks.rejection(verdict)                 # OutputRejected, HTTP 422
-    refuse: send(verdict.message), finish_reason "content_filter"
-    pass/fix: text, extras = hooks.format(verdict.text, {"lorag": {...}}, citations, index)
-              send(text[len(sent):])                     # streamed: only what is new
-
-Contract:
-- A non-streamed completion goes through output_stream too (feed the whole text,
-  then finish), so both modes give identical text; `stream.text` is all of it.
-- Blocked: what was sent (identical in both modes, blocks included) followed by
-  the message, finish_reason "content_filter".
-- When a plugin called `ctx.hold_output()` (json_schema, formatting other than
-  markdown, validators that may retry), feed() returns "" and finish() returns
-  everything, so a validator can fix, retry or reformat before anything is sent.
-  Otherwise a fix or a format may only append to the text sent (checked here) and
-  a retry of text already sent becomes a refuse.
-- Plugins fail closed: a crash or timeout (`hook_timeout_s`, enforced here) in an
-  input, context or sampling hook raises PluginError (HTTP 500, names the plugin);
-  in an output filter it blocks the stream; in a validator it refuses; in a
-  formatter it raises PluginError. A domain that enables a plugin that is missing
-  or failed to load gets PluginUnavailable (HTTP 503) from `for_request`; other
-  domains are not affected. Deliberate errors (ContentBlocked, any LoragError a
-  plugin raises, e.g. a bad response_format) pass through with their status.
-- Hooks before generation are synchronous; `arequest_received` and
-  `acontext_retrieved` run them off the event loop, so a slow third-party hook
-  delays only its own request.
-- Per-chunk cost: feed() is an append and a compare except every `hold_back/2`
-  characters, when the enabled filters scan one window.
+"""The plugins of a server: PluginHost builds, once, each domain's plan (which implementations
+run, in which order, with which validated settings); `for_request` hands out the RequestHooks
+that run them (lorag.plugins.request_hooks holds the contract).
 """
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
 from lorag.config import ConfigError, format_validation_error
-from lorag.errors import LoragError
 from lorag.logging import get_logger
 from lorag.plugins.errors import ContentBlocked, OutputRejected, PluginError, PluginUnavailable
 from lorag.plugins.hookspecs import REQUEST_HOOKS
 from lorag.plugins.invoke import Impl, Invoker
 from lorag.plugins.manager import LoadedPlugins, describe, impls_of, load_plugins, process_plugins
+from lorag.plugins.request_hooks import DomainPlan, RequestHooks
 from lorag.plugins.settings import PluginsSettings
 from lorag.plugins.stream import OutputStream
 from lorag.plugins.tools import Tool
-from lorag.plugins.types import PluginContext, Replace, RequestState, Verdict
+from lorag.plugins.types import Verdict
 
 if TYPE_CHECKING:
     from lorag.config import Settings
@@ -74,20 +32,6 @@ __all__ = [
 log = get_logger("lorag.plugins")
 
 DEFAULT_PLAN = "\0default"
-
-
-@dataclass
-class DomainPlan:
-    """Which implementations run for a domain, in order, with their settings: built once."""
-
-    plugins: tuple[str, ...]
-    settings: dict[str, Any]
-    hooks: dict[str, tuple[Impl, ...]]
-    problems: list[tuple[str, str]]  # (plugin, why it cannot be used)
-    hold_back: int
-    max_retries: int
-    timeout: float
-    tools: list[Tool] = field(default_factory=list)
 
 
 class PluginHost:
@@ -145,7 +89,7 @@ class PluginHost:
                 "Fix or reinstall the plugin, or take it out of the domain's plugins.",
                 plugin=plugin,
             )
-        return RequestHooks(self, plan, request_id=request_id, domain=domain)
+        return RequestHooks(self.invoker, plan, request_id=request_id, domain=domain)
 
     # -- building plans ----------------------------------------------------------
 
@@ -233,196 +177,3 @@ class PluginHost:
                 rank = -1 if impl.tryfirst else (1 if impl.trylast else 0)
                 found.append((rank, position, Impl(name, hook, impl.function, tuple(impl.argnames), builtin)))
         return tuple(impl for _, _, impl in sorted(found, key=lambda item: item[:2]))
-
-
-class RequestHooks:
-    """The plugin hooks of one request, in the domain's order (see the module docstring)."""
-
-    def __init__(self, host: PluginHost, plan: DomainPlan, *, request_id: str, domain: str) -> None:
-        self.request_id = request_id
-        self.domain = domain
-        self.max_retries = plan.max_retries
-        self._host = host
-        self._plan = plan
-        self._shared = RequestState()
-        self._contexts: dict[str, PluginContext] = {}
-        self._streams: dict[int, OutputStream] = {}  # choice index -> its current attempt's stream
-        self._attempts: dict[int, int] = {}
-
-    @property
-    def plugins(self) -> tuple[str, ...]:
-        return self._plan.plugins
-
-    @property
-    def tools(self) -> list[Tool]:
-        return list(self._plan.tools)
-
-    @property
-    def holds_output(self) -> bool:
-        return self._shared.hold_output
-
-    def context(self, plugin: str) -> PluginContext:
-        ctx = self._contexts.get(plugin)
-        if ctx is None:
-            ctx = PluginContext(self.request_id, self.domain, plugin, self._plan.settings.get(plugin),
-                                _request=self._shared)
-            self._contexts[plugin] = ctx
-        return ctx
-
-    def _call(self, impl: Impl, args: dict[str, Any]) -> Any:
-        args["ctx"] = self.context(impl.plugin)
-        return self._host.invoker.call(impl, args, self._plan.timeout)
-
-    # -- before generation -------------------------------------------------------
-
-    def request_received(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        for impl in self._plan.hooks["request_received"]:
-            result = self._call(impl, {"messages": messages})
-            if result is not None:
-                if not isinstance(result, list) or not all(isinstance(m, dict) for m in result):
-                    raise _bad_return(impl, result, "a list of message dicts")
-                messages = result
-        return messages
-
-    def context_retrieved(self, query: str, chunks: list[Any]) -> list[Any]:
-        for impl in self._plan.hooks["context_retrieved"]:
-            result = self._call(impl, {"query": query, "chunks": chunks})
-            if result is not None:
-                if not isinstance(result, list):
-                    raise _bad_return(impl, result, "a list of chunks")
-                chunks = result
-        return chunks
-
-    def sampling_params(self, params: dict[str, Any], response_format: dict[str, Any] | None) -> dict[str, Any]:
-        for impl in self._plan.hooks["sampling_params"]:
-            result = self._call(impl, {"params": dict(params), "response_format": response_format})
-            if result is not None:
-                if not isinstance(result, dict):
-                    raise _bad_return(impl, result, "a dict of sampling parameters")
-                params = result
-        return params
-
-    def _inline(self, hook: str) -> bool:
-        """Only built-ins (bounded work) on this hook: a thread hop would cost more than the call."""
-        return all(impl.inline for impl in self._plan.hooks[hook])
-
-    async def arequest_received(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """request_received off the event loop (a slow plugin then never stalls other requests)."""
-        if self._inline("request_received"):
-            return self.request_received(messages)
-        return await asyncio.to_thread(self.request_received, messages)
-
-    async def acontext_retrieved(self, query: str, chunks: list[Any]) -> list[Any]:
-        if self._inline("context_retrieved"):
-            return self.context_retrieved(query, chunks)
-        return await asyncio.to_thread(self.context_retrieved, query, chunks)
-
-    async def asampling_params(self, params: dict[str, Any],
-                               response_format: dict[str, Any] | None) -> dict[str, Any]:
-        if self._inline("sampling_params"):
-            return self.sampling_params(params, response_format)
-        return await asyncio.to_thread(self.sampling_params, params, response_format)
-
-    # -- during and after generation --------------------------------------------
-
-    def output_stream(self, index: int = 0) -> OutputStream:
-        """A fresh filter stream for one generation attempt of choice `index` (again for each retry)."""
-        self._attempts[index] = self._attempts.get(index, -1) + 1
-        self._shared.attempt = self._attempts[index]
-        impls = self._plan.hooks["output_chunk"]
-        stream = OutputStream(self._scanner(impls) if impls else None,
-                              hold_back=self._plan.hold_back, held=self._shared.hold_output)
-        self._streams[index] = stream
-        return stream
-
-    def _sent(self, index: int) -> str:
-        """What the client already has of choice `index` (nothing while output is held)."""
-        self._shared.attempt = self._attempts.get(index, 0)
-        stream = self._streams.get(index)
-        return stream.emitted if stream is not None and not stream.held else ""
-
-    def _scanner(self, impls: tuple[Impl, ...]) -> Any:
-        def scan(window: str, start: int, final: bool) -> list[Replace]:
-            edits: list[Replace] = []
-            for impl in impls:
-                result = self._call(impl, {"window": window, "start": start, "final": final})
-                if result:
-                    for edit in result:
-                        if not (isinstance(edit, Replace) and 0 <= edit.start <= edit.end <= len(window)
-                                and isinstance(edit.text, str)):
-                            raise _bad_return(impl, edit, "Replace(start, end, text) within the window")
-                        edits.append(edit)
-            return edits
-
-        return scan
-
-    def output_complete(self, text: str, index: int = 0) -> Verdict:
-        """Run the validators; the verdict's text is what to send (whole, or after what was sent)."""
-        sent = self._sent(index)
-        current, fixed_by = text, None
-        for impl in self._plan.hooks["output_complete"]:
-            try:
-                result = self._call(impl, {"text": current})
-            except LoragError as err:
-                return Verdict("refuse", current, err.message, impl.plugin)
-            if result is None:
-                continue
-            if not isinstance(result, Verdict) or result.action not in ("pass", "fix", "retry", "refuse"):
-                problem = _bad_return(impl, result, "a Verdict or None")
-                return Verdict("refuse", current, problem.message, impl.plugin)
-            if result.action == "fix":
-                current, fixed_by = result.text, impl.plugin
-            elif result.action in ("retry", "refuse"):
-                message = result.message or f"The answer was rejected by plugin '{impl.plugin}'."
-                return self._streamable(Verdict(result.action, current, message, impl.plugin), sent)
-        if fixed_by is not None:
-            return self._streamable(Verdict("fix", current, None, fixed_by), sent)
-        return Verdict("pass", current)
-
-    def _streamable(self, verdict: Verdict, sent: str) -> Verdict:
-        """A streamed answer can only grow: turn an impossible fix or retry into a refuse."""
-        if not sent:
-            return verdict
-        if verdict.action == "fix" and verdict.text.startswith(sent):
-            return verdict
-        if verdict.action in ("fix", "retry"):
-            log.warning("plugin_needs_hold_output", plugin=verdict.plugin, action=verdict.action,
-                        request_id=self.request_id)
-            return Verdict("refuse", verdict.text,
-                           f"The answer was withdrawn: plugin '{verdict.plugin}' asked to "
-                           f"{verdict.action} text that was already sent.", verdict.plugin)
-        return verdict
-
-    def rejection(self, verdict: Verdict) -> OutputRejected:
-        """The error to answer with when retries are exhausted."""
-        return OutputRejected(
-            f"The model's answer was still rejected after {self.max_retries} retries "
-            f"(plugin '{verdict.plugin}'): {verdict.message}"
-        )
-
-    def format(self, text: str, response: dict[str, Any], citations: list[Any],
-               index: int = 0) -> tuple[str, dict[str, Any]]:
-        sent = self._sent(index)
-        for impl in self._plan.hooks["format_output"]:
-            result = self._call(impl, {"text": text, "response": response, "citations": citations})
-            if result is None:
-                continue
-            if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], str)
-                    and isinstance(result[1], dict)):
-                raise _bad_return(impl, result, "(text, response) or None")
-            new_text, response = result
-            if sent and not new_text.startswith(sent):
-                raise PluginError(
-                    f"Plugin '{impl.plugin}' rewrote an answer that was already streamed; a formatter "
-                    "that rewrites text must call ctx.hold_output().",
-                    plugin=impl.plugin, hook="format_output",
-                )
-            text = new_text
-        return text, response
-
-
-def _bad_return(impl: Impl, value: Any, expected: str) -> PluginError:
-    return PluginError(
-        f"Plugin '{impl.plugin}' returned {type(value).__name__} from {impl.hook}; expected {expected}.",
-        plugin=impl.plugin, hook=impl.hook,
-    )

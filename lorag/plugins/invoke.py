@@ -33,7 +33,7 @@ class Impl:
     hook: str
     function: Any
     argnames: tuple[str, ...]
-    inline: bool
+    builtin: bool  # lorag's own plugin (bounded work): called inline, no thread and deadline
 
 
 class Invoker:
@@ -45,7 +45,7 @@ class Invoker:
         """Call with the arguments it asks for; LoragErrors pass through, the rest become PluginError."""
         call_args = [args[name] for name in impl.argnames]
         try:
-            if impl.inline:
+            if impl.builtin:
                 return impl.function(*call_args)
             return self._call_with_deadline(impl, call_args, timeout)
         except ContentBlocked as err:

@@ -240,14 +240,19 @@ def impls_of(pm: pluggy.PluginManager, hook: str, plugin_name: str) -> list[Any]
     return [impl for impl in caller.get_hookimpls() if impl.plugin_name == plugin_name]
 
 
+def call_registration(loaded: LoadedPlugins, plugin: str, hook: str, argument: Any) -> None:
+    """One plugin's implementations of a registration hook (tools, readers, commands), called
+    with the hook's one argument; the caller decides what a failure means."""
+    for impl in impls_of(loaded.pm, hook, plugin):
+        impl.function(argument)
+
+
 def _collect_registrations(loaded: LoadedPlugins, only: str | None = None) -> None:
     """Run register_tools and register_knowledge_readers per plugin, so a crash names it."""
     for name in [n for n, r in loaded.records.items() if r.ok and only in (None, n)]:
         try:
-            for impl in impls_of(loaded.pm, "register_tools", name):
-                impl.function(_tool_registrar(loaded, name))
-            for impl in impls_of(loaded.pm, "register_knowledge_readers", name):
-                impl.function(_reader_registrar(loaded, name))
+            call_registration(loaded, name, "register_tools", _tool_registrar(loaded, name))
+            call_registration(loaded, name, "register_knowledge_readers", _reader_registrar(loaded, name))
         except Exception as err:
             loaded.mark_broken(name, f"register hook failed: {describe(err)}")
 

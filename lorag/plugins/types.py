@@ -38,10 +38,6 @@ class PluginContext:
         """0 for the first generation, 1, 2, ... for retries asked by a validator."""
         return self._request.attempt
 
-    @property
-    def output_held(self) -> bool:
-        return self._request.hold_output
-
     def hold_output(self) -> None:
         """Withhold the whole answer until `output_complete` and `format_output` have run.
 

@@ -10,8 +10,8 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from lorag.adapters.registry import version_to_json
+from lorag.adapters.service import AdapterService
 from lorag.server.auth import Principal, require_admin
-from lorag.serving.adapter_service import AdapterService
 
 router = APIRouter(prefix="/admin")
 

@@ -19,12 +19,12 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
 
 from lorag import __version__
+from lorag.adapters.service import AdapterService
 from lorag.config import Settings
 from lorag.engine import Engine
 from lorag.logging import get_logger
 from lorag.server import admin_api, knowledge_api, limits, metrics, openai_api
 from lorag.server.errors import error_body, error_response, install_error_handlers
-from lorag.serving.adapter_service import AdapterService
 from lorag.serving.build import build_pipeline
 from lorag.serving.pipeline import Pipeline
 from lorag.serving.warmup import start_warmup

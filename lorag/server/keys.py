@@ -22,12 +22,12 @@ import secrets
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from lorag.config import ApiKey
 from lorag.errors import ConflictError, LoragError, NotFoundError
+from lorag.schema import now_iso
 
 KEYS_FILE = "keys.json"
 TOKEN_PREFIX = "lrg-"
@@ -122,10 +122,6 @@ def new_secret() -> str:
 
 def hash_secret(secret: str) -> str:
     return "sha256:" + hashlib.sha256(secret.encode()).hexdigest()
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class KeyStore:

@@ -6,28 +6,22 @@ A running server picks changes up on its next request; no restart, no server cal
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from typing import Any
 
 import click
 
-from lorag.config import Settings, load_settings
+from lorag.cli_options import cli_settings, config_options
+from lorag.config import Settings
 from lorag.server.keys import KeyStore, Scopes, StoredKey
 
 
-def _common(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--config and --state-dir on every keys command (the store lives in the state dir)."""
-    func = click.option("--state-dir", default=None, help="State directory (default: from config, or .lorag).")(func)
-    func = click.option("--config", "-c", "config_path", default=None, help="Path to lorag.toml.")(func)
-    return func
-
-
-def _open(config_path: str | None, state_dir: str | None) -> tuple[Settings, KeyStore]:
-    settings = load_settings(config_path, {"state_dir": state_dir})
+def _open() -> tuple[Settings, KeyStore]:
+    """The chosen config and its key store (which lives in the state dir)."""
+    settings = cli_settings()
     return settings, KeyStore(settings.state_path)
 
 
 @click.group("keys")
+@config_options
 def keys_group() -> None:
     """API keys: create (the secret is shown once), list, revoke. Only hashes are stored."""
 
@@ -39,11 +33,11 @@ def keys_group() -> None:
 @click.option("--no-knowledge", is_flag=True, help="May not query knowledge bases directly (/v1/knowledge).")
 @click.option("--no-overrides", is_flag=True, help="May not override retrieval or the adapter per request.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (the secret included, once).")
-@_common
+@config_options
 def create_cmd(name: str, admin: bool, domains: tuple[str, ...], no_knowledge: bool, no_overrides: bool,
-               as_json: bool, config_path: str | None, state_dir: str | None) -> None:
+               as_json: bool) -> None:
     """Create a key and print its secret. It cannot be shown again: store it now."""
-    settings, store = _open(config_path, state_dir)
+    settings, store = _open()
     reserved = frozenset(k.name for k in settings.server.api_keys if k.name)
     entry, secret = store.create(name, admin=admin, domains=list(domains) if domains else None,
                                  knowledge=not no_knowledge, overrides=not no_overrides, reserved_names=reserved)
@@ -61,10 +55,10 @@ def create_cmd(name: str, admin: bool, domains: tuple[str, ...], no_knowledge: b
 @keys_group.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--all", "show_all", is_flag=True, help="Include revoked keys.")
-@_common
-def list_cmd(as_json: bool, show_all: bool, config_path: str | None, state_dir: str | None) -> None:
+@config_options
+def list_cmd(as_json: bool, show_all: bool) -> None:
     """List keys (never their secrets): from the key store, and those in lorag.toml."""
-    settings, store = _open(config_path, state_dir)
+    settings, store = _open()
     stored = [k for k in store.load() if show_all or k.active]
     configured = [(k.name or "(unnamed)", Scopes.of(k)) for k in settings.server.api_keys]
     if as_json:
@@ -85,10 +79,10 @@ def list_cmd(as_json: bool, show_all: bool, config_path: str | None, state_dir: 
 
 @keys_group.command("revoke")
 @click.argument("name_or_id")
-@_common
-def revoke_cmd(name_or_id: str, config_path: str | None, state_dir: str | None) -> None:
+@config_options
+def revoke_cmd(name_or_id: str) -> None:
     """Revoke a key by name or id; a running server refuses it from its next request."""
-    settings, store = _open(config_path, state_dir)
+    settings, store = _open()
     if any(k.name == name_or_id for k in settings.server.api_keys) and not any(
         k.name == name_or_id or k.id == name_or_id for k in store.load()
     ):

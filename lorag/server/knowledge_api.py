@@ -15,9 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lorag.errors import LoragError
 from lorag.knowledge.errors import IngestInputError, PayloadTooLarge
-from lorag.knowledge.ingest import IngestReport, SourceFile
+from lorag.knowledge.ingest import IngestReport
 from lorag.knowledge.link import KnowledgeLink
 from lorag.knowledge.service import UPLOAD_PREFIX, KnowledgeService
+from lorag.knowledge.source_files import SourceFile
 from lorag.server.auth import Principal, require_admin, require_knowledge
 from lorag.serving.domains import DomainCatalog
 

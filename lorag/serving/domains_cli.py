@@ -11,24 +11,23 @@ import json
 
 import click
 
-from lorag.config import load_settings
-
-CONFIG = click.option("--config", "-c", type=click.Path(dir_okay=False), help="lorag.toml (default: ./lorag.toml).")
+from lorag.cli_options import cli_settings, config_options
 
 
 @click.group("domains")
+@config_options
 def domains_group() -> None:
     """Domain profiles: adapter, knowledge bases, plugins, prompt and examples per domain."""
 
 
 @domains_group.command("list")
-@CONFIG
+@config_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def list_domains(config: str | None, as_json: bool) -> None:
+def list_domains(as_json: bool) -> None:
     """Every domain with its adapter, knowledge bases and examples."""
     from lorag.serving.domains import DomainCatalog
 
-    catalog = DomainCatalog(load_settings(config))
+    catalog = DomainCatalog(cli_settings())
     rows = [{"name": d.name, **d.summary()} for d in catalog]
     if as_json:
         click.echo(json.dumps({"domains": rows}, indent=2))
@@ -45,12 +44,12 @@ def list_domains(config: str | None, as_json: bool) -> None:
 
 @domains_group.command("show")
 @click.argument("name")
-@CONFIG
-def show_domain(name: str, config: str | None) -> None:
+@config_options
+def show_domain(name: str) -> None:
     """The whole profile of one domain, as JSON."""
     from lorag.serving.domains import DomainCatalog
 
-    domain = DomainCatalog(load_settings(config)).get(name)
+    domain = DomainCatalog(cli_settings()).get(name)
     profile = domain.settings.model_dump(mode="json")
     profile["examples"]["items"] = [e.model_dump() for e in domain.examples]
     click.echo(json.dumps({"name": name, **profile}, indent=2))
@@ -58,15 +57,15 @@ def show_domain(name: str, config: str | None) -> None:
 
 @click.command("route")
 @click.argument("question")
-@CONFIG
+@config_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def route(question: str, config: str | None, as_json: bool) -> None:
+def route(question: str, as_json: bool) -> None:
     """Show which domain `model: "auto"` picks for QUESTION, and every domain's score."""
     from lorag.knowledge.link import KnowledgeLink
     from lorag.serving.domains import DomainCatalog
     from lorag.serving.routing import Router
 
-    settings = load_settings(config)
+    settings = cli_settings()
     if not settings.domains:
         raise click.ClickException("no domains configured: add [domains.<name>] tables to lorag.toml")
     knowledge = KnowledgeLink(settings)

@@ -37,19 +37,16 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from lorag.plugins.settings import NAME_RE, DomainPlugins
+from lorag.schema import Strict
 
 # Names a domain cannot take: they mean something else in the `model` field.
 RESERVED_NAMES = ("auto",)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class DomainKnowledge(_Strict):
+class DomainKnowledge(Strict):
     """Which knowledge bases a domain retrieves from, and how."""
 
     bases: list[str] = Field(default_factory=list)
@@ -64,12 +61,12 @@ class DomainKnowledge(_Strict):
     timeout_s: float = Field(default=10.0, gt=0, le=600)
 
 
-class Example(_Strict):
+class Example(Strict):
     question: str = Field(min_length=1)
     answer: str = Field(min_length=1)
 
 
-class DomainExamples(_Strict):
+class DomainExamples(Strict):
     """Few-shot examples put into the prompt (in-context learning)."""
 
     items: list[Example] = Field(default_factory=list)
@@ -93,7 +90,7 @@ class DomainExamples(_Strict):
         return examples
 
 
-class GenerationDefaults(_Strict):
+class GenerationDefaults(Strict):
     """Used where a request leaves the field out; `max_tokens_limit` caps what it may ask for."""
 
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -109,7 +106,7 @@ class GenerationDefaults(_Strict):
         return self
 
 
-class DomainTools(_Strict):
+class DomainTools(Strict):
     """Server-side tools the model may call, run by lorag in a bounded loop."""
 
     enabled: list[str] = Field(default_factory=list)
@@ -119,7 +116,7 @@ class DomainTools(_Strict):
     parser: str = "hermes"
 
 
-class DomainSettings(_Strict):
+class DomainSettings(Strict):
     description: str = ""
     adapter: str | None = None
     system_prompt: str = ""
@@ -138,7 +135,7 @@ class DomainSettings(_Strict):
         return value
 
 
-class RoutingSettings(_Strict):
+class RoutingSettings(Strict):
     """`model: "auto"`: the domain whose profile is most similar to the question."""
 
     # all-MiniLM-L6-v2: on-topic questions score about 0.25-0.55, unrelated ones below 0.2.

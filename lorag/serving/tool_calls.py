@@ -73,10 +73,6 @@ class ToolPlan:
         """Every tool in OpenAI form, for the chat template."""
         return [tool.openai_schema() for tool in self.server.values()] + self.client
 
-    @property
-    def client_names(self) -> set[str]:
-        return {str(t["function"]["name"]) for t in self.client}
-
 
 def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"

@@ -7,23 +7,30 @@ the same checks guard both doors.
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from lorag.adapters.registry import AdapterRegistry, AdapterVersion, check_name, version_to_json
 from lorag.adapters.validate import check_inside_roots, model_module_names, validate_adapter
 from lorag.config import Settings
 from lorag.logging import get_logger
 
-if TYPE_CHECKING:
-    from lorag.engine import Engine
-
 log = get_logger("lorag.adapters")
 
 
+class AdapterLoader(Protocol):
+    """What the service needs of an engine (lorag.engine.Engine is one): load now, unload when unused."""
+
+    async def load_adapter(self, adapter: AdapterVersion) -> None: ...
+
+    def retire_adapter(self, adapter: AdapterVersion, on_released: Callable[[], Any] | None = None) -> None: ...
+
+
 class AdapterService:
-    def __init__(self, settings: Settings, registry: AdapterRegistry, engine: Engine | None = None) -> None:
+    def __init__(self, settings: Settings, registry: AdapterRegistry, engine: AdapterLoader | None = None) -> None:
         self.settings = settings
         self.registry = registry
         self.engine = engine
@@ -73,7 +80,7 @@ class AdapterService:
         removed = self.registry.unregister(name, version)
         for entry in removed:
             if self.engine is not None:
-                self.engine.retire_adapter(entry, on_released=lambda e=entry: self.registry.delete_files(e))
+                self.engine.retire_adapter(entry, on_released=functools.partial(self.registry.delete_files, entry))
             else:
                 self.registry.delete_files(entry)
             log.info("adapter_removed", adapter=entry.ref)
