@@ -9,11 +9,8 @@ from typing import Any, Protocol
 
 import click
 
-from lorag.cli_options import settings_from_flags
+from lorag.cli_options import API_KEY_ENV, SERVER_ENV, config_options, settings_from_flags
 from lorag.errors import LoragError
-
-SERVER_ENV = "LORAG_SERVER"
-API_KEY_ENV = "LORAG_API_KEY"
 
 
 @click.command()
@@ -24,17 +21,15 @@ API_KEY_ENV = "LORAG_API_KEY"
 @click.option("--api-key", envvar=API_KEY_ENV, help=f"API key for --server (or ${API_KEY_ENV}).")
 @click.option("--max-tokens", type=int, default=256, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True)
-@click.option("--config", "-c", type=click.Path(dir_okay=False), help="lorag.toml, for in-process chat.")
-@click.option("--state-dir", help="State directory, for in-process chat.")
+@config_options
 @click.option("--engine-model", "engine_model", help="Base model path, for in-process chat.")
 def chat(prompt: str | None, model_name: str | None, system: str | None, server: str | None,
-         api_key: str | None, max_tokens: int, temperature: float, config: str | None,
-         state_dir: str | None, engine_model: str | None) -> None:
+         api_key: str | None, max_tokens: int, temperature: float, engine_model: str | None) -> None:
     """Chat with a model: one PROMPT, or an interactive loop when PROMPT is omitted."""
     if server:
         backend: ChatBackend = HttpChat(server, api_key)
     else:
-        settings = settings_from_flags(config, state_dir, model=engine_model)
+        settings = settings_from_flags(model=engine_model)
         from lorag.serving.local import LocalPipeline
 
         backend = LocalPipeline(settings)

@@ -15,6 +15,8 @@ from pydantic import ValidationError
 
 from lorag.config import AdapterSettings, ApiKey, Settings, load_settings
 
+SERVER_ENV = "LORAG_SERVER"  # a running server's URL, for commands that can talk to one
+API_KEY_ENV = "LORAG_API_KEY"
 CONFIG_KEY = "lorag.config"
 STATE_DIR_KEY = "lorag.state_dir"
 
@@ -58,8 +60,9 @@ def parse_adapter_flag(value: str) -> tuple[str, str]:
     return name, path
 
 
-def settings_from_flags(config: str | None, state_dir: str | None, **flags: Any) -> Settings:
-    """The config file (or defaults), then flags on top."""
+def settings_from_flags(**flags: Any) -> Settings:
+    """The chosen config file (or defaults), then the state dir and the other flags on top."""
+    config, state_dir = chosen_config()
     overrides = {
         "state_dir": state_dir,
         "model.path": flags.get("model"),
@@ -92,8 +95,6 @@ def _api_key(key: str) -> ApiKey:
 
 def common_options(func: Any) -> Any:
     for option in reversed([
-        click.option("--config", "-c", type=click.Path(dir_okay=False), help="lorag.toml (default: $LORAG_CONFIG or ./lorag.toml)."),
-        click.option("--state-dir", help="Where lorag keeps adapters, knowledge and caches (default .lorag)."),
         click.option("--model", help="Imported model name (lorag models list), local HF checkpoint folder or HF model id."),
         click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"])),
         click.option("--max-model-len", type=int),
@@ -102,4 +103,4 @@ def common_options(func: Any) -> Any:
         click.option("--adapter", "adapters", multiple=True, metavar="NAME=PATH", help="Serve this adapter (repeatable)."),
     ]):
         func = option(func)
-    return func
+    return config_options(func)

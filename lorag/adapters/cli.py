@@ -15,11 +15,8 @@ import click
 
 from lorag.adapters.cli_backend import AdapterBackend, AdapterOptions, pass_backend
 from lorag.adapters.train_cli import train_command
-from lorag.cli_options import config_options
+from lorag.cli_options import API_KEY_ENV, SERVER_ENV, config_options
 from lorag.errors import LoragError
-
-SERVER_ENV = "LORAG_SERVER"
-API_KEY_ENV = "LORAG_API_KEY"
 
 
 @click.group("adapters")

@@ -12,6 +12,8 @@ from typing import Any
 
 import click
 
+from lorag.cli_options import config_options
+
 STRATEGIES_HELP = "Comma-separated, from: base, icl, rag, adapter, adapter+rag, adapter+rag+icl."
 
 
@@ -28,11 +30,10 @@ STRATEGIES_HELP = "Comma-separated, from: base, icl, rag, adapter, adapter+rag, 
               help="Most tokens per answer (default: each domain's own generation default).")
 @click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True,
               help="Requests in flight at once; the engine batches them (same greedy answers, loaded latencies).")
-@click.option("--config", "-c", type=click.Path(dir_okay=False), help="lorag.toml (default: $LORAG_CONFIG or ./lorag.toml).")
-@click.option("--state-dir", help="State directory (adapters, knowledge bases).")
+@config_options
 @click.option("--model", "engine_model", help="Base model path (default: model.path from lorag.toml).")
 def eval_command(data: Path, domain: str | None, strategies: str, out_dir: Path | None, max_tokens: int | None,
-                 concurrency: int, config: str | None, state_dir: str | None, engine_model: str | None) -> None:
+                 concurrency: int, engine_model: str | None) -> None:
     """Answer every question of DATA (JSONL) under each strategy and report which wins.
 
     Each line: {"question", "answer", "sources"?, "schema"?, "domain"?, "subset"?, "format"?, "id"?}.
@@ -46,7 +47,7 @@ def eval_command(data: Path, domain: str | None, strategies: str, out_dir: Path 
 
     items = load_eval_set(data)
     chosen = parse_strategies(strategies)
-    settings = settings_from_flags(config, state_dir, model=engine_model)
+    settings = settings_from_flags(model=engine_model)
     domains = assign_domains(items, domain, settings)
     plan = plan_runs(items, chosen, domains, settings)
     out = out_dir or Path("lorag-eval") / f"{data.stem}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -26,7 +26,7 @@ def is_loopback(host: str) -> bool:
 @click.option("--host", help="Bind address (default 127.0.0.1).")
 @click.option("--port", type=int, help="Port (default 8000).")
 @click.option("--api-key", "api_keys", multiple=True, help="Admin API key clients must send (repeatable).")
-def serve(config: str | None, state_dir: str | None, **flags: Any) -> None:
+def serve(**flags: Any) -> None:
     """Serve the base model and its adapters on an OpenAI-compatible API."""
     import uvicorn
 
@@ -34,7 +34,7 @@ def serve(config: str | None, state_dir: str | None, **flags: Any) -> None:
     from lorag.server.app import create_app
     from lorag.server.keys import KeyStore
 
-    settings = settings_from_flags(config, state_dir, **flags)
+    settings = settings_from_flags(**flags)
     check_model(settings.model)  # before uvicorn: a bad model is one line, not a failed start-up
     host = settings.server.host
     has_keys = bool(settings.server.api_keys) or KeyStore(settings.state_path).has_keys()
