@@ -13,6 +13,7 @@ import pytest
 
 from lorag.config import Settings
 from lorag.errors import NotFoundError, PermissionDenied
+from lorag.knowledge.retrieval import Hit
 from lorag.plugins import PluginContext, Verdict, hookimpl
 from lorag.plugins.host import PluginHost
 from lorag.plugins.manager import add_plugin, load_plugins
@@ -162,6 +163,36 @@ def test_the_tool_loop_runs_server_side_calls_and_feeds_results_back(tmp_path: P
     assert [(c["name"], c["arguments"], c["result"]) for c in trace] == [("add", '{"a": 2, "b": 3}', "5")]
     assert "<|tool|>5<|end|>" in engine.calls[1].prompt  # the result went back to the model
     assert '"name": "add"' in engine.calls[0].prompt  # the tool was on offer in the first step
+
+
+class RecordingLink:
+    """A knowledge link whose store answers every search with one passage and records the call."""
+
+    def __init__(self) -> None:
+        self.searches: list[tuple[list[str], str, int | None]] = []
+
+    def get(self) -> RecordingLink:
+        return self
+
+    def query(self, kbs: list[str], question: str, *, top_k: int | None, **_: Any) -> list[Hit]:
+        self.searches.append((kbs, question, top_k))
+        return [Hit(kb=kbs[0], source="lease.md", location="§ 4", text="The deposit is returned in 14 days.",
+                    score=0.9)]
+
+
+def test_search_knowledge_is_a_builtin_tool_that_searches_the_requests_domain(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, domains={"legal": {"knowledge": {"bases": ["leases"], "top_k": 2},
+                                                         "tools": {"enabled": ["search_knowledge"]}}})
+    link = RecordingLink()
+    call = '<tool_call>{"name": "search_knowledge", "arguments": {"query": "deposit", "top_k": 99}}</tool_call>'
+    engine = EchoEngine().reply(call, "Within 14 days [1].")
+    job, text = chat(pipeline_for(settings, engine, knowledge=link), "deposit?", model="legal",
+                     lorag={"no_retrieval": True})
+    assert text == "Within 14 days [1]."
+    # The domain's bases, the model's query, top_k held to the most one search may return.
+    assert link.searches == [(["leases"], "deposit", 20)]
+    (trace,) = job.extras["tools"]["calls"]
+    assert trace["name"] == "search_knowledge" and "14 days" in trace["result"] and "lease.md" in trace["result"]
 
 
 class BrokenLink:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict
 from lorag.config import ConfigError
 from lorag.knowledge.retrieval import Hit
 from lorag.plugins import ContentBlocked, PluginContext, Replace, Verdict, hookimpl
-from lorag.plugins.cli import add_plugin_commands
+from lorag.plugins.cli import add_plugin_commands, hook_specs, plugins_group
 from lorag.plugins.errors import PluginError
 from lorag.plugins.hookspecs import REQUEST_HOOKS
 from lorag.plugins.manager import new_plugin_manager
@@ -32,6 +32,17 @@ def test_plugin_hooks_are_documented(hook: str) -> None:
     signature = f"{hook}({', '.join(caller.spec.argnames)})"
     headings = re.findall(r"^#{2,4} `?([^\n`]+)`?$", content, re.M)
     assert signature in headings, f"docs/plugins.md needs a heading: ### {signature}"
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_the_hooks_docstring_is_the_contract_the_docs_link_to_and_the_cli_prints(hook: str) -> None:
+    """docs/plugins.md points each hook at its docstring instead of repeating it."""
+    section = DOCS.read_text(encoding="utf-8").split(f"### {hook}(")[1].split("\n### ")[0].split("\n## ")[0]
+    assert "(../lorag/plugins/hookspecs.py)" in section
+    signature, doc = hook_specs()[hook]
+    assert len(doc.split()) > 8 and doc.split("\n")[0] not in section
+    printed = CliRunner().invoke(plugins_group, ["hooks", hook])
+    assert printed.exit_code == 0 and printed.output.startswith(signature) and doc.split("\n")[0] in printed.output
 
 
 @pytest.mark.parametrize("hook", HOOKS)
@@ -302,8 +313,9 @@ def test_hook_register_tools_schema_from_type_hints() -> None:
     assert tool.call({"term": "x", "limit": 2}) == ["x", "x"]
     with pytest.raises(Exception, match="invalid arguments"):
         tool.call({"limit": 2})
-    assert [t.name for t in hooks_for(host, "with").tools] == ["lookup"]
-    assert hooks_for(host, "without").tools == []
+    # A plugin's tools only where it is enabled; lorag's own (search_knowledge) everywhere.
+    assert [t.name for t in hooks_for(host, "with").tools] == ["search_knowledge", "lookup"]
+    assert [t.name for t in hooks_for(host, "without").tools] == ["search_knowledge"]
 
 
 def test_hook_register_knowledge_readers_by_extension() -> None:
@@ -317,6 +329,40 @@ def test_hook_register_knowledge_readers_by_extension() -> None:
 
     host = make_host({"readers": Readers()})
     assert host.loaded.knowledge_readers[".law"] == ("readers", Reader)
+    assert host.loaded.knowledge_readers[".md"][0] == "file_readers"  # lorag's own, through the same hook
+
+
+def test_a_plugin_reader_replaces_a_builtin_one_but_two_plugins_clash() -> None:
+    class PdfReader:
+        pass
+
+    class BetterPdf:
+        @hookimpl
+        def register_knowledge_readers(self, register: Any) -> None:
+            register(".pdf", PdfReader)
+
+    host = make_host({"better_pdf": BetterPdf(), "other_pdf": BetterPdf()})
+    assert host.loaded.knowledge_readers[".pdf"] == ("better_pdf", PdfReader)
+    assert host.records["other_pdf"].status == "broken"
+    assert "already registered by 'better_pdf'" in (host.records["other_pdf"].error or "")
+
+
+def test_a_tool_that_takes_ctx_gets_the_requests_context_and_the_model_never_sees_it() -> None:
+    def where(note: str, ctx: PluginContext) -> str:
+        """Say which domain asked."""
+        return f"{note} from {ctx.domain} ({ctx.settings['unit']})"
+
+    class Tools:
+        @hookimpl
+        def register_tools(self, register: Any) -> None:
+            register(where)
+
+    host = make_host({"tools": Tools()}, settings={"tools": {"unit": "km"}}, domains={"maps": {"enabled": ["tools"]}})
+    tool = host.tools["where"]
+    assert tool.takes_context and "ctx" not in tool.parameters["properties"]
+    hooks = hooks_for(host, "maps")
+    bound = tool.bound(hooks.context("tools"))
+    assert bound.call({"note": "hi"}) == "hi from maps (km)"
 
 
 def test_hook_settings_model_validates_settings_with_the_keys_path() -> None:

@@ -267,7 +267,7 @@ def test_example_plugin_validator_formatter_and_tool(example_plugin) -> None:
     text, response = hooks.format("It depends.", {}, [])
     assert text == "It depends.\n\n---\n_This is general legal information, not legal advice. (US-NY)_"
     assert response["lorag"]["legal"] == {"jurisdiction": "US-NY", "disclaimer": True}
-    tool = hooks.tools[0]
+    tool = next(t for t in hooks.tools if t.plugin == "legal")  # built-in tools are offered too
     assert tool.parameters["properties"]["claim"]["enum"][0] == "personal_injury"
     assert tool.call({"claim": "written_contract", "jurisdiction": "US-NY"})["years"] == 6
 

@@ -13,6 +13,7 @@ import re
 import tempfile
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,56 +32,53 @@ from lorag.knowledge.segments import (
 
 __all__ = ["EmptyDocument", "ReadResult", "UnreadableFile", "UnsupportedFile", "decode_text", "location_of", "read_bytes"]
 
-SUPPORTED: dict[str, str] = {
-    ".txt": "text",
-    ".text": "text",
-    ".rst": "text",
-    ".md": "markdown",
-    ".markdown": "markdown",
-    ".html": "html",
-    ".htm": "html",
-    ".pdf": "pdf",
-    ".docx": "docx",
-    ".json": "json",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".csv": "csv",
-}
+@dataclass(frozen=True)
+class BytesReader:
+    """A reader of a file's bytes into titled segments: what lorag's own readers are.
+
+    Registered like a plugin's llama-index reader (register_knowledge_readers), but it reads
+    the bytes directly, keeps page and section for citations and needs no temporary file.
+    """
+
+    file_type: str
+    read: Callable[[bytes, int], tuple[str, list[Segment]]]
+
+
+def registered_readers() -> dict[str, Any]:
+    """Extension -> reader, from the process's plugins (the built-in `file_readers` among them)."""
+    from lorag.plugins.manager import knowledge_readers
+
+    return knowledge_readers()
 
 
 def file_type_of(name: str) -> str | None:
-    """The built-in type for the file's extension, else the extension a plugin reads."""
+    """The type of reader for the file's extension (e.g. "markdown"; a plugin's: the extension)."""
     suffix = Path(name).suffix.lower()
-    if suffix in SUPPORTED:
-        return SUPPORTED[suffix]
-    return suffix if plugin_reader(suffix) is not None else None
-
-
-def plugin_reader(suffix: str) -> Any | None:
-    """A reader a plugin registered for `suffix` (register_knowledge_readers hook)."""
-    from lorag.plugins.manager import knowledge_readers
-
-    return knowledge_readers().get(suffix)
+    reader = registered_readers().get(suffix)
+    if reader is None:
+        return None
+    return reader.file_type if isinstance(reader, BytesReader) else suffix
 
 
 # Types that are never files on disk, only documents ingestion makes itself (a corpus record).
 RECORD_SUFFIX = ".lorag-record"
-_INTERNAL_TYPES: dict[str, str] = {RECORD_SUFFIX: "corpus"}
 
 
 def read_bytes(name: str, data: bytes, segment_chars: int = 2000) -> ReadResult:
     """Read a file's content; `name` picks the reader and gives the fallback title."""
-    file_type = _INTERNAL_TYPES.get(Path(name).suffix.lower()) or file_type_of(name)
-    if file_type is None:
+    suffix = Path(name).suffix.lower()
+    readers = registered_readers()
+    reader = _RECORD_READER if suffix == RECORD_SUFFIX else readers.get(suffix)
+    if reader is None:
         raise UnsupportedFile(
-            f"unsupported file type {Path(name).suffix or '(no extension)'!r} "
-            f"(supported: {', '.join(sorted(SUPPORTED))})"
+            f"unsupported file type {Path(name).suffix or '(no extension)'!r} (supported: {', '.join(sorted(readers))})"
         )
+    file_type = reader.file_type if isinstance(reader, BytesReader) else suffix
     if not data.strip():
         raise EmptyDocument("empty file")
-    reader = _READERS.get(file_type) or partial(_read_with_plugin, plugin_reader(file_type), name)
+    read = reader.read if isinstance(reader, BytesReader) else partial(_read_with_plugin, reader, name)
     try:
-        title, segments = reader(data, segment_chars)
+        title, segments = read(data, segment_chars)
     except UnreadableFile:
         raise
     except Exception as err:  # a corrupt PDF/DOCX: any parser error means unreadable
@@ -284,16 +282,25 @@ def _docx_heading_level(style: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-_READERS: dict[str, Callable[[bytes, int], tuple[str, list[Segment]]]] = {
-    "text": _read_text,
-    "markdown": _read_markdown,
-    "html": _read_html,
-    "pdf": _read_pdf,
-    "docx": _read_docx,
-    "json": read_json,
-    "jsonl": read_jsonl,
-    "csv": read_csv,
-    "corpus": read_corpus_record,
+_TEXT = BytesReader("text", _read_text)
+_MARKDOWN = BytesReader("markdown", _read_markdown)
+_HTML = BytesReader("html", _read_html)
+_JSONL = BytesReader("jsonl", read_jsonl)
+_RECORD_READER = BytesReader("corpus", read_corpus_record)
+
+# What the built-in `file_readers` plugin registers (lorag.plugins.builtin.file_readers).
+BUILTIN_READERS: dict[str, BytesReader] = {
+    ".txt": _TEXT,
+    ".text": _TEXT,
+    ".rst": _TEXT,
+    ".md": _MARKDOWN,
+    ".markdown": _MARKDOWN,
+    ".html": _HTML,
+    ".htm": _HTML,
+    ".pdf": BytesReader("pdf", _read_pdf),
+    ".docx": BytesReader("docx", _read_docx),
+    ".json": BytesReader("json", read_json),
+    ".jsonl": _JSONL,
+    ".ndjson": _JSONL,
+    ".csv": BytesReader("csv", read_csv),
 }
-
-

@@ -7,7 +7,9 @@ validates every domain's plugin settings, so a bad lorag.toml fails here first.
 
 from __future__ import annotations
 
+import inspect
 import json
+import textwrap
 from typing import Any
 
 import click
@@ -15,6 +17,7 @@ import click
 from lorag.cli_options import cli_settings, config_options
 from lorag.config import Settings
 from lorag.logging import get_logger
+from lorag.plugins import hookspecs
 from lorag.plugins.manager import (
     LoadedPlugins,
     call_registration,
@@ -81,6 +84,28 @@ def list_tools() -> None:
     host = _host()
     click.echo(json.dumps([tool.openai_schema() | {"plugin": tool.plugin} for tool in host.tools.values()],
                           indent=2))
+
+
+@plugins_group.command("hooks")
+@click.argument("name", required=False)
+def show_hooks(name: str | None) -> None:
+    """The hooks a plugin can implement, with their contract (the docstrings in lorag.plugins.hookspecs)."""
+    specs = hook_specs()
+    if name is not None and name not in specs:
+        raise click.UsageError(f"no hook named '{name}' (hooks: {', '.join(specs)})")
+    for hook, (signature, doc) in specs.items():
+        if name in (None, hook):
+            click.echo(f"{signature}\n\n{textwrap.indent(doc, '    ')}\n")
+
+
+def hook_specs() -> dict[str, tuple[str, str]]:
+    """Hook name -> (signature with argument names, docstring), in the order hookspecs declares them."""
+    found = {}
+    for hook, function in vars(hookspecs).items():
+        if callable(function) and hasattr(function, f"{hookspecs.PROJECT}_spec"):
+            found[hook] = (f"{hook}({', '.join(inspect.signature(function).parameters)})",
+                           inspect.getdoc(function) or "")
+    return found
 
 
 def add_plugin_commands(group: click.Group, loaded: LoadedPlugins | None = None) -> None:

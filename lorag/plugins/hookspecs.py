@@ -53,8 +53,9 @@ def request_received(messages: list[dict[str, Any]], ctx: PluginContext) -> list
     """Inspect, redact or block the chat messages before anything else sees them.
 
     Return a new message list (same shape: dicts with "role" and "content") or
-    None to leave them as they are; raise `ContentBlocked(message)` to refuse the
-    request. Pipeline, not firstresult: every guard must see the input, and each
+    None to leave them as they are (never mutate the list you got); raise
+    `ContentBlocked(message)` to refuse the request (HTTP 400, code "content_filter").
+    Pipeline, not firstresult: every guard must see the input, and each
     sees what the previous one left (a redaction is not undone by the next plugin).
     """
 
@@ -65,7 +66,9 @@ def context_retrieved(query: str, chunks: list[Any], ctx: PluginContext) -> list
 
     `chunks` are knowledge-base hits (objects with kb, source, location, text,
     score, metadata). Return the chunks to keep, in the order to use them, or None
-    to keep them all. Pipeline, not firstresult: a reranker and a redactor compose.
+    to keep them all. Never change a chunk in place (the retriever may share it):
+    return a copy, `dataclasses.replace(chunk, text=...)`. Pipeline, not firstresult:
+    a reranker and a redactor compose.
     """
 
 
@@ -95,8 +98,12 @@ def output_chunk(window: str, start: int, final: bool, ctx: PluginContext) -> It
     end of a window that is not `final`, makes it hold the text back and ask again
     with more, so a secret split across chunks is caught whole. The windows do not
     depend on how the engine chunked the text: streamed and non-streamed answers
-    come out identical. `final` matters for blocking: while it is False, a match
-    that touches the end of the window may be the start of a longer word. All
+    come out identical. A match must be recognisable from its start within
+    `hold_back_chars` (a settings model can ask for more with a `min_hold_back_chars`
+    property); for a pattern that needs its end to match at all, also report the
+    beginning you can see when it runs to the end of a non-`final` window. `final`
+    matters for blocking: while it is False, a match that touches the end of the
+    window may be the start of a longer word (`class` in `classic`). All
     enabled plugins see the same raw window and their edits are merged, so one
     hold-back serves them all; this runs every few dozen characters, keep it cheap.
     """
@@ -110,8 +117,10 @@ def output_complete(text: str, ctx: PluginContext) -> Verdict | None:
     next validator sees the fixed text; the first retry or refuse stops the chain
     (a firstresult for decisive verdicts only: every validator gets a say on a text
     that is going out). lorag retries up to `max_retries` times with the message
-    as a user turn, then answers with an error. Call `ctx.hold_output()` earlier
-    if you may fix or retry a streamed answer: text already sent cannot be taken back.
+    as a user turn, then answers with HTTP 422 "output_validation_failed". Call
+    `ctx.hold_output()` earlier if you may fix or retry a streamed answer: text
+    already sent cannot be taken back (without it lorag accepts only a fix that
+    appends, and turns a retry into a refuse).
     """
 
 
@@ -138,8 +147,13 @@ def register_commands(cli: click.Group) -> None:
 def register_tools(register: Callable[..., None]) -> None:
     """Offer functions the models can call: register(fn, name=None, description=None).
 
-    The JSON schema of the parameters comes from the type hints, the description
-    from the docstring. Tools are offered to the domains that enable the plugin.
+    The JSON schema of the parameters comes from the type hints (str, int, float,
+    bool, lists, Literal, optional types), the description from the docstring's
+    first paragraph. A parameter named `ctx` is not shown to the model: lorag fills
+    it with the request's PluginContext (domain, settings, `ctx.search_knowledge`).
+    A plugin's tools are offered to the domains that enable the plugin, lorag's own
+    (`search_knowledge`) to every domain; a domain lists the ones its model may call
+    in `[domains.<name>.tools] enabled`.
     """
 
 
@@ -148,7 +162,11 @@ def register_knowledge_readers(register: Callable[[str, Any], None]) -> None:
     """Teach knowledge-base ingestion a file type: register(".ext", reader).
 
     `reader` is a llama-index `BaseReader` subclass (or a callable returning one
-    instance); the knowledge part uses it for files with that extension.
+    instance); the knowledge part uses it for files with that extension, one segment
+    per Document it returns (metadata "page", "section" and "title" are kept for
+    citations). lorag's own readers register the same way (the built-in
+    `file_readers` plugin); registering one of their extensions replaces lorag's
+    reader, while two plugins claiming one extension is an error.
     """
 
 
@@ -159,5 +177,6 @@ def settings_model() -> type[BaseModel] | None:
     lorag validates `[plugins.settings.<name>]` merged with each domain's
     `[plugins.domains.<domain>.settings.<name>]` against it when the server starts,
     so a typo fails at start-up with the key's path, and hooks get `ctx.settings`
-    as an instance of it. Called per plugin (each answers for itself).
+    as an instance of it (use `extra="forbid"` to catch typos). Called per plugin
+    (each answers for itself).
     """

@@ -19,7 +19,7 @@ from lorag.plugins.request_hooks import DomainPlan, RequestHooks
 from lorag.plugins.settings import PluginsSettings
 from lorag.plugins.stream import OutputStream
 from lorag.plugins.tools import Tool
-from lorag.plugins.types import Verdict
+from lorag.plugins.types import KnowledgeSearch, Verdict
 
 if TYPE_CHECKING:
     from lorag.config import Settings
@@ -80,7 +80,8 @@ class PluginHost:
         names = [d for d, t in self.settings.domains.items() if plugin in t.enabled]
         return names + (["*"] if plugin in self.settings.default else [])
 
-    def for_request(self, *, request_id: str, domain: str) -> RequestHooks:
+    def for_request(self, *, request_id: str, domain: str,
+                    search_knowledge: KnowledgeSearch | None = None) -> RequestHooks:
         plan = self.plan(domain)
         if plan.problems:
             plugin, problem = plan.problems[0]
@@ -89,7 +90,8 @@ class PluginHost:
                 "Fix or reinstall the plugin, or take it out of the domain's plugins.",
                 plugin=plugin,
             )
-        return RequestHooks(self.invoker, plan, request_id=request_id, domain=domain)
+        return RequestHooks(self.invoker, plan, request_id=request_id, domain=domain,
+                            search_knowledge=search_knowledge)
 
     # -- building plans ----------------------------------------------------------
 
@@ -155,7 +157,9 @@ class PluginHost:
             or self.settings.hold_back_chars
         for value in settings.values():  # a settings model may need a longer window
             hold_back = max(hold_back, int(getattr(value, "min_hold_back_chars", 0) or 0))
-        tools = [t for t in self.loaded.tools.values() if t.plugin in usable]
+        # A plugin's tools are offered where the plugin is enabled; lorag's own (built-in) ones everywhere.
+        tools = [t for t in self.loaded.tools.values()
+                 if t.plugin in usable or self.loaded.records[t.plugin].source == "builtin"]
         return DomainPlan(
             plugins=tuple(usable),
             settings=settings,

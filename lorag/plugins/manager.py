@@ -44,6 +44,8 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "blocklist": "lorag.plugins.builtin.blocklist",
     "json_schema": "lorag.plugins.builtin.json_schema",
     "formatting": "lorag.plugins.builtin.formatting",
+    "file_readers": "lorag.plugins.builtin.file_readers",
+    "knowledge_search": "lorag.plugins.builtin.knowledge_search",
 }
 
 Source = Literal["builtin", "entry point", "module"]
@@ -271,8 +273,11 @@ def _tool_registrar(loaded: LoadedPlugins, plugin: str) -> Callable[..., None]:
 def _reader_registrar(loaded: LoadedPlugins, plugin: str) -> Callable[[str, Any], None]:
     def register(extension: str, reader: Any) -> None:
         ext = extension.lower() if extension.startswith(".") else f".{extension.lower()}"
-        if ext in loaded.knowledge_readers:
-            raise ValueError(f"a reader for '{ext}' is already registered by '{loaded.knowledge_readers[ext][0]}'")
+        owner = loaded.knowledge_readers.get(ext, (None, None))[0]
+        if owner is not None and loaded.records[owner].source != "builtin":
+            raise ValueError(f"a reader for '{ext}' is already registered by '{owner}'")
+        if owner is not None:
+            log.info("knowledge_reader_replaced", extension=ext, builtin=owner, plugin=plugin)
         loaded.knowledge_readers[ext] = (plugin, reader)
 
     return register

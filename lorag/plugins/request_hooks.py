@@ -55,7 +55,7 @@ from lorag.plugins.errors import OutputRejected, PluginError
 from lorag.plugins.invoke import Impl, Invoker
 from lorag.plugins.stream import OutputStream
 from lorag.plugins.tools import Tool
-from lorag.plugins.types import PluginContext, Replace, RequestState, Verdict
+from lorag.plugins.types import KnowledgeSearch, PluginContext, Replace, RequestState, Verdict
 
 log = get_logger("lorag.plugins")
 
@@ -76,9 +76,11 @@ class DomainPlan:
 class RequestHooks:
     """The plugin hooks of one request, in the domain's order (see the module docstring)."""
 
-    def __init__(self, invoker: Invoker, plan: DomainPlan, *, request_id: str, domain: str) -> None:
+    def __init__(self, invoker: Invoker, plan: DomainPlan, *, request_id: str, domain: str,
+                 search_knowledge: KnowledgeSearch | None = None) -> None:
         self.request_id = request_id
         self.domain = domain
+        self.search_knowledge = search_knowledge
         self.max_retries = plan.max_retries
         self._invoker = invoker
         self._plan = plan
@@ -103,7 +105,7 @@ class RequestHooks:
         ctx = self._contexts.get(plugin)
         if ctx is None:
             ctx = PluginContext(self.request_id, self.domain, plugin, self._plan.settings.get(plugin),
-                                _request=self._shared)
+                                search_knowledge=self.search_knowledge, _request=self._shared)
             self._contexts[plugin] = ctx
         return ctx
 

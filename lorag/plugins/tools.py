@@ -2,7 +2,9 @@
 
 Writing a tool should be writing a typed, documented function; the JSON schema
 of its parameters comes from the type hints and its description from the
-docstring, so the two cannot drift apart.
+docstring, so the two cannot drift apart. A tool that declares a `ctx` parameter gets the
+request's PluginContext (its domain, settings, the domain's knowledge search); the model never
+sees that parameter.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import inspect
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import jsonschema
@@ -19,6 +22,7 @@ import jsonschema
 from lorag.errors import LoragError
 
 _SIMPLE = {str: "string", int: "integer", float: "number", bool: "boolean"}
+CONTEXT_PARAMETER = "ctx"
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,13 @@ class Tool:
     parameters: dict[str, Any]
     function: Callable[..., Any]
     plugin: str
+    takes_context: bool = False
+
+    def bound(self, ctx: Any) -> Tool:
+        """This tool with one request's PluginContext filled in (itself when it takes none)."""
+        if not self.takes_context:
+            return self
+        return replace(self, function=partial(self.function, **{CONTEXT_PARAMETER: ctx}), takes_context=False)
 
     def openai_schema(self) -> dict[str, Any]:
         """The `tools` entry of an OpenAI chat request."""
@@ -69,12 +80,13 @@ def json_type(annotation: Any) -> dict[str, Any]:
 def tool_from_function(
     function: Callable[..., Any], *, plugin: str, name: str | None = None, description: str | None = None
 ) -> Tool:
-    """Build a Tool; parameters without a default are required."""
+    """Build a Tool; parameters without a default are required, `ctx` is lorag's to fill."""
     hints = typing.get_type_hints(function)
     properties: dict[str, Any] = {}
     required: list[str] = []
-    for param in inspect.signature(function).parameters.values():
-        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+    parameters = inspect.signature(function).parameters
+    for param in parameters.values():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD) or param.name == CONTEXT_PARAMETER:
             continue
         properties[param.name] = json_type(hints.get(param.name, Any))
         if param.default is inspect.Parameter.empty:
@@ -87,4 +99,5 @@ def tool_from_function(
                     "additionalProperties": False},
         function=function,
         plugin=plugin,
+        takes_context=CONTEXT_PARAMETER in parameters,
     )

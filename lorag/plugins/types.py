@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 Action = Literal["pass", "fix", "retry", "refuse"]
 
@@ -16,6 +16,12 @@ class RequestState:
     attempt: int = 0
 
 
+class KnowledgeSearch(Protocol):
+    def __call__(self, query: str, top_k: int | None = None) -> list[dict[str, Any]]:
+        """The best passages of the domain's knowledge bases: source, location, text, score, kb."""
+        ...
+
+
 @dataclass
 class PluginContext:
     """One plugin's view of one request.
@@ -24,6 +30,9 @@ class PluginContext:
     `settings_model`, or a plain dict when it declares none). `state` is a dict
     private to this plugin and this request, dropped when the request ends: keep
     per-request data there (the PII vault lives there), never in module globals.
+    `search_knowledge` searches the domain's knowledge bases with the domain's retrieval
+    settings and the caller's access (None for a request without a domain); the built-in
+    `search_knowledge` tool is one user of it.
     """
 
     request_id: str
@@ -31,6 +40,7 @@ class PluginContext:
     plugin: str
     settings: Any
     state: dict[str, Any] = field(default_factory=dict)
+    search_knowledge: KnowledgeSearch | None = None
     _request: RequestState = field(default_factory=RequestState, repr=False)
 
     @property

@@ -31,6 +31,7 @@ from prometheus_client.registry import Collector
 from lorag.errors import LoragError
 from lorag.logging import get_logger
 from lorag.server.auth import Principal, require_admin
+from lorag.serving.protocol import StreamChunk
 
 log = get_logger("lorag.metrics")
 router = APIRouter()
@@ -94,14 +95,13 @@ class Observation:
         self.finish("200", sum(len(choice.token_ids) for choice in choices))
         return choices
 
-    async def stream(self, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, chunks: AsyncIterator[StreamChunk]) -> AsyncIterator[StreamChunk]:
         """Pass chunks through; record when the stream ends, with the status its error carried."""
         status, completion = "200", None
         try:
             async for chunk in chunks:
-                usage = chunk.get("usage")
-                if isinstance(usage, dict):
-                    completion = usage.get("completion_tokens")
+                if chunk.usage is not None:
+                    completion = chunk.usage.completion_tokens
                 yield chunk
         except LoragError as err:
             status = str(err.status_code)

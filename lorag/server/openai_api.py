@@ -10,7 +10,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -23,10 +23,27 @@ from lorag.server.metrics import observe
 from lorag.serving.jobs import Choice, Delta, Job, new_request_id
 from lorag.serving.pipeline import Pipeline
 from lorag.serving.prompt import citation
-from lorag.serving.protocol import ChatCompletionRequest, CompletionRequest
+from lorag.serving.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChatDelta,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    StreamChunk,
+    TextChoice,
+    TextCompletion,
+    Usage,
+)
 
 router = APIRouter()
 DISCONNECT_POLL_S = 0.5
+ChunkKind = Literal["chat.completion.chunk", "text_completion"]
+CHAT_CHUNK: ChunkKind = "chat.completion.chunk"
+TEXT_CHUNK: ChunkKind = "text_completion"
 
 
 def get_pipeline(request: Request) -> Pipeline:
@@ -41,29 +58,23 @@ async def list_models(
     """Domains the key may use (and 'auto'), then the base model and adapters for unscoped keys."""
     created = int(time.time())
     base = pipeline.base_model
-    data: list[dict[str, Any]] = []
+
+    def card(model_id: str, root: str, parent: str | None, when: int = created, **extra: Any) -> ModelCard:
+        return ModelCard(id=model_id, object="model", created=when, owned_by="lorag", root=root, parent=parent,
+                         **extra)
+
     usable = pipeline.domains.usable(principal)
-    for domain in usable:
-        data.append({"id": domain.name, "object": "model", "created": created, "owned_by": "lorag",
-                     "root": domain.settings.adapter or base, "parent": base,
-                     "lorag": {"domain": domain.name, **domain.summary()}})
+    data = [card(d.name, d.settings.adapter or base, base, lorag={"domain": d.name, **d.summary()}) for d in usable]
     if usable:
-        data.append({"id": "auto", "object": "model", "created": created, "owned_by": "lorag", "root": base,
-                     "parent": base, "lorag": {"routes_to": [d.name for d in usable]}})
-    if not (principal.admin or principal.domains is None):
-        return {"object": "list", "data": data}
-    data.append({"id": base, "object": "model", "created": created, "owned_by": "lorag", "root": base,
-                 "parent": None, "max_model_len": pipeline.engine.max_model_len})
-    for entry in pipeline.registry.current():
-        for model_id in (entry.name, entry.ref):
-            if model_id in pipeline.domains:
-                continue  # the domain of that name answers it
-            data.append({
-                "id": model_id, "object": "model", "created": int(entry.created_at), "owned_by": "lorag",
-                "root": entry.ref, "parent": base,
-                "lorag": {"adapter": entry.ref, "rank": entry.rank, "lora_int_id": entry.lora_int_id},
-            })
-    return {"object": "list", "data": data}
+        data.append(card("auto", base, base, lorag={"routes_to": [d.name for d in usable]}))
+    if principal.admin or principal.domains is None:
+        data.append(card(base, base, None, max_model_len=pipeline.engine.max_model_len))
+        for entry in pipeline.registry.current():
+            data.extend(card(model_id, entry.ref, base, int(entry.created_at),
+                             lorag={"adapter": entry.ref, "rank": entry.rank, "lora_int_id": entry.lora_int_id})
+                        for model_id in (entry.name, entry.ref)
+                        if model_id not in pipeline.domains)  # a domain of that name answers it
+    return ModelList(object="list", data=data).model_dump(exclude_unset=True)
 
 
 @router.post("/v1/chat/completions")
@@ -96,7 +107,8 @@ async def respond(request: Request, pipeline: Pipeline, job: Job, body: Any, str
         chunks = seen.stream(guard.stream(streamer(pipeline, job, body)))
         return StreamingResponse(sse(chunks), media_type="text/event-stream", headers=_stream_headers(job))
     choices = seen.done(await guard.run(until_disconnected(request, pipeline.complete(job))))
-    return JSONResponse(builder(job, body, choices, pipeline), headers={"x-request-id": job.request_id})
+    response = builder(job, body, choices, pipeline).model_dump(exclude_unset=True)
+    return JSONResponse(response, headers={"x-request-id": job.request_id})
 
 
 # -- helpers --------------------------------------------------------------------
@@ -127,11 +139,11 @@ def _stream_headers(job: Job) -> dict[str, str]:
     return {"x-request-id": job.request_id, "cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
-async def sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+async def sse(chunks: AsyncIterator[StreamChunk]) -> AsyncIterator[str]:
     """Server-sent events; an error mid-stream becomes an error event, then [DONE]."""
     try:
         async for chunk in chunks:
-            yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
+            yield f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"
     except LoragError as err:
         yield f"data: {json.dumps(error_body(err.message, err.error_type, err.param, err.code))}\n\n"
     except Exception as err:  # never a stack trace to the client
@@ -142,12 +154,21 @@ async def sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
-def usage(job: Job, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": job.prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": job.prompt_tokens + completion_tokens,
-    }
+def usage(job: Job, completion_tokens: int) -> Usage:
+    return Usage.of(job.prompt_tokens, completion_tokens)
+
+
+def stream_chunk(job: Job, body: Any, kind: ChunkKind, choices: list[Any],
+                 completion_tokens: int | None = None) -> StreamChunk:
+    """One chunk of a chat or text stream. The last one (`completion_tokens` given) carries
+    lorag's extras and the usage; every one has `usage: null` when the client asked for usage."""
+    extra: dict[str, Any] = {}
+    if body.include_usage:
+        extra["usage"] = usage(job, completion_tokens) if completion_tokens is not None else None
+    if completion_tokens is not None:
+        extra["lorag"] = lorag_extras(job)
+    return StreamChunk(id=job.request_id, object=kind, created=job.created, model=body.model,
+                       choices=choices, **extra)
 
 
 def lorag_extras(job: Job) -> dict[str, Any]:
@@ -189,69 +210,46 @@ def _token_text(tokenizer: Any, token_id: int, logprob: Any) -> str:
     return decoded if decoded is not None else tokenizer.decode([token_id])
 
 
-def chat_response(job: Job, body: ChatCompletionRequest, choices: list[Choice], pipeline: Pipeline) -> dict[str, Any]:
+def chat_response(job: Job, body: ChatCompletionRequest, choices: list[Choice], pipeline: Pipeline) -> ChatCompletion:
     out = []
     for choice in choices:
-        entry: dict[str, Any] = {
-            "index": choice.index,
-            "message": {"role": "assistant", "content": choice.text},
-            "logprobs": None,
-            "finish_reason": choice.finish_reason or "stop",
-        }
         calls = job.tool_calls.get(choice.index)
-        if calls:  # the model called the client's own tools: the client runs them
-            entry["message"] = {"role": "assistant", "content": choice.text or None,
-                                "tool_calls": [call.to_openai() for call in calls]}
-        if body.logprobs:
-            entry["logprobs"] = chat_logprobs(
-                pipeline.engine.tokenizer, choice.token_ids, choice.logprobs, body.top_logprobs or 0
-            )
-        out.append(entry)
-    return {
-        "id": job.request_id,
-        "object": "chat.completion",
-        "created": job.created,
-        "model": body.model,
-        "choices": out,
-        "usage": usage(job, sum(len(c.token_ids) for c in choices)),
-        "lorag": lorag_extras(job),
-    }
+        message = (AssistantMessage(role="assistant", content=choice.text or None,
+                                    tool_calls=[call.to_openai() for call in calls])
+                   if calls  # the model called the client's own tools: the client runs them
+                   else AssistantMessage(role="assistant", content=choice.text))
+        logprobs = (chat_logprobs(pipeline.engine.tokenizer, choice.token_ids, choice.logprobs, body.top_logprobs or 0)
+                    if body.logprobs else None)
+        out.append(ChatChoice(index=choice.index, message=message, logprobs=logprobs,
+                              finish_reason=choice.finish_reason or "stop"))
+    return ChatCompletion(id=job.request_id, object="chat.completion", created=job.created, model=body.model,
+                          choices=out, usage=usage(job, sum(len(c.token_ids) for c in choices)),
+                          lorag=lorag_extras(job))
 
 
-async def stream_chat(pipeline: Pipeline, job: Job, body: ChatCompletionRequest) -> AsyncIterator[dict[str, Any]]:
-    def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-        data = {"id": job.request_id, "object": "chat.completion.chunk", "created": job.created,
-                "model": body.model, "choices": choices}
-        if body.include_usage:
-            data["usage"] = None
-        data.update(extra)
-        return data
-
+async def stream_chat(pipeline: Pipeline, job: Job, body: ChatCompletionRequest) -> AsyncIterator[StreamChunk]:
     started: set[int] = set()
     completion_tokens = 0
     async for delta in pipeline.generate(job):
         completion_tokens += len(delta.token_ids)
         if delta.index not in started:
             started.add(delta.index)
-            yield chunk([{"index": delta.index, "delta": {"role": "assistant", "content": ""},
-                          "logprobs": None, "finish_reason": None}])
-        yield chunk([_chat_delta(pipeline, job, body, delta)])
-    final: dict[str, Any] = {"lorag": lorag_extras(job)}
-    if body.include_usage:
-        yield chunk([], usage=usage(job, completion_tokens), **final)
-    else:
-        yield chunk([], **final)
+            opening = ChatChunkChoice(index=delta.index, delta=ChatDelta(role="assistant", content=""),
+                                      logprobs=None, finish_reason=None)
+            yield stream_chunk(job, body, CHAT_CHUNK, [opening])
+        yield stream_chunk(job, body, CHAT_CHUNK, [_chat_delta(pipeline, job, body, delta)])
+    yield stream_chunk(job, body, CHAT_CHUNK, [], completion_tokens)
 
 
-def _chat_delta(pipeline: Pipeline, job: Job, body: ChatCompletionRequest, delta: Delta) -> dict[str, Any]:
+def _chat_delta(pipeline: Pipeline, job: Job, body: ChatCompletionRequest, delta: Delta) -> ChatChunkChoice:
     logprobs = None
     if body.logprobs and delta.logprobs:
         logprobs = chat_logprobs(pipeline.engine.tokenizer, delta.token_ids, delta.logprobs, body.top_logprobs or 0)
-    content: dict[str, Any] = {"content": delta.text} if delta.text or not delta.finish_reason else {}
+    content = ChatDelta(content=delta.text) if delta.text or not delta.finish_reason else ChatDelta()
     calls = job.tool_calls.get(delta.index) if delta.finish_reason == "tool_calls" else None
     if calls:
-        content["tool_calls"] = [{"index": i, **call.to_openai()} for i, call in enumerate(calls)]
-    return {"index": delta.index, "delta": content, "logprobs": logprobs, "finish_reason": delta.finish_reason}
+        content.tool_calls = [{"index": i, **call.to_openai()} for i, call in enumerate(calls)]
+    return ChatChunkChoice(index=delta.index, delta=content, logprobs=logprobs, finish_reason=delta.finish_reason)
 
 
 # -- text completions -----------------------------------------------------------
@@ -271,42 +269,22 @@ def completion_logprobs(tokenizer: Any, token_ids: list[int], logprobs: list[dic
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
-def completion_response(job: Job, body: CompletionRequest, choices: list[Choice], pipeline: Pipeline) -> dict[str, Any]:
+def completion_response(job: Job, body: CompletionRequest, choices: list[Choice], pipeline: Pipeline) -> TextCompletion:
     tokenizer = pipeline.engine.tokenizer
     out = []
     for choice in choices:
         prefix = tokenizer.decode(job.prompts[choice.index // job.n]) if body.echo else ""
-        entry: dict[str, Any] = {
-            "index": choice.index,
-            "text": prefix + choice.text,
-            "logprobs": None,
-            "finish_reason": choice.finish_reason or "stop",
-        }
-        if body.logprobs is not None:
-            entry["logprobs"] = completion_logprobs(tokenizer, choice.token_ids, choice.logprobs, len(prefix))
-        out.append(entry)
-    return {
-        "id": job.request_id,
-        "object": "text_completion",
-        "created": job.created,
-        "model": body.model,
-        "choices": out,
-        "usage": usage(job, sum(len(c.token_ids) for c in choices)),
-        "lorag": lorag_extras(job),
-    }
+        logprobs = (completion_logprobs(tokenizer, choice.token_ids, choice.logprobs, len(prefix))
+                    if body.logprobs is not None else None)
+        out.append(TextChoice(index=choice.index, text=prefix + choice.text, logprobs=logprobs,
+                              finish_reason=choice.finish_reason or "stop"))
+    return TextCompletion(id=job.request_id, object="text_completion", created=job.created, model=body.model,
+                          choices=out, usage=usage(job, sum(len(c.token_ids) for c in choices)),
+                          lorag=lorag_extras(job))
 
 
-async def stream_completion(pipeline: Pipeline, job: Job, body: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
+async def stream_completion(pipeline: Pipeline, job: Job, body: CompletionRequest) -> AsyncIterator[StreamChunk]:
     tokenizer = pipeline.engine.tokenizer
-
-    def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-        data = {"id": job.request_id, "object": "text_completion", "created": job.created,
-                "model": body.model, "choices": choices}
-        if body.include_usage:
-            data["usage"] = None
-        data.update(extra)
-        return data
-
     echoed: set[int] = set()
     offsets: dict[int, int] = {}
     completion_tokens = 0
@@ -320,9 +298,6 @@ async def stream_completion(pipeline: Pipeline, job: Job, body: CompletionReques
         if body.logprobs is not None and delta.logprobs:
             logprobs = completion_logprobs(tokenizer, delta.token_ids, delta.logprobs, offsets.get(delta.index, 0))
         offsets[delta.index] = offsets.get(delta.index, 0) + len(text)
-        yield chunk([{"index": delta.index, "text": text, "logprobs": logprobs, "finish_reason": delta.finish_reason}])
-    if body.include_usage:
-        yield chunk([], usage=usage(job, completion_tokens), lorag=lorag_extras(job))
-    else:
-        yield chunk([], lorag=lorag_extras(job))
-
+        choice = TextChoice(index=delta.index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason)
+        yield stream_chunk(job, body, TEXT_CHUNK, [choice])
+    yield stream_chunk(job, body, TEXT_CHUNK, [], completion_tokens)

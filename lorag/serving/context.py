@@ -1,5 +1,5 @@
-"""Stage 2: the domain's knowledge bases searched with the question, and the built-in
-`search_knowledge` tool that lets the model search them itself."""
+"""Stage 2: the domain's knowledge bases searched with the question, and the same search
+handed to plugins and tools (PluginContext.search_knowledge) for the model to use itself."""
 
 from __future__ import annotations
 
@@ -9,19 +9,20 @@ from typing import TYPE_CHECKING, Any
 
 from lorag.errors import LoragError, NotFoundError
 from lorag.logging import get_logger, stage
-from lorag.plugins.tools import Tool, tool_from_function
 from lorag.serving.jobs import Target, ms_since
 
 if TYPE_CHECKING:
     from lorag.knowledge.link import KnowledgeLink
     from lorag.knowledge.retrieval import Hit
     from lorag.plugins.host import RequestHooks
+    from lorag.plugins.types import KnowledgeSearch
     from lorag.serving.domains import Domain, DomainCatalog
     from lorag.serving.principal import Principal
     from lorag.serving.protocol import RequestOptions
 
 log = get_logger("lorag.request")
-SEARCH_KNOWLEDGE = "search_knowledge"
+# The most passages one search by a plugin or tool returns.
+MAX_SEARCH_TOP_K = 20
 
 
 class KnowledgeUnavailable(LoragError):
@@ -80,19 +81,20 @@ class ContextRetriever:
         return self.knowledge.get().query(kbs, question, top_k=top_k, mode=mode, filters=filters,
                                           score_threshold=threshold)
 
-    def search_tool(self, domain: Domain, principal: Principal | None) -> Tool:
-        """The built-in `search_knowledge`: the model searches its domain's knowledge bases itself."""
+    def searcher(self, domain: Domain | None, principal: Principal | None) -> KnowledgeSearch | None:
+        """The domain's knowledge search for plugins and tools: its bases, settings and the caller's access."""
+        if domain is None:
+            return None
         kbs = domain.knowledge_bases
-        self.domains.check_kbs(principal, kbs)
         cfg = domain.settings.knowledge
-        top_k_default = cfg.top_k or 3
 
-        def search_knowledge(query: str, top_k: int = top_k_default) -> list[dict[str, Any]]:
-            """Search this domain's knowledge bases; returns the best passages with their sources."""
+        def search_knowledge(query: str, top_k: int | None = None) -> list[dict[str, Any]]:
             if not kbs:
                 return []
-            hits = self.query(kbs, query, min(max(top_k, 1), 20), cfg.mode, cfg.filters, cfg.score_threshold)
+            self.domains.check_kbs(principal, kbs)
+            limit = min(max(top_k or cfg.top_k or 3, 1), MAX_SEARCH_TOP_K)
+            hits = self.query(kbs, query, limit, cfg.mode, cfg.filters, cfg.score_threshold)
             return [{"source": h.source, "location": h.location, "text": h.text, "score": h.score, "kb": h.kb}
                     for h in hits]
 
-        return tool_from_function(search_knowledge, plugin="lorag")
+        return search_knowledge

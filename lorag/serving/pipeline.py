@@ -94,12 +94,12 @@ class Pipeline:
             target = self.resolve(request.model, principal, last_user_text(messages), options.adapter)
             info.update(domain=target.domain.name if target.domain else None, adapter=target.adapter_ref)
         timings["resolve_ms"] = ms_since(started)
-        hooks = self._hooks(target, request_id)
+        hooks = self._hooks(target, request_id, principal)
         messages = await self._input_hooks(hooks, messages)
         extras: dict[str, Any] = {}
         question = last_user_text(messages)  # after the input hooks: retrieval sees redacted text
         hits = await self.context.retrieve(target, options, question, hooks, timings, extras, principal)
-        tools = tool_plan(target, hooks, request, principal, self.context)
+        tools = tool_plan(target, hooks, request)
         mark = time.perf_counter()
         domain = target.domain
         with stage(log, "prompt") as info:
@@ -133,7 +133,7 @@ class Pipeline:
             question = next((p for p in raw if isinstance(p, str)), "")
             target = self.resolve(request.model, principal, question, options.adapter)
             info["adapter"] = target.adapter_ref
-        hooks = self._hooks(target, request_id)
+        hooks = self._hooks(target, request_id, principal)
         for i, prompt in enumerate(raw):
             if isinstance(prompt, str):  # text prompts pass the input hooks as one user turn
                 checked = await self._input_hooks(hooks, [{"role": "user", "content": prompt}])
@@ -147,8 +147,9 @@ class Pipeline:
         job.timings["prepare_ms"] = ms_since(started)
         return job
 
-    def _hooks(self, target: Target, request_id: str) -> RequestHooks:
-        return self.plugins.for_request(request_id=request_id, domain=target.plugin_scope)
+    def _hooks(self, target: Target, request_id: str, principal: Principal | None) -> RequestHooks:
+        return self.plugins.for_request(request_id=request_id, domain=target.plugin_scope,
+                                        search_knowledge=self.context.searcher(target.domain, principal))
 
     async def _input_hooks(self, hooks: RequestHooks, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Redact or refuse the input; a refusal (ContentBlocked) is a 400 before any generation."""

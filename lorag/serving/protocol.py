@@ -1,7 +1,11 @@
-"""OpenAI request bodies lorag accepts, validated with the limits OpenAI documents.
+"""OpenAI request bodies lorag accepts, and the responses and stream chunks it sends.
 
-Unknown fields are ignored (OpenAI clients send fields lorag has no use for);
-wrong types and out-of-range values are refused with the field's name.
+Requests are validated with the limits OpenAI documents: unknown fields are ignored
+(OpenAI clients send fields lorag has no use for); wrong types and out-of-range values
+are refused with the field's name. Responses are typed here so the HTTP layer only
+converts; they are written with `exclude_unset`, so a field appears exactly when set
+(OpenAI's `usage: null` in chunks of a stream that asked for usage, a delta's `role`
+only in its first chunk).
 """
 
 from __future__ import annotations
@@ -170,3 +174,102 @@ class CompletionRequest(SamplingFields):
         if all(isinstance(x, int) for x in p):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
+
+
+# -- responses -------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str | None
+    tool_calls: list[dict[str, Any]] | None = None  # set only when the model called the client's tools
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: dict[str, Any] | None
+    finish_reason: str
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: dict[str, Any] | None
+    finish_reason: str | None
+
+
+class TextChoice(BaseModel):
+    """A text completion's choice, whole or one chunk of a stream (finish_reason None until the end)."""
+
+    index: int
+    text: str
+    logprobs: dict[str, Any] | None
+    finish_reason: str | None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    lorag: dict[str, Any]
+
+
+class TextCompletion(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage
+    lorag: dict[str, Any]
+
+
+class ModelCard(BaseModel):
+    """One entry of GET /v1/models: a domain, `auto`, the base model or an adapter version."""
+
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str
+    parent: str | None
+    max_model_len: int | None = None  # the base model's
+    lorag: dict[str, Any] | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class StreamChunk(BaseModel):
+    """One server-sent event of a chat or text stream; the last one carries lorag's extras."""
+
+    id: str
+    object: Literal["chat.completion.chunk", "text_completion"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice] | list[TextChoice]
+    usage: Usage | None = None
+    lorag: dict[str, Any] | None = None

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 from lorag.errors import LoragError
 from lorag.logging import get_logger
 from lorag.plugins.tools import Tool
-from lorag.serving.context import SEARCH_KNOWLEDGE, ContextRetriever
 from lorag.serving.generation import Generator
 from lorag.serving.jobs import Delta, Job, Target, ms_since
 from lorag.serving.output_checks import checked_output
@@ -34,7 +33,6 @@ from lorag.serving.tool_calls import (
 
 if TYPE_CHECKING:
     from lorag.plugins.host import RequestHooks
-    from lorag.serving.principal import Principal
     from lorag.serving.protocol import ChatCompletionRequest
 
 log = get_logger("lorag.request")
@@ -42,19 +40,20 @@ log = get_logger("lorag.request")
 MIN_STEP_TOKENS = 16
 
 
-def tool_plan(target: Target, hooks: RequestHooks, request: ChatCompletionRequest, principal: Principal | None,
-              context: ContextRetriever) -> ToolPlan | None:
-    """Server-side tools the domain enables, plus the client's own; None when there are neither."""
+def tool_plan(target: Target, hooks: RequestHooks, request: ChatCompletionRequest) -> ToolPlan | None:
+    """Server-side tools the domain enables, plus the client's own; None when there are neither.
+
+    Each server-side tool is bound to its plugin's context for this request (a tool that takes
+    `ctx` sees the domain, its settings and its knowledge search).
+    """
     client = client_tools(request.tools, request.tool_choice)
     domain = target.domain
     server: dict[str, Tool] = {}
     if domain is not None and request.tool_choice != "none":
         offered = {tool.name: tool for tool in hooks.tools}
         for name in domain.settings.tools.enabled:
-            if name == SEARCH_KNOWLEDGE:
-                server[name] = context.search_tool(domain, principal)
-            elif name in offered:
-                server[name] = offered[name]
+            if name in offered:
+                server[name] = offered[name].bound(hooks.context(offered[name].plugin))
             else:
                 log.warning("tool_unavailable", domain=domain.name, tool=name)
     if not server and not client:
