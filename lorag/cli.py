@@ -28,6 +28,7 @@ SUBCOMMANDS: dict[str, str] = {
     "domains": "lorag.serving.domains_cli:domains_group",
     "route": "lorag.serving.domains_cli:route",
     "keys": "lorag.server.keys_cli:keys_group",
+    "fleet": "lorag.fleet.cli:fleet_group",
 }
 
 

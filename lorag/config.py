@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from lorag.fleet.settings import FleetServer, FleetSettings, check_servers
 from lorag.knowledge.settings import KnowledgeSettings
 from lorag.plugins.settings import PluginsSettings
 from lorag.schema import Strict
@@ -60,6 +61,16 @@ class EngineSettings(Strict):
     # hold an adapter, and go without one before (faster); "on": always. See lorag.engine.
     base_via_null_adapter: Literal["auto", "on", "off"] = "auto"
     extra: dict[str, Any] = Field(default_factory=dict, description="Passed to AsyncEngineArgs as is.")
+    # "local": one vLLM engine in this process. "remote": generation goes to the vLLM OpenAI
+    # servers below (docs/scale.md); lorag keeps the registry, routing and the request path.
+    backend: Literal["local", "remote"] = "local"
+    servers: list[FleetServer] = Field(default_factory=list)
+    fleet: FleetSettings = Field(default_factory=FleetSettings)
+
+    @model_validator(mode="after")
+    def _servers_for_remote(self) -> EngineSettings:
+        check_servers(self.backend, self.servers)
+        return self
 
 
 class ApiKey(Strict):

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -101,6 +101,12 @@ def engine_args(settings: Settings, use_null_adapter: bool) -> Any:
 def wants_null_adapter(settings: Settings) -> bool:
     mode = settings.engine.base_via_null_adapter
     return mode == "on" or (mode == "auto" and on_cpu())
+
+
+def write_null_adapter_for(settings: Settings) -> Path:
+    """The served model's null adapter, under the state directory (written once)."""
+    out_dir = settings.state_path / "adapters" / ".null" / _slug(settings.model.path)
+    return write_null_adapter(settings.model.path, out_dir, rank=min(8, settings.engine.max_lora_rank))
 
 
 def write_null_adapter(model_path: str, out_dir: Path, rank: int) -> Path:
@@ -192,8 +198,7 @@ class Engine:
                  null_adapter=use_null)
         self.llm = AsyncLLM.from_engine_args(args)
         if use_null:
-            null_dir = self.settings.state_path / "adapters" / ".null" / _slug(self.settings.model.path)
-            write_null_adapter(self.settings.model.path, null_dir, rank=min(8, self.settings.engine.max_lora_rank))
+            null_dir = write_null_adapter_for(self.settings)
             self.null_request = LoRARequest(NULL_ADAPTER_NAME, NULL_ADAPTER_ID, str(null_dir))
             if self.settings.engine.base_via_null_adapter == "on":
                 await self.llm.add_lora(self.null_request)
@@ -219,6 +224,10 @@ class Engine:
     def loaded_adapters(self) -> int:
         """Adapter versions lorag loaded and has not unloaded (the null adapter not counted)."""
         return len(self._loaded)
+
+    @property
+    def started(self) -> bool:
+        return self.llm is not None
 
     @property
     def alive(self) -> bool:
@@ -291,7 +300,7 @@ class Engine:
         params: SamplingParams,
         request_id: str,
         adapter: AdapterVersion | None,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Stream engine outputs; closing the iterator (client gone) aborts the engine request."""
         from vllm.v1.engine.exceptions import EngineDeadError
 

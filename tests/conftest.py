@@ -20,6 +20,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -36,10 +37,11 @@ MAX_LORAS = 2
 MAX_RANK = 8
 BASE_NAME = "tiny-base"
 SERVED_ADAPTERS = ("alpha", "beta", "gamma", "delta")
+TEST_BACKEND_ENV = "LORAG_TEST_BACKEND"  # "remote": the session server fronts a fleet of vLLM servers
 
 
 # Code that starts a vLLM engine: a `lorag serve` process, the demo, the in-process engine.
-ENGINE_STARTS = re.compile(r"start_server\(|lorag_demo\(|\[\"serve\"|LocalPipeline\(|\bEngine\(settings")
+ENGINE_STARTS = re.compile(r"start_server\(|start_fleet\(|lorag_demo\(|\[\"serve\"|LocalPipeline\(|\bEngine\(settings")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -117,7 +119,7 @@ class Server:
 
 
 def write_config(path: Path, models: Models, state_dir: Path, port: int, preload: bool = True,
-                 extra_keys: str = "") -> Path:
+                 extra_keys: str = "", engine_lines: str = "") -> Path:
     preload_lines = "".join(
         f'[adapters.preload.{name}]\npath = "{models.adapters[name]}"\n' for name in SERVED_ADAPTERS
     ) if preload else ""
@@ -134,7 +136,7 @@ max_loras = {MAX_LORAS}
 max_lora_rank = {MAX_RANK}
 enforce_eager = true
 kv_cache_memory_bytes = 268435456
-
+{engine_lines}
 [server]
 port = {port}
 api_keys = [
@@ -149,15 +151,17 @@ allowed_roots = ["{models.root}"]
 
 
 def start_server(models: Models, workdir: Path, *, preload: bool = True, state_dir: Path | None = None,
-                 extra_config: str = "", env: dict[str, str] | None = None, extra_keys: str = "") -> Server:
+                 extra_config: str = "", env: dict[str, str] | None = None, extra_keys: str = "",
+                 engine_lines: str = "") -> Server:
     """A `lorag serve` subprocess on a free port; `extra_config` is appended to its lorag.toml.
 
-    `extra_keys`: more inline tables for server.api_keys, each followed by a comma.
+    `extra_keys`: more inline tables for server.api_keys, each followed by a comma;
+    `engine_lines`: more keys of the [engine] table (the fleet tests' remote backend).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     state_dir = state_dir or workdir / "state"
-    config = write_config(workdir / "lorag.toml", models, state_dir, port, preload, extra_keys)
+    config = write_config(workdir / "lorag.toml", models, state_dir, port, preload, extra_keys, engine_lines)
     config.write_text(config.read_text() + extra_config)
     log_path = workdir / "server.log"
     env = {"LORAG_LOG_FORMAT": "json", "VLLM_LOGGING_LEVEL": "WARNING", **(env or dict(os.environ))}
@@ -181,8 +185,48 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+@dataclass
+class Fleet:
+    """`lorag serve` with the remote backend in front of vLLM OpenAI servers (tests/vllm_servers.py)."""
+
+    lorag: Server
+    servers: list[Any]  # tests.vllm_servers.VllmServer
+
+    def stop(self) -> None:
+        self.lorag.stop()
+        for server in self.servers:
+            server.stop()
+
+
+def start_fleet(models: Models, workdir: Path, *, count: int = 2, server_lines: dict[int, str] | None = None,
+                engine_lines: str = "", **kwargs: Any) -> Fleet:
+    """`count` vLLM servers (the null adapter takes one more LoRA slot, as in process), then lorag
+    in front of them; `server_lines`: more keys for the [[engine.servers]] entry of server i."""
+    from tests.vllm_servers import start_vllm_servers
+
+    servers = start_vllm_servers(models.base, BASE_NAME, workdir / "vllm", [free_port() for _ in range(count)],
+                                 max_loras=MAX_LORAS + 1, max_lora_rank=MAX_RANK)
+    entries = "".join(f'[[engine.servers]]\nurl = "{s.url}"\nname = "vllm-{i}"\n{(server_lines or {}).get(i, "")}\n'
+                      for i, s in enumerate(servers))
+    fleet_table = "[engine.fleet]\nhealth_interval_s = 0.5\nreconcile_interval_s = 5\n"
+    try:
+        lorag = start_server(models, workdir, engine_lines=f'backend = "remote"\n{engine_lines}\n{entries}{fleet_table}',
+                             **kwargs)
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    return Fleet(lorag, servers)
+
+
 @pytest.fixture(scope="session")
 def server(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The session's `lorag serve`; with LORAG_TEST_BACKEND=remote, in front of two vLLM servers."""
+    if os.environ.get(TEST_BACKEND_ENV) == "remote":
+        fleet = start_fleet(models, tmp_path_factory.mktemp("fleet"))
+        yield fleet.lorag
+        fleet.stop()
+        return
     srv = start_server(models, tmp_path_factory.mktemp("server"))
     yield srv
     srv.stop()

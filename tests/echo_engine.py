@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,7 +82,7 @@ class EchoEngine:
         return self
 
     async def generate(self, prompt_token_ids: list[int], params: Any, request_id: str,
-                       adapter: Any) -> AsyncIterator[Output]:
+                       adapter: Any) -> AsyncGenerator[Output, None]:
         prompt = self.tokenizer.decode(prompt_token_ids)
         adapter_ref = adapter.ref if adapter is not None else None
         self.calls.append(Call(prompt, params, adapter_ref, request_id))

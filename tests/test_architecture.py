@@ -13,9 +13,10 @@ MAX_LINES = 400
 # Lowest first. A module's layer is the first prefix that matches its dotted name.
 LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (1, ("lorag.config", "lorag.cli_options", "lorag.errors", "lorag.logging", "lorag.paths", "lorag.schema",
-         "lorag.knowledge.settings", "lorag.plugins.settings", "lorag.serving.settings", "lorag.models.names")),
+         "lorag.knowledge.settings", "lorag.plugins.settings", "lorag.serving.settings", "lorag.models.names",
+         "lorag.fleet.settings")),
     (2, ("lorag.adapters", "lorag.knowledge", "lorag.models", "lorag.plugins")),
-    (3, ("lorag.engine",)),
+    (3, ("lorag.engine", "lorag.fleet")),
     (4, ("lorag.serving",)),
     (5, ("lorag.server", "lorag.evaluation")),
     (6, ("lorag.cli", "lorag.chat", "lorag.demo")),

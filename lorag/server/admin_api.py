@@ -43,9 +43,36 @@ async def list_adapters(
 
 @router.get("/adapters/{name}")
 async def show_adapter(
-    name: str, service: AdapterService = Depends(get_adapters), _: Principal = Depends(require_admin)
+    name: str, request: Request, service: AdapterService = Depends(get_adapters),
+    _: Principal = Depends(require_admin),
 ) -> dict[str, Any]:
-    return service.registry.describe(name)
+    """The name's versions; behind a fleet, where each version is loaded and who refused it."""
+    described = service.registry.describe(name)
+    servers = fleet_status(request)
+    if servers is not None:
+        for version in described["versions"]:
+            ref = f"{name}@{version['version']}"
+            version["servers"] = {s["name"]: ("loaded" if ref in s["adapters"] else
+                                              f"refused: {s['refused'][ref]}" if ref in s["refused"] else
+                                              "not loaded") for s in servers}
+    return described
+
+
+@router.get("/fleet")
+async def show_fleet(request: Request, _: Principal = Depends(require_admin)) -> dict[str, Any]:
+    """The vLLM servers behind `[engine] backend = "remote"`: up, load, adapters, refusals, repairs."""
+    servers = fleet_status(request)
+    if servers is None:
+        return {"backend": "local", "servers": []}
+    return {"backend": "remote", "servers": servers}
+
+
+def fleet_status(request: Request) -> list[dict[str, Any]] | None:
+    """Per-server status when the engine is a fleet, else None."""
+    from lorag.fleet.control import FleetControl
+
+    engine = request.app.state.pipeline.engine
+    return engine.status() if isinstance(engine, FleetControl) else None
 
 
 @router.post("/adapters", status_code=201)

@@ -15,17 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from lorag import __version__
 from lorag.adapters.service import AdapterService
 from lorag.config import Settings
-from lorag.engine import Engine
 from lorag.logging import get_logger
 from lorag.server import admin_api, knowledge_api, limits, metrics, openai_api
 from lorag.server.errors import error_body, error_response, install_error_handlers
-from lorag.serving.build import build_pipeline
+from lorag.serving.build import ServingEngine, build_engine, build_pipeline
 from lorag.serving.pipeline import Pipeline
 from lorag.serving.warmup import start_warmup
 
@@ -76,9 +75,9 @@ class RequestContext:
             structlog.contextvars.unbind_contextvars("request_id")
 
 
-def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
+def create_app(settings: Settings, engine: ServingEngine | None = None) -> FastAPI:
     """Build the app; the engine starts in the lifespan unless one is passed in already started."""
-    engine = engine or Engine(settings)
+    engine = engine or build_engine(settings)
     pipeline = build_pipeline(settings, engine)
     adapters = AdapterService(settings, pipeline.registry, engine)
 
@@ -89,7 +88,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         # Started before the engine (whose start blocks this loop): the two overlap.
         stop_warmup = start_warmup_thread(app)
         try:
-            if engine.llm is None:
+            if not engine.started:
                 await engine.start()
             await preload_adapters(settings, adapters)
         except BaseException:
@@ -126,12 +125,12 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     @app.get("/health")
     async def health() -> JSONResponse:
         """Liveness: the process answers and the engine has not died."""
-        if engine.llm is not None and not engine.alive:
+        if engine.started and not engine.alive:
             return error_response(503, "The engine has stopped.", "server_error", code="engine_dead")
         return JSONResponse({"status": "ok", "version": __version__})
 
     @app.get("/ready")
-    async def ready() -> JSONResponse:
+    async def ready(request: Request) -> JSONResponse:
         """Readiness: the engine is up, healthy, the registered adapters are loaded and the warm-up is done.
 
         While not ready, `waiting_for` says what is still starting ("engine", "warmup").
@@ -144,14 +143,18 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             await asyncio.wait_for(engine.check_health(), timeout=5)
         except Exception as err:
             return error_response(503, f"Not ready: {err}", "server_error", code="engine_unhealthy")
-        return JSONResponse({"status": "ready", "model": settings.model.served_name})
+        answer: dict[str, Any] = {"status": "ready", "model": settings.model.served_name}
+        servers = admin_api.fleet_status(request)
+        if servers is not None:  # ready while one server is; the rest is reported, not hidden
+            answer["servers"] = {s["name"]: {"up": s["up"] and s["ready"], "refused": s["refused"]} for s in servers}
+        return JSONResponse(answer)
 
     app.add_middleware(RequestContext, max_body=settings.server.max_request_bytes,
                        max_upload=max(settings.knowledge.ingest.max_upload_bytes + (1 << 20), settings.server.max_request_bytes))
     return app
 
 
-async def watch_engine(app: FastAPI, engine: Engine, interval_s: float = 1.0) -> None:
+async def watch_engine(app: FastAPI, engine: ServingEngine, interval_s: float = 1.0) -> None:
     """When the engine dies: stop being ready, and shut down with exit code 1 so a supervisor restarts us."""
     while engine.alive:
         await asyncio.sleep(interval_s)

@@ -25,7 +25,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from lorag.errors import LoragError
@@ -179,7 +179,10 @@ class StateCollector(Collector):
                          len(pipeline.registry.current()))
             engine = pipeline.engine
             yield _gauge("lorag_adapters_loaded", "Adapter versions loaded in the engine.",
-                         engine.loaded_adapters if engine.llm is not None else 0)
+                         engine.loaded_adapters if engine.started else 0)
+            status = getattr(engine, "status", None)
+            if callable(status):  # a fleet of vLLM servers (lorag.fleet)
+                yield from fleet_metrics(status())
         limiter = getattr(state, "limiter", None)
         if limiter is not None:
             in_flight = GaugeMetricFamily("lorag_requests_in_flight", "API requests in flight, per key name.",
@@ -206,6 +209,28 @@ class StateCollector(Collector):
             documents.add_metric([base["name"]], base["documents"])
         yield chunks
         yield documents
+
+
+# (metric, help, status key, counter?) per server of a fleet.
+_FLEET = (
+    ("lorag_fleet_server_up", "1 when the vLLM server is up and reconciled.", "ready", False),
+    ("lorag_fleet_requests_in_flight", "Requests in flight on the vLLM server.", "in_flight", False),
+    ("lorag_fleet_adapters_loaded", "Adapters lorag has loaded on the vLLM server.", "adapters", False),
+    ("lorag_fleet_adapter_load_failures", "Adapter loads the vLLM server refused.", "load_failures", True),
+    ("lorag_fleet_reconcile_repairs", "Adapters loaded or unloaded by reconcile passes.", "repairs", True),
+    ("lorag_fleet_requests", "Requests sent to the vLLM server.", "requests", True),
+)
+
+
+def fleet_metrics(servers: list[dict[str, Any]]) -> Iterable[Any]:
+    """Per-server gauges and counters of a fleet, labelled by server name."""
+    for name, documentation, key, counter in _FLEET:
+        family: Any = (CounterMetricFamily(name, documentation, labels=["server"]) if counter
+                       else GaugeMetricFamily(name, documentation, labels=["server"]))
+        for server in servers:
+            value = server[key]
+            family.add_metric([server["name"]], float(len(value) if isinstance(value, list) else value))
+        yield family
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

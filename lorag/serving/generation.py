@@ -8,7 +8,8 @@ fake one in tests (tests/echo_engine.py), so the request path can be tested with
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, Protocol
 
 from lorag.errors import LoragError
@@ -45,7 +46,7 @@ class TextEngine(Protocol):
     def max_model_len(self) -> int: ...
 
     def generate(self, prompt_token_ids: list[int], params: Any, request_id: str,
-                 adapter: AdapterVersion | None) -> AsyncIterator[Any]: ...
+                 adapter: AdapterVersion | None) -> AsyncGenerator[Any, None]: ...
 
 
 class Generator:
@@ -131,18 +132,20 @@ class Generator:
                      started: float) -> AsyncGenerator[Delta, None]:
         """The engine's output for one prompt as deltas (choice i*n + j), before any output hook."""
         engine_id = f"{job.request_id}-{prompt_index}-{uuid.uuid4().hex[:6]}"
-        async for output in self.engine.generate(prompt, job.params, engine_id, job.target.adapter):
-            for completion in output.outputs:
-                if "ttft_ms" not in job.timings and completion.token_ids:
-                    job.timings["ttft_ms"] = ms_since(started)
-                counts["completion_tokens"] += len(completion.token_ids)
-                yield Delta(
-                    index=prompt_index * job.n + completion.index,
-                    text=completion.text,
-                    token_ids=list(completion.token_ids),
-                    logprobs=completion.logprobs,
-                    finish_reason=_finish_reason(completion.finish_reason) if completion.finished() else None,
-                )
+        # aclosing: a client that goes away aborts the engine request now, not at garbage collection.
+        async with aclosing(self.engine.generate(prompt, job.params, engine_id, job.target.adapter)) as outputs:
+            async for output in outputs:
+                for completion in output.outputs:
+                    if "ttft_ms" not in job.timings and completion.token_ids:
+                        job.timings["ttft_ms"] = ms_since(started)
+                    counts["completion_tokens"] += len(completion.token_ids)
+                    yield Delta(
+                        index=prompt_index * job.n + completion.index,
+                        text=completion.text,
+                        token_ids=list(completion.token_ids),
+                        logprobs=completion.logprobs,
+                        finish_reason=_finish_reason(completion.finish_reason) if completion.finished() else None,
+                    )
 
 
 async def sampling_params(request: SamplingFields, max_tokens: int, logprobs: int | None,

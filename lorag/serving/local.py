@@ -14,14 +14,13 @@ class LocalPipeline:
     """The engine and the pipeline in this process (no server needed)."""
 
     def __init__(self, settings: Settings) -> None:
-        from lorag.engine import Engine
         from lorag.logging import LOG_LEVEL_ENV, configure_logging
-        from lorag.serving.build import build_pipeline
+        from lorag.serving.build import build_engine, build_pipeline
 
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # the terminal is for the answer
         configure_logging(level=os.environ.get(LOG_LEVEL_ENV, "warning"))
         self.loop = asyncio.new_event_loop()
-        engine = Engine(settings)
+        engine = build_engine(settings)
         self.loop.run_until_complete(engine.start())
         self.pipeline = build_pipeline(settings, engine)
         self.engine = engine

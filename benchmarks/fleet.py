@@ -1,0 +1,198 @@
+"""Fleet benchmark: lorag's remote backend against the raw vLLM servers it fronts.
+
+    .venv/bin/python benchmarks/fleet.py [--requests 96] [--tokens 32] [--rounds 2] [--workdir DIR]
+
+1. Overhead (baseline: the raw server): one vLLM OpenAI server (tiny random model, LoRA on),
+   loaded with streamed chat completions at concurrency 16 over the base model and 3 adapters,
+   directly and through `lorag serve` with `[engine] backend = "remote"` in front of that same
+   server, alternating per round. Prints medians of completion tokens/s and TTFT and the ratios
+   lorag / raw. Targets: throughput >= 0.95x, TTFT <= 1.10x.
+2. Routing (baseline: round-robin): two vLLM servers with --max-loras 2 (+1 for lorag's null
+   adapter) and 8 adapters, uniformly mixed, concurrency 16, through lorag with
+   `routing = "round_robin"` and with `"least_loaded"` (adapter affinity within a slack).
+   Prints tokens/s and adapter loads per 1,000 requests: the times an adapter entered a
+   server's GPU slots, as lorag's slot model counts them (LRU over max_loras slots per server;
+   vLLM exposes no load counter).
+
+The machine is shared and noisy: read the ratios, measured in the same run, not the absolutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from serving import free_port, load, loadavg  # noqa: E402
+
+from lorag.demo.devmodel import build_tiny_model  # noqa: E402
+from tests.devserver import wait_until_up  # noqa: E402
+from tests.random_adapter import build_random_adapter  # noqa: E402
+from tests.vllm_servers import VllmServer, start_vllm_servers  # noqa: E402
+
+MAX_LORAS = 2
+RANK = 8
+BASE = "base"
+ADMIN_KEY = "sk-bench-admin-key"
+
+
+def lorag_config(workdir: Path, model: Path, servers: list[VllmServer], adapters: dict[str, Path], port: int,
+                 routing: str) -> Path:
+    preload = "".join(f'[adapters.preload.{n}]\npath = "{p}"\n' for n, p in adapters.items())
+    entries = "".join(f'[[engine.servers]]\nurl = "{s.url}"\nname = "vllm-{i}"\n' for i, s in enumerate(servers))
+    config = workdir / f"lorag-{port}.toml"
+    config.write_text(f"""
+state_dir = "{workdir / 'state'}"
+[model]
+path = "{model}"
+name = "{BASE}"
+max_model_len = 512
+[engine]
+backend = "remote"
+max_loras = {MAX_LORAS}
+max_lora_rank = {RANK}
+{entries}[engine.fleet]
+routing = "{routing}"
+[server]
+port = {port}
+api_keys = [{{ key = "{ADMIN_KEY}", name = "bench", admin = true }}]
+[plugins]
+default = []
+{preload}""")
+    return config
+
+
+def start_lorag(config: Path, port: int, log: Path) -> tuple[subprocess.Popen, str]:
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen([sys.executable, "-m", "lorag.cli", "serve", "--config", str(config)],
+                               stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    wait_until_up(process, url, log, probe="/ready", timeout_s=300)
+    return process, url
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def fleet_counts(url: str) -> dict[str, dict[str, int]]:
+    servers = httpx.get(f"{url}/admin/fleet", headers={"authorization": f"Bearer {ADMIN_KEY}"}).json()["servers"]
+    return {s["name"]: {"requests": s["requests"], "adapter_loads": s["adapter_loads"]} for s in servers}
+
+
+def run_load(url: str, models: list[str], args: argparse.Namespace) -> tuple[float, float]:
+    tps, ttft, _latency, failures = asyncio.run(load(url, models, args.concurrency, args.requests, args.tokens))
+    if failures:
+        print(f"    {failures} requests failed", flush=True)
+    return tps, ttft
+
+
+def overhead(args: argparse.Namespace, model: Path, adapters: dict[str, Path], workdir: Path) -> None:
+    print("== overhead: one vLLM server, raw vs through lorag (remote backend) ==", flush=True)
+    server = start_vllm_servers(model, BASE, workdir / "one", [free_port()], max_loras=MAX_LORAS + 1,
+                                max_lora_rank=RANK)[0]
+    chosen = dict(list(adapters.items())[:3])
+    try:
+        port = free_port()
+        lorag, url = start_lorag(lorag_config(workdir / "one", model, [server], chosen, port, "least_loaded"),
+                                 port, workdir / "one" / "lorag.log")
+        results: dict[str, list[tuple[float, float]]] = {"vllm": [], "lorag": []}
+        try:
+            for round_ in range(args.rounds):
+                order = ["vllm", "lorag"] if round_ % 2 == 0 else ["lorag", "vllm"]
+                for side in order:
+                    target = server.url if side == "vllm" else url
+                    # The same adapters on the same server: lorag loaded them there as name@v1.
+                    models = [BASE, *(f"{n}@v1" for n in chosen)]
+                    tps, ttft = run_load(target, models, args)
+                    results[side].append((tps, ttft))
+                    print(f"  round {round_ + 1} {side:<6} {tps:8.1f} tok/s  ttft {ttft:7.1f} ms  "
+                          f"load average {loadavg()}", flush=True)
+        finally:
+            stop(lorag)
+    finally:
+        server.stop()
+    tps = {side: statistics.median(r[0] for r in rows) for side, rows in results.items()}
+    ttft = {side: statistics.median(r[1] for r in rows) for side, rows in results.items()}
+    print(f"  median      vllm {tps['vllm']:8.1f} tok/s ttft {ttft['vllm']:7.1f} ms | "
+          f"lorag {tps['lorag']:8.1f} tok/s ttft {ttft['lorag']:7.1f} ms", flush=True)
+    print(f"  ratio lorag/vllm: throughput {tps['lorag'] / tps['vllm']:.3f}x (target >= 0.95), "
+          f"TTFT {ttft['lorag'] / ttft['vllm']:.3f}x (target <= 1.10)", flush=True)
+
+
+def routing(args: argparse.Namespace, model: Path, adapters: dict[str, Path], workdir: Path) -> None:
+    print(f"== routing: two vLLM servers, {len(adapters)} adapters, max_loras {MAX_LORAS} ==", flush=True)
+    servers = start_vllm_servers(model, BASE, workdir / "two", [free_port(), free_port()],
+                                 max_loras=MAX_LORAS + 1, max_lora_rank=RANK)
+    models = [f"{n}@v1" for n in adapters]
+    rows: dict[str, list[tuple[float, float]]] = {"round_robin": [], "least_loaded": []}
+    try:
+        for round_ in range(args.rounds):
+            for policy in (["round_robin", "least_loaded"] if round_ % 2 == 0 else ["least_loaded", "round_robin"]):
+                port = free_port()
+                lorag, url = start_lorag(lorag_config(workdir / "two", model, servers, adapters, port, policy),
+                                         port, workdir / "two" / f"lorag-{policy}.log")
+                try:
+                    before = fleet_counts(url)
+                    tps, _ = run_load(url, models, args)
+                    after = fleet_counts(url)
+                finally:
+                    stop(lorag)
+                requests = sum(after[s]["requests"] - before[s]["requests"] for s in after)
+                loads = sum(after[s]["adapter_loads"] - before[s]["adapter_loads"] for s in after)
+                per_k = 1000 * loads / max(requests, 1)
+                rows[policy].append((tps, per_k))
+                print(f"  round {round_ + 1} {policy:<13} {tps:8.1f} tok/s  adapter loads per 1k requests "
+                      f"{per_k:6.1f}  load average {loadavg()}", flush=True)
+    finally:
+        for server in servers:
+            server.stop()
+    for policy, values in rows.items():
+        print(f"  median {policy:<13} {statistics.median(v[0] for v in values):8.1f} tok/s  "
+              f"{statistics.median(v[1] for v in values):6.1f} adapter loads per 1k requests", flush=True)
+    rr = statistics.median(v[0] for v in rows["round_robin"])
+    ll = statistics.median(v[0] for v in rows["least_loaded"])
+    print(f"  ratio least_loaded/round_robin: throughput {ll / rr:.3f}x", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=96)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--only", choices=["overhead", "routing"])
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="lorag-fleet-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    model = build_tiny_model(workdir / "tiny-llama")
+    adapters = {f"a{i}": build_random_adapter(model, workdir / "adapters" / f"a{i}", seed=i + 1, rank=RANK)
+                for i in range(args.adapters)}
+    print(f"workdir {workdir}; model and {len(adapters)} adapters ready; load average {loadavg()}", flush=True)
+    if args.only in (None, "overhead"):
+        overhead(args, model, adapters, workdir)
+    if args.only in (None, "routing"):
+        routing(args, model, adapters, workdir)
+    print(f"done in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""lorag as the fleet's control plane: which server is up, which adapters each one holds, and
+the repairs that keep every server holding every registered adapter.
+
+The registry stays lorag's: each version it registers is loaded on every server that is up
+(`load_adapter`), a removed one is unloaded from a server once no request there uses it
+(`retire_adapter`), and a reconcile pass — at start, when a server comes back, and every
+`reconcile_interval_s` — compares a server's /v1/models with what it should hold and repairs
+the difference. vLLM's own runtime loading reaches one replica and does not survive its
+restart (vllm-project/vllm #12174); this is the part that makes it a fleet. A server that
+refuses an adapter is reported and gets no traffic for it. Health comes from /health every
+`health_interval_s` and from request failures, with back-off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+from lorag.errors import LoragError
+from lorag.fleet.client import ServerClient, ServerError
+from lorag.fleet.routing import Picker, ServerState
+from lorag.logging import get_logger
+
+if TYPE_CHECKING:
+    from lorag.adapters.registry import AdapterVersion
+    from lorag.config import Settings
+
+log = get_logger("lorag.fleet")
+ADMIN_TIMEOUT_S = 30.0  # loading an adapter reads its weights: give it time
+
+
+class AdapterRefused(LoragError):
+    status_code = 400
+    code = "adapter_refused"
+
+
+class FleetControl:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.fleet = settings.engine.fleet
+        slots = self.fleet.affinity_slots or settings.engine.max_loras
+        self.clients = {s.label: ServerClient(s, self.fleet.connect_timeout_s) for s in settings.engine.servers}
+        self.states = {s.label: ServerState(s.label, s.weight, hot_slots=slots) for s in settings.engine.servers}
+        self.picker = Picker(self.fleet.routing, self.fleet.affinity_slack)
+        self.desired: dict[str, str] = {}  # adapter name on the servers -> local path
+        self.null_name: str | None = None  # base requests go through it where the engine needs it
+        self._leases: dict[tuple[str, str], int] = defaultdict(int)
+        self._retired: dict[str, Callable[[], Any] | None] = {}
+        self._locks = {name: asyncio.Lock() for name in self.states}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._opened = False
+
+    # -- life cycle --------------------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        return self._opened
+
+    @property
+    def alive(self) -> bool:
+        """lorag itself keeps running when servers go away; /ready says whether any is usable."""
+        return self._opened
+
+    @property
+    def loaded_adapters(self) -> int:
+        return len([name for name in self.desired if name != self.null_name])
+
+    async def open(self) -> None:
+        """First health check and reconcile of every server, then the loops that keep them."""
+        from lorag.engine import NULL_ADAPTER_NAME, write_null_adapter_for
+
+        if self.settings.engine.base_via_null_adapter != "off":
+            # lorag cannot see a server's device: a base request goes through the null adapter,
+            # which keeps it isolated from adapters in the same batch wherever the engine needs that.
+            self.desired[NULL_ADAPTER_NAME] = str(await asyncio.to_thread(write_null_adapter_for, self.settings))
+            self.null_name = NULL_ADAPTER_NAME
+        await asyncio.gather(*(self.check(name) for name in self.states))
+        self._tasks = [asyncio.create_task(self._every(self.fleet.health_interval_s, self.check)),
+                       asyncio.create_task(self._every(self.fleet.reconcile_interval_s, self.reconcile))]
+        self._opened = True
+        log.info("fleet_open", servers={s.name: s.up for s in self.states.values()}, null_adapter=self.null_name)
+
+    def shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []
+        self._opened = False
+        with contextlib.suppress(RuntimeError):  # no running loop: the clients go with the process
+            loop = asyncio.get_running_loop()
+            for client in self.clients.values():
+                loop.create_task(client.close())
+
+    async def _every(self, interval_s: float, step: Callable[[str], Any]) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await asyncio.gather(*(step(name) for name in self.states), return_exceptions=True)
+
+    # -- health ------------------------------------------------------------------------
+
+    async def check(self, name: str) -> None:
+        """Ask a server's /health; a server that is back is reconciled before it takes traffic."""
+        state = self.states[name]
+        try:
+            await self.clients[name].health(self.fleet.connect_timeout_s)
+        except ServerError as err:
+            if state.up:
+                log.warning("server_down", server=name, error=str(err))
+            state.up = state.ready = False
+            state.error = str(err)
+            return
+        if not state.up:
+            state.up = True
+            log.info("server_up", server=name)
+        if not state.ready:
+            await self.reconcile(name)
+
+    def mark_failed(self, state: ServerState, error: ServerError) -> None:
+        """A request failed on the server's side: rest it. A server that did not answer at all (or
+        failed twice in a row) is down until /health says otherwise, and then reconciled first:
+        a restarted server has lost its adapters."""
+        state.failed(str(error), self.fleet.backoff_s, self.fleet.max_backoff_s)
+        if error.status == 0 or state.failures >= 2:
+            state.up = state.ready = False
+
+    def mark_lost(self, state: ServerState, name: str | None, error: str) -> None:
+        """The server does not know a model it should hold: no traffic until reconciled again."""
+        log.warning("server_lost_adapter", server=state.name, adapter=name, error=error)
+        if name is not None:
+            state.loaded.discard(name)
+        state.ready = False  # the next health check reconciles it
+
+    def mark_succeeded(self, state: ServerState) -> None:
+        state.succeeded()
+
+    # -- adapters ----------------------------------------------------------------------
+
+    async def load_adapter(self, adapter: AdapterVersion) -> None:
+        """Load on every server that is up; refused by all of them is an error, by some a report."""
+        self.desired[adapter.ref] = adapter.path
+        self._retired.pop(adapter.ref, None)
+        up = [s for s in self.states.values() if s.up]
+        results = await asyncio.gather(*(self._load(s, adapter.ref, adapter.path) for s in up))
+        if up and not any(results):
+            del self.desired[adapter.ref]
+            reasons = "; ".join(f"{s.name}: {s.refused.get(adapter.ref)}" for s in up)
+            raise AdapterRefused(f"No model server could load {adapter.ref}: {reasons}")
+
+    def retire_adapter(self, adapter: AdapterVersion, on_released: Callable[[], Any] | None = None) -> None:
+        """Forget it now; unload from each server once no request there uses it, then `on_released()`."""
+        self.desired.pop(adapter.ref, None)
+        self._retired[adapter.ref] = on_released
+        self._release_unused(adapter.ref)
+
+    async def _load(self, state: ServerState, name: str, path: str) -> bool:
+        try:
+            await self.clients[state.name].load_adapter(name, path, ADMIN_TIMEOUT_S)
+        except ServerError as err:
+            if err.status == 400 and "already been loaded" in str(err):
+                state.loaded.add(name)
+                state.refused.pop(name, None)
+                return True
+            state.refused[name] = str(err).split(": ", 1)[-1]
+            state.load_failures += 1
+            log.error("adapter_refused", server=state.name, adapter=name, error=str(err))
+            return False
+        state.loaded.add(name)
+        state.refused.pop(name, None)
+        log.info("adapter_loaded_remote", server=state.name, adapter=name)
+        return True
+
+    def _release_unused(self, name: str) -> None:
+        """Unload a retired adapter from the servers where no request uses it; all done: call back."""
+        if name not in self._retired:
+            return
+        for state in self.states.values():
+            if name in state.loaded and not self._leases.get((state.name, name)):
+                state.loaded.discard(name)
+                asyncio.get_running_loop().create_task(self._unload(state, name))
+        if not any(self._leases.get((s, name)) for s in self.states):
+            callback = self._retired.pop(name)
+            if callback is not None:
+                callback()
+
+    async def _unload(self, state: ServerState, name: str) -> None:
+        try:
+            await self.clients[state.name].unload_adapter(name, ADMIN_TIMEOUT_S)
+            log.info("adapter_unloaded_remote", server=state.name, adapter=name)
+        except ServerError as err:  # a server that is down has lost it anyway; reconcile covers the rest
+            log.warning("adapter_unload_failed", server=state.name, adapter=name, error=str(err))
+
+    @contextlib.asynccontextmanager
+    async def lease(self, state: ServerState, name: str | None) -> AsyncIterator[None]:
+        """A request on a server: counted for routing, and keeping its adapter loaded there."""
+        state.in_flight += 1
+        state.served(name)
+        if name is not None:
+            self._leases[(state.name, name)] += 1
+        try:
+            yield
+        finally:
+            state.in_flight -= 1
+            if name is not None:
+                self._leases[(state.name, name)] -= 1
+                if not self._leases[(state.name, name)]:
+                    del self._leases[(state.name, name)]
+                    self._release_unused(name)
+
+    # -- reconcile ---------------------------------------------------------------------
+
+    async def reconcile(self, name: str) -> None:
+        """Make one server hold exactly the adapters it should: load the missing, unload the extra."""
+        state = self.states[name]
+        if not state.up:
+            return
+        async with self._locks[name]:
+            try:
+                cards = await self.clients[name].models(self.fleet.connect_timeout_s)
+            except ServerError as err:
+                state.up = state.ready = False
+                state.error = str(err)
+                return
+            base = next((c for c in cards if not c.get("parent")), {})
+            state.base_id = base.get("id")
+            state.max_model_len = base.get("max_model_len") or state.max_model_len
+            held = {str(c["id"]) for c in cards if c.get("parent")}
+            repairs = 0
+            for adapter, path in list(self.desired.items()):
+                if adapter not in held:
+                    repairs += await self._load(state, adapter, path)
+            extra = [a for a in held if a not in self.desired and not self._leases.get((name, a))]
+            for adapter in extra:
+                await self._unload(state, adapter)
+            repairs += len(extra)
+            state.loaded = (held | {a for a in self.desired if a not in state.refused}) - set(extra)
+            if repairs:
+                state.repairs += repairs
+                log.info("server_reconciled", server=name, repairs=repairs, loaded=len(state.loaded))
+            state.ready = True
+
+    # -- status ------------------------------------------------------------------------
+
+    def status(self) -> list[dict[str, Any]]:
+        """Per server: up, ready, load, adapters held and refused, counters (admin API, `lorag fleet status`)."""
+        return [{
+            "name": s.name, "url": self.clients[s.name].server.url, "up": s.up, "ready": s.ready,
+            "in_flight": s.in_flight, "weight": s.weight, "requests": s.requests,
+            "adapters": sorted(a for a in s.loaded if a != self.null_name),
+            "refused": dict(s.refused), "load_failures": s.load_failures, "repairs": s.repairs,
+            "adapter_loads": s.adapter_loads, "error": s.error, "max_model_len": s.max_model_len,
+        } for s in self.states.values()]

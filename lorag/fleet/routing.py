@@ -1,0 +1,105 @@
+"""Which server answers a request: pure logic over the servers' states, tested on its own.
+
+least_loaded: among the servers that are up and hold the adapter, the fewest requests in
+flight per unit of weight; a server that served the adapter recently (its "hot" set, about
+the size of its GPU adapter slots) wins while it is within `affinity_slack` of the least
+loaded one. Affinity alone makes hot spots and eviction churn (llm-d-router #709); load
+alone evicts adapters needlessly when servers hold few at a time; the slack trades the two.
+round_robin: the next server that is up and holds the adapter (the baseline benchmarks use).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Literal
+
+Policy = Literal["least_loaded", "round_robin"]
+
+
+@dataclass
+class ServerState:
+    """What lorag knows about one server; changed only on the event loop."""
+
+    name: str
+    weight: float = 1.0
+    up: bool = False
+    ready: bool = False  # up and reconciled: may take traffic
+    in_flight: int = 0
+    loaded: set[str] = field(default_factory=set)  # adapter names the server holds
+    refused: dict[str, str] = field(default_factory=dict)  # adapter name -> why the server refused it
+    hot: OrderedDict[str, None] = field(default_factory=OrderedDict)  # recently served, newest last
+    hot_slots: int = 4
+    failures: int = 0  # in a row
+    resting_until: float = 0.0
+    max_model_len: int | None = None
+    base_id: str | None = None  # the name the server serves the base model under
+    error: str | None = None
+    # Counters for /metrics.
+    load_failures: int = 0
+    repairs: int = 0
+    requests: int = 0
+    adapter_loads: int = 0  # times an adapter came into this server's hot set
+
+    def routable(self, now: float) -> bool:
+        return self.up and self.ready and now >= self.resting_until
+
+    def holds(self, adapter: str | None) -> bool:
+        return adapter is None or (adapter in self.loaded and adapter not in self.refused)
+
+    def load(self) -> float:
+        return self.in_flight / self.weight
+
+    def served(self, adapter: str | None) -> None:
+        """Count a request, and the adapter swaps a server with `hot_slots` slots would make."""
+        self.requests += 1
+        if adapter is None:
+            return
+        if adapter in self.hot:
+            self.hot.move_to_end(adapter)
+            return
+        self.adapter_loads += 1
+        self.hot[adapter] = None
+        while len(self.hot) > self.hot_slots:
+            self.hot.popitem(last=False)
+
+    def failed(self, error: str, backoff_s: float, max_backoff_s: float) -> None:
+        """A request or health check failed: rest, longer each time in a row."""
+        self.failures += 1
+        self.error = error
+        self.resting_until = time.monotonic() + min(max_backoff_s, backoff_s * 2 ** (self.failures - 1))
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self.error = None
+        self.resting_until = 0.0
+
+
+class Picker:
+    def __init__(self, policy: Policy, affinity_slack: float) -> None:
+        self.policy = policy
+        self.slack = affinity_slack
+        self._turn = 0
+
+    def pick(self, servers: list[ServerState], adapter: str | None,
+             exclude: set[str] | frozenset[str] = frozenset()) -> ServerState | None:
+        """The server for one request, or None when no server that is up holds the adapter."""
+        now = time.monotonic()
+        able = [s for s in servers if s.name not in exclude and s.routable(now) and s.holds(adapter)]
+        if not able:
+            return None
+        if self.policy == "round_robin":
+            self._turn += 1
+            return able[(self._turn - 1) % len(able)]
+        least = min(s.load() for s in able)
+        if adapter is not None:
+            warm = [s for s in able if adapter in s.hot and s.load() <= least + self.slack]
+            if warm:
+                return min(warm, key=lambda s: (s.load(), -_recency(s, adapter)))
+        return min(able, key=lambda s: (s.load(), s.requests / s.weight))
+
+
+def _recency(server: ServerState, adapter: str) -> int:
+    """How recently the server served the adapter: higher is more recent."""
+    return list(server.hot).index(adapter)
