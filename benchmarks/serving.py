@@ -226,6 +226,8 @@ async def one_request(client: httpx.AsyncClient, model: str, tokens: int) -> tup
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             data = json.loads(line[6:])
+            if "error" in data:  # a failure after the 200 (an error event) is a failure too
+                raise httpx.HTTPError(str(data["error"].get("message")))
             if ttft is None and any(c.get("delta", {}).get("content") for c in data.get("choices", [])):
                 ttft = time.perf_counter() - started
             if data.get("usage"):

@@ -85,6 +85,15 @@ def test_preloaded_adapters_and_the_null_adapter_are_on_every_server(fleet: Flee
     assert all(s["up"] and s["ready"] for s in status.values())
     ready = httpx.get(f"{fleet.lorag.url}/ready").json()
     assert ready["status"] == "ready" and set(ready["servers"]) == set(status)
+    shown = subprocess.run([sys.executable, "-m", "lorag.cli", "fleet", "status", "--server", fleet.lorag.url,
+                            "--api-key", ADMIN_KEY], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    rows = {line.split()[0]: line.split() for line in shown.stdout.splitlines()[1:] if line.startswith("vllm-")}
+    assert set(rows) == {"vllm-0", "vllm-1"} and all(row[1] == "yes" and row[4] == str(len(SERVED_ADAPTERS))
+                                                    for row in rows.values())
+    refused = subprocess.run([sys.executable, "-m", "lorag.cli", "fleet", "status", "--server", fleet.lorag.url,
+                              "--api-key", USER_KEY], capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr and len(refused.stderr.splitlines()) == 1
 
 
 def test_an_adapter_added_switched_and_removed_reaches_both_servers(fleet: Fleet, models: Models) -> None:

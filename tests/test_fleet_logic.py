@@ -85,7 +85,8 @@ def test_the_completions_body_samples_like_the_params() -> None:
         "n": 2, "temperature": 0.7, "top_p": 0.9, "top_k": 5, "seed": 3, "max_tokens": 9, "stop": ["\n\n"],
         "logprobs": 2, "presence_penalty": 0.5}
     assert body["structured_outputs"] == {"choice": ["yes", "no"]}
-    assert body["return_token_ids"] and body["return_tokens_as_token_ids"]
+    assert body["return_token_ids"] and body["return_tokens_as_token_ids"] and "stream_interval" not in body
+    assert completion_body("m", [1], params, "req-2", stream_interval=4)["stream_interval"] == 4
 
 
 def test_a_chunk_reads_back_as_a_request_output() -> None:

@@ -82,7 +82,7 @@ class RemoteEngine(FleetControl):
             try:
                 async with self.lease(state, name):
                     body = completion_body(name or state.base_id or self.settings.model.served_name,
-                                           prompt_token_ids, params, request_id)
+                                           prompt_token_ids, params, request_id, self.fleet.stream_interval)
                     if whole:  # nothing reaches the pipeline before the end: any failure may be retried
                         yield await self._collected(state, body)
                         return

@@ -62,6 +62,9 @@ class FleetSettings(Strict):
     health_interval_s: float = Field(default=2.0, gt=0)
     reconcile_interval_s: float = Field(default=30.0, gt=0)
     connect_timeout_s: float = Field(default=5.0, gt=0)
+    # Tokens per chunk a server streams to lorag (vLLM's per-request stream_interval; the first
+    # and last chunks come at once): above 1, both hops spend less per token, clients get coarser chunks.
+    stream_interval: int = Field(default=1, ge=1, le=64)
     # A request that fails before its first token is tried on up to this many other servers.
     retries: int = Field(default=2, ge=0)
     # After a failure a server rests this long, doubling up to max_backoff_s while it keeps failing.

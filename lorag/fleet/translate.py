@@ -14,10 +14,13 @@ _SAME_NAME = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_p
               "allowed_token_ids", "logit_bias", "bad_words")
 
 
-def completion_body(model: str, prompt_token_ids: list[int], params: Any, request_id: str) -> dict[str, Any]:
+def completion_body(model: str, prompt_token_ids: list[int], params: Any, request_id: str,
+                    stream_interval: int = 1) -> dict[str, Any]:
     """The streamed /v1/completions request that samples like `params` would in process."""
     body: dict[str, Any] = {"model": model, "prompt": list(prompt_token_ids), "stream": True,
                             "return_token_ids": True, "request_id": request_id}
+    if stream_interval > 1:
+        body["stream_interval"] = stream_interval
     for name in _SAME_NAME:
         value = getattr(params, name, None)
         if value is not None and value != [] and value != {}:
