@@ -9,7 +9,8 @@
    lorag / raw. Targets: throughput >= 0.95x, TTFT <= 1.10x.
 2. Routing (baseline: round-robin): two vLLM servers with --max-loras 2 (+1 for lorag's null
    adapter) and 4 adapters (--adapters), uniformly mixed, concurrency 16, through lorag with
-   `routing = "round_robin"` and with `"least_loaded"` (adapter affinity within a slack).
+   `routing = "round_robin"` and with `"least_loaded"` (adapter homes within a slack), the
+   adapters in a seeded random order.
    Prints tokens/s and adapter loads per 1,000 requests: the times an adapter entered a
    server's GPU slots, as lorag's slot model counts them (LRU over max_loras slots per server;
    vLLM exposes no load counter).
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import statistics
 import subprocess
 import sys
@@ -139,7 +141,10 @@ def routing(args: argparse.Namespace, model: Path, adapters: dict[str, Path], wo
     print(f"== routing: two vLLM servers, {len(adapters)} adapters, max_loras {MAX_LORAS} ==", flush=True)
     servers = start_vllm_servers(model, BASE, workdir / "two", [free_port(), free_port()],
                                  max_loras=MAX_LORAS + 1, max_lora_rank=RANK)
-    models = [f"{n}@v1" for n in adapters]
+    # A seeded random mix (a fixed cycle would hand round-robin a perfect partition by accident).
+    rng = random.Random(7)
+    names = [f"{n}@v1" for n in adapters]
+    models = [rng.choice(names) for _ in range(args.requests)]
     rows: dict[str, list[tuple[float, float]]] = {"round_robin": [], "least_loaded": []}
     try:
         for round_ in range(args.rounds):

@@ -259,7 +259,7 @@ async def load(url: str, models: list[str], concurrency: int, requests: int,
             total_tokens += n
 
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=64)) as client:
-        await asyncio.gather(*(one_request(client, m, 8) for m in models))  # warm up every adapter
+        await asyncio.gather(*(one_request(client, m, 8) for m in dict.fromkeys(models)))  # warm up each model once
         started = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         wall = time.perf_counter() - started

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -24,15 +23,21 @@ def test_engine_death_fails_requests_and_exits_non_zero(models: Models, tmp_path
     body = {"model": "tiny-base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 480,
             "ignore_eos": True, "stream": True}
     events: list[str] = []
+    streaming = threading.Event()
     try:
         def stream() -> None:
             with httpx.stream("POST", f"{server.api}/chat/completions", json=body, headers=headers,
                               timeout=60) as response:
-                events.extend(line for line in response.iter_lines() if line.startswith("data: "))
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line)
+                        streaming.set()
 
         reader = threading.Thread(target=stream)
         reader.start()
-        time.sleep(0.3)
+        # Kill once the answer is streaming (not after a fixed sleep: on a loaded machine the
+        # request may not have reached the engine yet, or may be nearly done).
+        assert streaming.wait(timeout=120), "the answer never started streaming"
         for child in engine_processes(server.process.pid):
             os.kill(child.pid, signal.SIGKILL)
         reader.join(timeout=60)

@@ -17,19 +17,38 @@ def servers(*loads: int, adapters: set[str] | None = None) -> list[ServerState]:
     found = []
     for i, load in enumerate(loads):
         state = ServerState(f"s{i}", up=True, ready=True, in_flight=load, hot_slots=2)
-        state.loaded = set(adapters or {"a", "b", "c"})
+        state.loaded = set(adapters or {"a", "b", "c", *(f"adapter-{i}" for i in range(3000))})
         found.append(state)
     return found
 
 
-def test_least_loaded_wins_and_affinity_breaks_near_ties() -> None:
+def test_an_adapter_goes_home_while_home_is_within_the_slack() -> None:
     picker = Picker("least_loaded", affinity_slack=2)
-    fleet = servers(3, 1)
-    assert picker.pick(fleet, "a").name == "s1"  # nobody is warm: the least loaded
-    fleet[0].served("a")
-    assert picker.pick(fleet, "a").name == "s0"  # warm and within the slack of the least loaded
-    fleet[0].in_flight = 4
-    assert picker.pick(fleet, "a").name == "s1"  # too far behind: a hot spot is not worth it
+    fleet = servers(0, 0)
+    home = picker.pick(fleet, "a")
+    assert home is not None and all(picker.pick(fleet, "a") is home for _ in range(5))  # stable
+    other = next(s for s in fleet if s is not home)
+    home.in_flight = 2
+    assert picker.pick(fleet, "a") is home  # 2 more in flight: within the slack
+    home.in_flight = 3
+    assert picker.pick(fleet, "a") is other  # too far behind: a hot spot is not worth it
+    assert picker.pick(fleet, None) is other  # base requests: the least loaded
+
+
+def test_homes_spread_over_the_servers_by_weight() -> None:
+    picker = Picker("least_loaded", affinity_slack=100)
+    fleet = servers(0, 0, 0)
+    fleet[2].weight = 2.0
+    homes = [picker.pick(fleet, f"adapter-{i}").name for i in range(3000)]  # unassigned: rendezvous alone
+    shares = {name: homes.count(name) / len(homes) for name in ("s0", "s1", "s2")}
+    assert abs(shares["s0"] - 0.25) < 0.04 and abs(shares["s1"] - 0.25) < 0.04 and abs(shares["s2"] - 0.5) < 0.04
+    few = ["a", "b", "c", "adapter-1"]
+    picker.assign(few, fleet)  # bounded loads: a few adapters split by weight, not by luck
+    assert sorted(picker.homes.values()) == ["s0", "s1", "s2", "s2"]
+    assert [picker.pick(fleet, a).name for a in few] == [picker.homes[a] for a in few]
+    before = dict(picker.homes)
+    picker.assign([*few, "adapter-2"], fleet)
+    assert {a: picker.homes[a] for a in few} == before  # a new adapter moves no old one
 
 
 def test_weights_divide_the_load() -> None:

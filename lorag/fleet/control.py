@@ -76,7 +76,7 @@ class FleetControl:
             # lorag cannot see a server's device: a base request goes through the null adapter,
             # which keeps it isolated from adapters in the same batch wherever the engine needs that.
             self.desired[NULL_ADAPTER_NAME] = str(await asyncio.to_thread(write_null_adapter_for, self.settings))
-            self.null_name = NULL_ADAPTER_NAME
+            self.null_name = self.picker.everywhere = NULL_ADAPTER_NAME
         await asyncio.gather(*(self.check(name) for name in self.states))
         self._tasks = [asyncio.create_task(self._every(self.fleet.health_interval_s, self.check)),
                        asyncio.create_task(self._every(self.fleet.reconcile_interval_s, self.reconcile))]
@@ -137,20 +137,26 @@ class FleetControl:
 
     # -- adapters ----------------------------------------------------------------------
 
+    def _assign_homes(self) -> None:
+        self.picker.assign([a for a in self.desired if a != self.null_name], list(self.states.values()))
+
     async def load_adapter(self, adapter: AdapterVersion) -> None:
         """Load on every server that is up; refused by all of them is an error, by some a report."""
         self.desired[adapter.ref] = adapter.path
         self._retired.pop(adapter.ref, None)
+        self._assign_homes()
         up = [s for s in self.states.values() if s.up]
         results = await asyncio.gather(*(self._load(s, adapter.ref, adapter.path) for s in up))
         if up and not any(results):
             del self.desired[adapter.ref]
+            self._assign_homes()
             reasons = "; ".join(f"{s.name}: {s.refused.get(adapter.ref)}" for s in up)
             raise AdapterRefused(f"No model server could load {adapter.ref}: {reasons}")
 
     def retire_adapter(self, adapter: AdapterVersion, on_released: Callable[[], Any] | None = None) -> None:
         """Forget it now; unload from each server once no request there uses it, then `on_released()`."""
         self.desired.pop(adapter.ref, None)
+        self._assign_homes()
         self._retired[adapter.ref] = on_released
         self._release_unused(adapter.ref)
 

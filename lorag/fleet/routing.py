@@ -1,15 +1,21 @@
 """Which server answers a request: pure logic over the servers' states, tested on its own.
 
-least_loaded: among the servers that are up and hold the adapter, the fewest requests in
-flight per unit of weight; a server that served the adapter recently (its "hot" set, about
-the size of its GPU adapter slots) wins while it is within `affinity_slack` of the least
-loaded one. Affinity alone makes hot spots and eviction churn (llm-d-router #709); load
-alone evicts adapters needlessly when servers hold few at a time; the slack trades the two.
+least_loaded: among the servers that are up and hold the adapter, those within
+`affinity_slack` requests in flight (per unit of weight) of the least loaded one are
+candidates, and the adapter's *home* among them wins: homes come from weighted rendezvous
+hashing of (adapter, server) with bounded loads (no server is home to more than its share of
+the adapters), then the next best score. Homes are stable and spread evenly, so each server keeps
+seeing the same few adapters (few swaps in and out of its GPU slots) while the slack bounds
+how uneven the load may get. Affinity alone makes hot spots and eviction churn
+(llm-d-router #709); load alone swaps adapters needlessly when servers hold few at a time.
 round_robin: the next server that is up and holds the adapter (the baseline benchmarks use).
+Base-model requests go to the least loaded server.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -29,7 +35,8 @@ class ServerState:
     in_flight: int = 0
     loaded: set[str] = field(default_factory=set)  # adapter names the server holds
     refused: dict[str, str] = field(default_factory=dict)  # adapter name -> why the server refused it
-    hot: OrderedDict[str, None] = field(default_factory=OrderedDict)  # recently served, newest last
+    # The adapters a server with `hot_slots` GPU slots would hold now (LRU), to count swaps.
+    hot: OrderedDict[str, None] = field(default_factory=OrderedDict)
     hot_slots: int = 4
     failures: int = 0  # in a row
     resting_until: float = 0.0
@@ -77,9 +84,11 @@ class ServerState:
 
 
 class Picker:
-    def __init__(self, policy: Policy, affinity_slack: float) -> None:
+    def __init__(self, policy: Policy, affinity_slack: float, everywhere: str | None = None) -> None:
         self.policy = policy
         self.slack = affinity_slack
+        self.everywhere = everywhere  # an adapter every request may use (the null adapter): no home
+        self.homes: dict[str, str] = {}  # adapter -> home server (`assign`)
         self._turn = 0
 
     def pick(self, servers: list[ServerState], adapter: str | None,
@@ -93,13 +102,30 @@ class Picker:
             self._turn += 1
             return able[(self._turn - 1) % len(able)]
         least = min(s.load() for s in able)
-        if adapter is not None:
-            warm = [s for s in able if adapter in s.hot and s.load() <= least + self.slack]
-            if warm:
-                return min(warm, key=lambda s: (s.load(), -_recency(s, adapter)))
-        return min(able, key=lambda s: (s.load(), s.requests / s.weight))
+        if adapter is None or adapter == self.everywhere:
+            return min(able, key=lambda s: (s.load(), s.requests / s.weight))
+        near = [s for s in able if s.load() <= least + self.slack]
+        home = self.homes.get(adapter)
+        return max(near, key=lambda s: (s.name == home, home_score(adapter, s.name, s.weight)))
+
+    def assign(self, adapters: list[str], servers: list[ServerState]) -> None:
+        """Give every adapter a home: its highest-scoring server that does not hold its share yet
+        (rendezvous hashing with bounded loads), so homes are stable and evenly spread."""
+        total = sum(s.weight for s in servers) or 1.0
+        share = {s.name: math.ceil(len(adapters) * s.weight / total) for s in servers}
+        taken = dict.fromkeys(share, 0)
+        homes: dict[str, str] = {}
+        for adapter in sorted(adapters):
+            ranked = sorted(servers, key=lambda s: home_score(adapter, s.name, s.weight), reverse=True)
+            home = next((s.name for s in ranked if taken[s.name] < share[s.name]), None)
+            if home is not None:
+                homes[adapter] = home
+                taken[home] += 1
+        self.homes = homes
 
 
-def _recency(server: ServerState, adapter: str) -> int:
-    """How recently the server served the adapter: higher is more recent."""
-    return list(server.hot).index(adapter)
+def home_score(adapter: str, server: str, weight: float) -> float:
+    """Weighted rendezvous hashing: the server with the highest score is the adapter's home."""
+    digest = hashlib.blake2b(f"{adapter}|{server}".encode(), digest_size=8).digest()
+    unit = (int.from_bytes(digest, "big") + 1) / (2**64 + 2)  # in (0, 1)
+    return weight / -math.log(unit)

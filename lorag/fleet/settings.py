@@ -54,10 +54,11 @@ class FleetSettings(Strict):
     """How lorag watches, repairs and chooses among the servers."""
 
     routing: Literal["least_loaded", "round_robin"] = "least_loaded"
-    # least_loaded: a server with the adapter among its recent ones wins while it has at most
+    # least_loaded: the adapter's home server (rendezvous hashing) wins while it has at most
     # this many more requests in flight (per unit of weight) than the least loaded server.
-    affinity_slack: float = Field(default=2.0, ge=0)
-    # Adapters each server keeps "hot" for affinity; default: engine.max_loras.
+    affinity_slack: float = Field(default=4.0, ge=0)
+    # GPU adapter slots per server, for counting adapter swaps in status and metrics
+    # (lorag's LRU model of them; vLLM exposes no count); default: engine.max_loras.
     affinity_slots: int | None = Field(default=None, ge=1)
     health_interval_s: float = Field(default=2.0, gt=0)
     reconcile_interval_s: float = Field(default=30.0, gt=0)
