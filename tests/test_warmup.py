@@ -73,6 +73,7 @@ class StartedEngine:
     """An engine that is already up: the app's lifespan then only warms up and preloads."""
 
     llm: Any = object()
+    started = True
     alive = True
 
     async def check_health(self) -> None:
