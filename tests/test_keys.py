@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -185,7 +186,7 @@ def test_keys_cli_errors_are_one_line(tmp_path: Path) -> None:
 @pytest.mark.parametrize("with_store_key", [False, True])
 def test_serve_binds_loopback_without_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                            with_store_key: bool) -> None:
-    """The bind decision only: uvicorn and the app are doubles (starting vLLM proves nothing here)."""
+    """The bind decision only: the socket, uvicorn and the app are doubles (starting vLLM proves nothing here)."""
     import uvicorn
 
     from lorag.server import app as server
@@ -203,7 +204,10 @@ def test_serve_binds_loopback_without_keys(tmp_path: Path, monkeypatch: pytest.M
 
     monkeypatch.setattr(check, "check_model", lambda model: None)  # model "m" is no model: not what this tests
     monkeypatch.setattr(server, "create_app", lambda settings: FakeApp())
-    monkeypatch.setattr(uvicorn, "run", lambda app, host, **kw: seen.update(host=host, app=app))
+    from lorag.server import listen
+
+    monkeypatch.setattr(listen, "bind_listener", lambda host, port: seen.update(host=host) or "socket")
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: seen.update(app=self.config.app))
     monkeypatch.setattr(serve_cli.signal, "signal", lambda *a: None)
     result = CliRunner().invoke(serve_cli.serve, ["--model", "m", "--host", "0.0.0.0",
                                                     "--state-dir", str(tmp_path / "state")])
@@ -303,3 +307,17 @@ def test_revocation_reaches_the_running_server(keyed_server: tuple[Server, dict]
     assert srv.process.poll() is None
     log = srv.log_path.read_text(errors="replace")
     assert secret not in log and hash_secret(secret)[7:] not in log  # never logged
+
+
+def test_serve_with_its_port_taken_says_so_in_one_line_before_starting_anything(tmp_path: Path, models: Models) -> None:
+    """The port is bound before the engine's long start: taken, it is one line and exit 1 at once."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = ["--model", str(models.base), "--port", str(port), "--state-dir", str(tmp_path / "state")]
+        run = subprocess.run([sys.executable, "-m", "lorag.cli", "serve", *args], capture_output=True, text=True,
+                             timeout=120)
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error")]
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert len(errors) == 1 and f":{port}" in errors[0] and "--port" in errors[0], run.stderr

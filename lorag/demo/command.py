@@ -44,10 +44,12 @@ def demo(state_dir: str, port: int, tiny: bool, setup_only: bool, exit_after_sam
     import uvicorn
 
     from lorag.server.app import create_app
+    from lorag.server.listen import bind_listener
 
     settings = load_settings(config)
+    listener = bind_listener("127.0.0.1", port)  # the port is ours before the engine's long start
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     url = f"http://127.0.0.1:{port}"
     failed: list[BaseException] = []
 
@@ -71,6 +73,6 @@ def demo(state_dir: str, port: int, tiny: bool, setup_only: bool, exit_after_sam
 
     click.echo(f"Starting the engine and server on {url} ({'20-60 s' if tiny else '30-90 s'} on a laptop CPU) ...")
     threading.Thread(target=samples, daemon=True).start()
-    server.run()
+    server.run(sockets=[listener])
     if failed:
         raise click.ClickException(f"the samples failed: {failed[0]}")

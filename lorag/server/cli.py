@@ -33,6 +33,7 @@ def serve(**flags: Any) -> None:
     from lorag.models.check import check_model
     from lorag.server.app import create_app
     from lorag.server.keys import KeyStore
+    from lorag.server.listen import bind_listener
 
     settings = settings_from_flags(**flags)
     check_model(settings.model)  # before uvicorn: a bad model is one line, not a failed start-up
@@ -43,6 +44,7 @@ def serve(**flags: Any) -> None:
                    f"{'' if is_loopback(host) else f' (127.0.0.1, not {host})'}. Create one with `lorag keys create` "
                    "(or set server.api_keys) to require keys and listen on other addresses.", err=True)
         host = host if is_loopback(host) else "127.0.0.1"
+    listener = bind_listener(host, settings.server.port)  # the port is ours before the engine's long start
     app = create_app(settings)
     app.state.keys_required = has_keys  # keys at start: never fall back to open access (e.g. all revoked)
     click.echo(f"lorag serving {settings.model.served_name} on http://{host}:{settings.server.port}/v1", err=True)
@@ -50,6 +52,7 @@ def serve(**flags: Any) -> None:
     # in place that re-raise is harmless and a clean shutdown exits 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    uvicorn.run(app, host=host, port=settings.server.port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=settings.server.drain_timeout_s)
+    config = uvicorn.Config(app, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=settings.server.drain_timeout_s)
+    uvicorn.Server(config).run(sockets=[listener])
     sys.exit(getattr(app.state, "exit_code", 0))
