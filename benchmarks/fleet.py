@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from serving import free_port, load, loadavg  # noqa: E402
 
 from lorag.demo.devmodel import build_tiny_model  # noqa: E402
-from tests.devserver import wait_until_up  # noqa: E402
+from tests.devserver import stop_process, wait_until_up  # noqa: E402
 from tests.random_adapter import build_random_adapter  # noqa: E402
 from tests.vllm_servers import VllmServer, start_vllm_servers  # noqa: E402
 
@@ -83,15 +83,6 @@ def start_lorag(config: Path, port: int, log: Path) -> tuple[subprocess.Popen, s
     return process, url
 
 
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 def fleet_counts(url: str) -> dict[str, dict[str, int]]:
     servers = httpx.get(f"{url}/admin/fleet").json()["servers"]  # no keys: loopback, open
     return {s["name"]: {"requests": s["requests"], "adapter_loads": s["adapter_loads"]} for s in servers}
@@ -126,7 +117,7 @@ def overhead(args: argparse.Namespace, model: Path, adapters: dict[str, Path], w
                     print(f"  round {round_ + 1} {side:<6} {tps:8.1f} tok/s  ttft {ttft:7.1f} ms  "
                           f"load average {loadavg()}", flush=True)
         finally:
-            stop(lorag)
+            stop_process(lorag)
     finally:
         server.stop()
     tps = {side: statistics.median(r[0] for r in rows) for side, rows in results.items()}
@@ -157,7 +148,7 @@ def routing(args: argparse.Namespace, model: Path, adapters: dict[str, Path], wo
                     tps, _ = run_load(url, models, args)
                     after = fleet_counts(url)
                 finally:
-                    stop(lorag)
+                    stop_process(lorag)
                 requests = sum(after[s]["requests"] - before[s]["requests"] for s in after)
                 loads = sum(after[s]["adapter_loads"] - before[s]["adapter_loads"] for s in after)
                 per_k = 1000 * loads / max(requests, 1)

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lorag.demo.devmodel import build_tiny_model  # noqa: E402
-from tests.devserver import wait_until_up  # noqa: E402
+from tests.devserver import stop_process, wait_until_up  # noqa: E402
 from tests.random_adapter import build_random_adapter  # noqa: E402
 
 ADMIN_KEY = "sk-load-admin-key"
@@ -305,12 +305,7 @@ def main() -> None:
         wall = asyncio.run(run_load(url, args, models, sources, docs, tally, process.pid))
         tally.rss["end"] = rss_mb(process.pid)
     finally:
-        process.terminate()
-        try:
-            code = process.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            code = process.wait()
+        code = stop_process(process, timeout_s=90)
 
     answered = sum(tally.statuses.values())
     print(f"requests {answered} in {wall:.1f} s ({answered / wall:.1f}/s); statuses {dict(tally.statuses)}")

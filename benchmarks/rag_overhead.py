@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lorag.demo.devmodel import build_tiny_model  # noqa: E402
-from tests.devserver import wait_until_up  # noqa: E402
+from tests.devserver import stop_process, wait_until_up  # noqa: E402
 from tests.random_adapter import build_random_adapter  # noqa: E402
 
 KB = "bench-kb"
@@ -239,12 +239,7 @@ def main() -> None:
                 print(f"round {round_index + 1}: rag {rag_median:8.1f} ms, direct {direct_median:8.1f} ms, "
                       f"added {100 * (rag_median / direct_median - 1):+6.1f}%; load average {loadavg()}", flush=True)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
     rag_ms = statistics.median(r for r, _ in per_round)
     direct_ms = statistics.median(d for _, d in per_round)
     print(f"\nmedian over {args.rounds} rounds of the per-round median end-to-end latency:")

@@ -59,7 +59,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lorag.demo.devmodel import build_tiny_model  # noqa: E402
-from tests.devserver import wait_until_up  # noqa: E402
+from tests.devserver import stop_process, wait_until_up  # noqa: E402
 from tests.random_adapter import build_random_adapter  # noqa: E402
 
 KV_BYTES = 512 << 20
@@ -314,13 +314,8 @@ def run_server(kind: str, args: argparse.Namespace, model: Path, adapters: dict[
                   f"  {'':<14}       CPU s per 1k tokens: {per_k}", flush=True)
         return results, sampler.stop()
     finally:
-        process.terminate()
         sampler.stop()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 def median_of(results: list[Result], kind: str, concurrency: int, attr: str) -> float:

@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from lorag.demo.devmodel import build_tiny_model
-from tests.devserver import wait_until_up
+from tests.devserver import stop_process, wait_until_up
 from tests.random_adapter import build_random_adapter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,14 +108,7 @@ class Server:
         return events
 
     def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return int(self.process.returncode)
+        return stop_process(self.process)
 
 
 def write_config(path: Path, models: Models, state_dir: Path, port: int, preload: bool = True,

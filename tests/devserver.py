@@ -1,4 +1,4 @@
-"""Wait for a server process the tests, the demo's tooling or a benchmark started.
+"""Wait for (and stop) a server process the tests, the demo's tooling or a benchmark started.
 
 One loop for all of them: poll an HTTP probe until it answers 200, and fail with the
 tail of the server's log as soon as the process exits or the time is up (a server
@@ -30,6 +30,18 @@ def wait_until_up(process: subprocess.Popen, url: str, log: Path, *, probe: str 
     process.kill()
     process.wait()
     raise RuntimeError(f"server did not answer {probe} within {timeout_s:.0f} s:\n{_tail(log)}")
+
+
+def stop_process(process: subprocess.Popen, timeout_s: float = 60) -> int:
+    """SIGTERM (a server drains), then SIGKILL if it has not exited within `timeout_s`; its exit code."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return int(process.returncode)
 
 
 def _tail(log: Path, chars: int = 4000) -> str:

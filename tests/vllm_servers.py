@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.devserver import wait_until_up
+from tests.devserver import stop_process, wait_until_up
 
 
 @dataclass
@@ -38,13 +38,7 @@ class VllmServer:
         wait_until_up(self.process, self.url, self.log_path, probe="/health", timeout_s=timeout_s)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         _kill_children(self.process.pid)
 
 
