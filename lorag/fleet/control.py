@@ -257,3 +257,8 @@ class FleetControl:
             "refused": dict(s.refused), "load_failures": s.load_failures, "repairs": s.repairs,
             "adapter_loads": s.adapter_loads, "error": s.error, "max_model_len": s.max_model_len,
         } for s in self.states.values()]
+
+
+def fleet_status(engine: object) -> list[dict[str, Any]] | None:
+    """Per-server status when `engine` is a fleet, else None (the admin API, /ready and /metrics ask)."""
+    return engine.status() if isinstance(engine, FleetControl) else None

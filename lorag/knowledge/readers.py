@@ -55,8 +55,11 @@ def file_type_of(name: str) -> str | None:
     """The type of reader for the file's extension (e.g. "markdown"; a plugin's: the extension)."""
     suffix = Path(name).suffix.lower()
     reader = registered_readers().get(suffix)
-    if reader is None:
-        return None
+    return None if reader is None else _type_read_by(reader, suffix)
+
+
+def _type_read_by(reader: Any, suffix: str) -> str:
+    """A built-in reader's type ("markdown"); a plugin's reader is named by its extension."""
     return reader.file_type if isinstance(reader, BytesReader) else suffix
 
 
@@ -73,7 +76,7 @@ def read_bytes(name: str, data: bytes, segment_chars: int = 2000) -> ReadResult:
         raise UnsupportedFile(
             f"unsupported file type {Path(name).suffix or '(no extension)'!r} (supported: {', '.join(sorted(readers))})"
         )
-    file_type = reader.file_type if isinstance(reader, BytesReader) else suffix
+    file_type = _type_read_by(reader, suffix)
     if not data.strip():
         raise EmptyDocument("empty file")
     read = reader.read if isinstance(reader, BytesReader) else partial(_read_with_plugin, reader, name)

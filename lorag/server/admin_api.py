@@ -69,10 +69,9 @@ async def show_fleet(request: Request, _: Principal = Depends(require_admin)) ->
 
 def fleet_status(request: Request) -> list[dict[str, Any]] | None:
     """Per-server status when the engine is a fleet, else None."""
-    from lorag.fleet.control import FleetControl
+    from lorag.fleet.control import fleet_status as status_of
 
-    engine = request.app.state.pipeline.engine
-    return engine.status() if isinstance(engine, FleetControl) else None
+    return status_of(request.app.state.pipeline.engine)
 
 
 @router.post("/adapters", status_code=201)

@@ -29,6 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from lorag.errors import LoragError
+from lorag.fleet.control import fleet_status
 from lorag.logging import get_logger
 from lorag.server.auth import Principal, require_admin
 from lorag.serving.protocol import StreamChunk
@@ -180,9 +181,9 @@ class StateCollector(Collector):
             engine = pipeline.engine
             yield _gauge("lorag_adapters_loaded", "Adapter versions loaded in the engine.",
                          engine.loaded_adapters if engine.started else 0)
-            status = getattr(engine, "status", None)
-            if callable(status):  # a fleet of vLLM servers (lorag.fleet)
-                yield from fleet_metrics(status())
+            servers = fleet_status(engine)
+            if servers is not None:  # a fleet of vLLM servers (lorag.fleet)
+                yield from fleet_metrics(servers)
         limiter = getattr(state, "limiter", None)
         if limiter is not None:
             in_flight = GaugeMetricFamily("lorag_requests_in_flight", "API requests in flight, per key name.",
