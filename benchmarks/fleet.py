@@ -1,11 +1,16 @@
 """Fleet benchmark: lorag's remote backend against the raw vLLM servers it fronts.
 
-    .venv/bin/python benchmarks/fleet.py [--requests 96] [--tokens 32] [--rounds 2] [--workdir DIR]
+    .venv/bin/python benchmarks/fleet.py [--requests 96] [--tokens 32] [--rounds 6] [--workdir DIR]
 
 1. Overhead (baseline: the raw server): one vLLM OpenAI server (tiny random model, LoRA on),
    loaded with streamed chat completions at concurrency 16 over the base model and 3 adapters,
    directly and through `lorag serve` with `[engine] backend = "remote"` in front of that same
-   server, alternating per round. Prints medians of completion tokens/s and TTFT and the ratios
+   server, alternating per round. The server gets a LoRA slot per adapter plus lorag's null
+   adapter. vLLM's CPU backend binds its model worker to its own cores (one of the two here):
+   the benchmark keeps everything else (the server's API process and engine core, lorag, the
+   load) off them, as a CPU deployment should, so neither side's figure depends on where the
+   kernel happens to place a process. Prints per round tokens/s, TTFT and CPU seconds per 1k
+   tokens of the server's API process and of lorag, then medians of the per-round ratios
    lorag / raw. Targets: throughput >= 0.95x, TTFT <= 1.10x.
 2. Routing (baseline: round-robin): two vLLM servers with --max-loras 2 (+1 for lorag's null
    adapter) and 4 adapters (--adapters), uniformly mixed, concurrency 16, through lorag with
@@ -31,6 +36,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -95,37 +101,74 @@ def run_load(url: str, models: list[str], args: argparse.Namespace) -> tuple[flo
     return tps, ttft
 
 
+def model_cores(server: VllmServer) -> set[int]:
+    """The cores vLLM's CPU backend bound its model worker's threads to (none: it bound nothing)."""
+    workers = [p for p in psutil.Process(server.process.pid).children(recursive=True) if "Worker" in p.name()]
+    cores = {core for worker in workers for core in worker.cpu_affinity()}
+    return cores if cores != set(range(psutil.cpu_count() or 1)) else set()
+
+
+def keep_off(cores: set[int], server: VllmServer) -> set[int]:
+    """Pin this process (so lorag and the load, started after) and the server's other processes
+    to the cores the model worker does not use; the cores used, empty when none are left."""
+    rest = set(range(psutil.cpu_count() or 1)) - cores
+    if not cores or not rest:
+        return set()
+    main = psutil.Process(server.process.pid)
+    for process in [psutil.Process(), main, *main.children(recursive=True)]:
+        if "Worker" not in process.name():
+            process.cpu_affinity(sorted(rest))
+    return rest
+
+
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
 def overhead(args: argparse.Namespace, model: Path, adapters: dict[str, Path], workdir: Path) -> None:
     print("== overhead: one vLLM server, raw vs through lorag (remote backend) ==", flush=True)
-    server = start_vllm_servers(model, BASE, workdir / "one", [free_port()], max_loras=MAX_LORAS + 1,
-                                max_lora_rank=RANK)[0]
     chosen = dict(list(adapters.items())[:3])  # the base model and 3 adapters
+    server = start_vllm_servers(model, BASE, workdir / "one", [free_port()], max_loras=len(chosen) + 1,
+                                max_lora_rank=RANK)[0]
     try:
+        worker = model_cores(server)
+        rest = keep_off(worker, server)
+        print(f"  model worker on cores {sorted(worker) or 'any'}; API process, engine core, lorag and the "
+              f"load on {sorted(rest) or 'any'}", flush=True)
         port = free_port()
         lorag, url = start_lorag(lorag_config(workdir / "one", model, [server], chosen, port, "least_loaded", args),
                                  port, workdir / "one" / "lorag.log")
-        results: dict[str, list[tuple[float, float]]] = {"vllm": [], "lorag": []}
+        rows: dict[str, list[tuple[float, float, float, float]]] = {"vllm": [], "lorag": []}
+        tokens = args.requests * args.tokens
         try:
             for round_ in range(args.rounds):
-                order = ["vllm", "lorag"] if round_ % 2 == 0 else ["lorag", "vllm"]
-                for side in order:
+                for side in (["vllm", "lorag"] if round_ % 2 == 0 else ["lorag", "vllm"]):
                     target = server.url if side == "vllm" else url
                     # The same adapters on the same server: lorag loaded them there as name@v1.
                     models = [BASE, *(f"{n}@v1" for n in chosen)]
+                    api_before, lorag_before = cpu_seconds(server.process.pid), cpu_seconds(lorag.pid)
                     tps, ttft = run_load(target, models, args)
-                    results[side].append((tps, ttft))
-                    print(f"  round {round_ + 1} {side:<6} {tps:8.1f} tok/s  ttft {ttft:7.1f} ms  "
-                          f"load average {loadavg()}", flush=True)
+                    api_cpu = 1000 * (cpu_seconds(server.process.pid) - api_before) / tokens
+                    lorag_cpu = 1000 * (cpu_seconds(lorag.pid) - lorag_before) / tokens
+                    rows[side].append((tps, ttft, api_cpu, lorag_cpu))
+                    print(f"  round {round_ + 1:<2} {side:<6} {tps:8.1f} tok/s  ttft {ttft:7.1f} ms  CPU s per 1k "
+                          f"tokens: server API {api_cpu:.3f}, lorag {lorag_cpu:.3f}  load average {loadavg()}",
+                          flush=True)
         finally:
             stop_process(lorag)
     finally:
         server.stop()
-    tps = {side: statistics.median(r[0] for r in rows) for side, rows in results.items()}
-    ttft = {side: statistics.median(r[1] for r in rows) for side, rows in results.items()}
-    print(f"  median      vllm {tps['vllm']:8.1f} tok/s ttft {ttft['vllm']:7.1f} ms | "
-          f"lorag {tps['lorag']:8.1f} tok/s ttft {ttft['lorag']:7.1f} ms", flush=True)
-    print(f"  ratio lorag/vllm: throughput {tps['lorag'] / tps['vllm']:.3f}x (target >= 0.95), "
-          f"TTFT {ttft['lorag'] / ttft['vllm']:.3f}x (target <= 1.10)", flush=True)
+    raw, via = rows["vllm"], rows["lorag"]
+    print(f"  median      vllm {statistics.median(r[0] for r in raw):8.1f} tok/s ttft "
+          f"{statistics.median(r[1] for r in raw):7.1f} ms | lorag {statistics.median(r[0] for r in via):8.1f} tok/s "
+          f"ttft {statistics.median(r[1] for r in via):7.1f} ms; lorag's own CPU "
+          f"{statistics.median(r[3] for r in via):.3f} s per 1k tokens (the server's API process: "
+          f"{statistics.median(r[2] for r in raw):.3f})", flush=True)
+    throughput = statistics.median(b[0] / a[0] for a, b in zip(raw, via, strict=True))
+    ttft = statistics.median(b[1] / a[1] for a, b in zip(raw, via, strict=True))
+    print(f"  ratio lorag/vllm (median of {len(raw)} rounds): throughput {throughput:.3f}x (target >= 0.95), "
+          f"TTFT {ttft:.3f}x (target <= 1.10)", flush=True)
 
 
 def routing(args: argparse.Namespace, model: Path, adapters: dict[str, Path], workdir: Path) -> None:
@@ -171,7 +214,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=96)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--adapters", type=int, default=4, help="for routing: more than max_loras per server")
     parser.add_argument("--only", choices=["overhead", "routing"])
     parser.add_argument("--null", choices=["auto", "on", "off"], default="auto",

@@ -285,7 +285,7 @@ def run_server(kind: str, args: argparse.Namespace, model: Path, adapters: dict[
     url = f"http://127.0.0.1:{port}"
     slots = args.max_loras + 1  # raw vLLM's slots = lorag's engine slots (max_loras + the null adapter)
     if kind == "vllm":
-        command, env = vllm_command(model, adapters, port, slots, args.max_model_len), {}
+        command, env = vllm_command(model, adapters, port, slots, args.max_model_len), dict[str, str]()
     else:
         command, env = lorag_command(kind, model, adapters, port, args.max_loras, args.max_model_len, workdir)
     log = workdir / f"{kind}-{port}.log"

@@ -207,7 +207,7 @@ class Engine:
                 self._raw_capacity = int(args.max_loras) - 1
         log.info("engine_ready", max_model_len=self.max_model_len)
 
-    def shutdown(self) -> None:
+    async def shutdown(self) -> None:
         if self.llm is not None:
             self.llm.shutdown()
             self.llm = None

@@ -52,11 +52,12 @@ def get_logger(name: str) -> Any:
 
 
 @contextmanager
-def stage(log: Any, name: str, **fields: Any) -> Iterator[dict[str, Any]]:
-    """Log one event for a request stage with its duration in ms; callers may add fields."""
+def stage(log: Any, name: str, level: str = "info", **fields: Any) -> Iterator[dict[str, Any]]:
+    """Log one event for a stage with its duration in ms; callers may add fields. A request's
+    stages log at debug (its one info line is the `generate` summary, with the same timings)."""
     extra: dict[str, Any] = {}
     start = time.perf_counter()
     try:
         yield extra
     finally:
-        log.info(name, duration_ms=round((time.perf_counter() - start) * 1000, 2), **fields, **extra)
+        getattr(log, level)(name, duration_ms=round((time.perf_counter() - start) * 1000, 2), **fields, **extra)

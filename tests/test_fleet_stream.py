@@ -8,8 +8,9 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import pytest
 import uvicorn
@@ -25,12 +26,16 @@ from lorag.errors import EngineUnavailable
 from lorag.fleet.engine import RemoteEngine
 from tests.conftest import free_port
 
+T = TypeVar("T")
+
 
 @dataclass
 class StandIn:
     """A server that streams `chunks` completion chunks, `every_s` apart, failing as told."""
 
-    mode: str = "ok"  # "ok" | "refuse" (500 before any output) | "unknown" (404) | "break" (drop after 3 chunks)
+    # "ok" | "refuse" (500 before any output) | "unknown" (404) | "break" (drop after 3 chunks) |
+    # "textless" (3 chunks whose tokens decode to no text yet, then drop)
+    mode: str = "ok"
     chunks: int = 200
     every_s: float = 0.02
     sent: int = 0
@@ -47,9 +52,10 @@ class StandIn:
             async def events() -> AsyncIterator[str]:
                 try:
                     for i in range(self.chunks):
-                        if self.mode == "break" and i == 3:
+                        if self.mode in ("break", "textless") and i == 3:
                             raise RuntimeError("the server died")  # uvicorn drops the connection
-                        choice = {"index": 0, "text": f"t{i} ", "token_ids": [i],
+                        text = "" if self.mode == "textless" else f"t{i} "
+                        choice = {"index": 0, "text": text, "token_ids": [i],
                                   "finish_reason": "length" if i == self.chunks - 1 else None}
                         self.sent += 1
                         yield f"data: {json.dumps({'choices': [choice]})}\n\n"
@@ -100,6 +106,17 @@ def engine_for(urls: list[str]) -> RemoteEngine:
     return engine
 
 
+def run_then_close(engine: RemoteEngine, work: Coroutine[Any, Any, T]) -> T:
+    """Run `work`, then close the engine's connections in the same loop."""
+    async def both() -> T:
+        try:
+            return await work
+        finally:
+            await engine.shutdown()
+
+    return asyncio.run(both())
+
+
 def params(stream: bool = True) -> SamplingParams:
     kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
     return SamplingParams(max_tokens=200, temperature=0, output_kind=kind)
@@ -114,7 +131,7 @@ def test_a_server_that_fails_before_any_output_is_replaced_without_duplicate_tex
     async def run() -> str:
         return "".join([c.text async for out in engine.generate([1, 2], params(), "r1", None) for c in out.outputs])
 
-    assert asyncio.run(run()) == "t0 t1 t2 t3 t4 "
+    assert run_then_close(engine, run()) == "t0 t1 t2 t3 t4 "
     assert not engine.states["s0"].routable(time.monotonic()) and engine.states["s1"].requests == 1
 
 
@@ -127,7 +144,7 @@ def test_a_server_that_lost_the_adapter_is_reconciled_and_the_request_goes_elsew
     async def run() -> str:
         return "".join([c.text async for out in engine.generate([1], params(), "r5", None) for c in out.outputs])
 
-    assert asyncio.run(run()) == "t0 t1 "
+    assert run_then_close(engine, run()) == "t0 t1 "
     assert engine.states["s0"].ready is False  # no traffic until a reconcile pass
 
 
@@ -142,9 +159,24 @@ def test_a_stream_that_breaks_after_output_ends_with_a_clear_error(stand_ins) ->
             seen.extend(c.text for c in out.outputs)
 
     with pytest.raises(EngineUnavailable, match="stopped mid-answer"):
-        asyncio.run(run())
+        run_then_close(engine, run())
     assert seen == ["t0 ", "t1 ", "t2 "]  # what was sent stays sent; nothing is repeated from s1
     assert servers[1].sent == 0
+
+
+def test_output_without_text_is_held_so_a_failure_after_it_still_moves_on(stand_ins) -> None:
+    """Tokens that decode to nothing (yet) have not reached the client: a break after them is
+    retried elsewhere, and their token ids are not counted twice."""
+    servers, urls = stand_ins
+    servers[0].mode = "textless"
+    servers[1].chunks = 3
+    engine = engine_for(urls)
+
+    async def run() -> list[tuple[str, list[int]]]:
+        return [(c.text, c.token_ids) async for out in engine.generate([1], params(), "r6", None) for c in out.outputs]
+
+    assert run_then_close(engine, run()) == [("t0 ", [0]), ("t1 ", [1]), ("t2 ", [2])]
+    assert servers[0].sent == 3 and servers[1].sent == 3
 
 
 def test_a_whole_answer_is_retried_even_after_a_break(stand_ins) -> None:
@@ -156,7 +188,7 @@ def test_a_whole_answer_is_retried_even_after_a_break(stand_ins) -> None:
     async def run() -> list[str]:
         return [c.text async for out in engine.generate([1], params(stream=False), "r3", None) for c in out.outputs]
 
-    assert asyncio.run(run()) == ["t0 t1 t2 t3 "]  # nothing had reached the client: s1 answers it all
+    assert run_then_close(engine, run()) == ["t0 t1 t2 t3 "]  # nothing had reached the client: s1 answers it all
 
 
 def test_closing_the_stream_closes_the_upstream_request(stand_ins) -> None:
@@ -169,7 +201,7 @@ def test_closing_the_stream_closes_the_upstream_request(stand_ins) -> None:
         await anext(stream)
         await stream.aclose()  # the client went away
 
-    asyncio.run(run())
+    run_then_close(engine, run())
     assert servers[0].closed_early.wait(10)
     assert servers[0].sent < servers[0].chunks
     assert engine.states["s0"].in_flight == 0

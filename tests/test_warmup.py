@@ -79,7 +79,7 @@ class StartedEngine:
     async def check_health(self) -> None:
         return None
 
-    def shutdown(self) -> None:
+    async def shutdown(self) -> None:
         return None
 
 

@@ -2,6 +2,10 @@
 
 Every failure is a ServerError saying whether the request may be retried elsewhere: a
 connection that could not be made, or a 5xx before any output, loses nothing by moving on.
+
+aiohttp rather than httpx: every token of every answer passes through here, and in a profile
+of lorag under load httpx's layered stream reading was the largest part of lorag's own CPU per
+token (benchmarks/fleet.py prints lorag's CPU per 1k tokens).
 """
 
 from __future__ import annotations
@@ -10,9 +14,11 @@ import json
 from collections.abc import AsyncGenerator
 from typing import Any
 
-import httpx
+import aiohttp
 
 from lorag.fleet.settings import FleetServer
+
+ERRORS = (aiohttp.ClientError, TimeoutError)
 
 
 class ServerError(Exception):
@@ -33,35 +39,51 @@ class ServerClient:
     def __init__(self, server: FleetServer, connect_timeout_s: float) -> None:
         self.server = server
         key = server.key()
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        # No read timeout on streams (a long answer is not a failure); the engine's deadline bounds them.
-        timeout = httpx.Timeout(None, connect=connect_timeout_s)
-        self.http = httpx.AsyncClient(base_url=server.url, headers=headers, timeout=timeout,
-                                      limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.base_url = server.url.rstrip("/")  # joined by hand: a path prefix (…/vllm) is kept
+        self.connect_timeout_s = connect_timeout_s
+        self._session: aiohttp.ClientSession | None = None
 
     @property
     def name(self) -> str:
         return self.server.label
 
-    async def close(self) -> None:
-        await self.http.aclose()
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """Made on first use, inside the event loop that will use it (aiohttp binds to one loop)."""
+        if self._session is None or self._session.closed:
+            # No read timeout on streams (a long answer is not a failure); the engine's deadline bounds them.
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s)
+            self._session = aiohttp.ClientSession(headers=self.headers, timeout=timeout,
+                                                  connector=aiohttp.TCPConnector(limit=0))
+        return self._session
 
-    async def _call(self, method: str, path: str, timeout: float, **kwargs: Any) -> httpx.Response:
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def _call(self, method: str, path: str, timeout: float, **kwargs: Any) -> Any:
+        """The JSON of a short call (None for an empty body)."""
         try:
-            response = await self.http.request(method, path, timeout=timeout, **kwargs)
-        except httpx.HTTPError as err:
-            raise ServerError(self.name, f"{method} {path}: {type(err).__name__}: {err}".rstrip(": ")) from None
-        if response.status_code >= 400:
-            raise ServerError(self.name, f"{method} {path}: HTTP {response.status_code}: {_message(response)}",
-                              response.status_code)
-        return response
+            async with self.session.request(method, self.base_url + path, timeout=aiohttp.ClientTimeout(total=timeout),
+                                            **kwargs) as response:
+                text = await response.text()
+        except ERRORS as err:
+            raise ServerError(self.name, f"{method} {path}: {_describe(err)}") from None
+        if response.status >= 400:
+            raise ServerError(self.name, f"{method} {path}: HTTP {response.status}: {_message(text)}",
+                              response.status)
+        try:
+            return json.loads(text) if text.strip() else None
+        except ValueError:
+            return text
 
     async def health(self, timeout: float) -> None:
         await self._call("GET", "/health", timeout)
 
     async def models(self, timeout: float) -> list[dict[str, Any]]:
-        response = await self._call("GET", "/v1/models", timeout)
-        data: list[dict[str, Any]] = response.json().get("data", [])
+        body = await self._call("GET", "/v1/models", timeout)
+        data: list[dict[str, Any]] = body.get("data", []) if isinstance(body, dict) else []
         return data
 
     async def load_adapter(self, name: str, path: str, timeout: float) -> None:
@@ -72,32 +94,56 @@ class ServerClient:
         await self._call("POST", "/v1/unload_lora_adapter", timeout, json={"lora_name": name})
 
     async def stream_completion(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
-        """The server-sent chunks of a streamed /v1/completions, as dicts; an error event raises."""
+        """The server-sent chunks of a streamed /v1/completions, as dicts; an error event raises.
+
+        Leaving early (the client went away) closes the connection, and the server aborts the
+        request; a stream read to its end returns the connection to the pool.
+        """
         try:
-            async with self.http.stream("POST", "/v1/completions", json=body) as response:
-                if response.status_code >= 400:
-                    await response.aread()
-                    raise ServerError(self.name, f"HTTP {response.status_code}: {_message(response)}",
-                                      response.status_code)
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        return
-                    chunk = json.loads(data)
-                    if "error" in chunk and "choices" not in chunk:
-                        error = chunk["error"]
-                        raise ServerError(self.name, str(error.get("message", error)), int(error.get("code") or 500))
-                    yield chunk
-        except httpx.HTTPError as err:
-            raise ServerError(self.name, f"{type(err).__name__}: {err}".rstrip(": ")) from None
+            async with self.session.post(f"{self.base_url}/v1/completions", json=body) as response:
+                if response.status >= 400:
+                    raise ServerError(self.name, f"HTTP {response.status}: {_message(await response.text())}",
+                                      response.status)
+                pending = b""
+                async for data in response.content.iter_any():
+                    pending += data
+                    *lines, pending = pending.split(b"\n")
+                    for line in lines:
+                        chunk = _event(line)
+                        if chunk is not None:
+                            yield self._checked(chunk)
+                chunk = _event(pending)
+                if chunk is not None:
+                    yield self._checked(chunk)
+        except ERRORS as err:
+            raise ServerError(self.name, _describe(err)) from None
+
+    def _checked(self, chunk: dict[str, Any]) -> dict[str, Any]:
+        if "error" in chunk and "choices" not in chunk:
+            error = chunk["error"]
+            raise ServerError(self.name, str(error.get("message", error)), int(error.get("code") or 500))
+        return chunk
 
 
-def _message(response: httpx.Response) -> str:
+def _event(line: bytes) -> dict[str, Any] | None:
+    """The JSON of one `data:` line of a server-sent event stream (None for anything else)."""
+    if not line.startswith(b"data:"):
+        return None
+    data = line[5:].strip()
+    if data == b"[DONE]":
+        return None
+    chunk: dict[str, Any] = json.loads(data)
+    return chunk
+
+
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}".rstrip(": ")
+
+
+def _message(text: str) -> str:
     try:
-        body = response.json()
+        body = json.loads(text)
     except ValueError:
-        return response.text[:200]
+        return text[:200]
     error = body.get("error", body) if isinstance(body, dict) else body
     return str(error.get("message", error) if isinstance(error, dict) else error)[:300]

@@ -83,15 +83,12 @@ class FleetControl:
         self._opened = True
         log.info("fleet_open", servers={s.name: s.up for s in self.states.values()}, null_adapter=self.null_name)
 
-    def shutdown(self) -> None:
+    async def shutdown(self) -> None:
         for task in self._tasks:
             task.cancel()
         self._tasks = []
         self._opened = False
-        with contextlib.suppress(RuntimeError):  # no running loop: the clients go with the process
-            loop = asyncio.get_running_loop()
-            for client in self.clients.values():
-                loop.create_task(client.close())
+        await asyncio.gather(*(client.close() for client in self.clients.values()), return_exceptions=True)
 
     async def _every(self, interval_s: float, step: Callable[[str], Any]) -> None:
         while True:

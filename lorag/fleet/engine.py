@@ -88,12 +88,22 @@ class RemoteEngine(FleetControl):
                         return
                     # aclosing: when the client goes away, the upstream request is closed now (and
                     # the server aborts it), not whenever the garbage collector finalizes the stream.
+                    # Output without text (a token that decodes to nothing yet) is held and sent
+                    # with the next text: until text has gone out, a failure can still move on.
+                    held: dict[int, RemoteCompletion] = {}
                     async with aclosing(self.clients[state.name].stream_completion(body)) as chunks:
                         async for chunk in chunks:
-                            output = chunk_output(chunk)
-                            if output.outputs:
+                            for part in chunk_output(chunk).outputs:
+                                if part.index in held:
+                                    held[part.index].extend(part)
+                                else:
+                                    held[part.index] = part
+                            if any(part.text or part.finished() for part in held.values()):
                                 sent = True
-                                yield output
+                                yield RemoteOutput(list(held.values()))
+                                held = {}
+                    if held:  # a stream that ended without a finish reason: nothing is dropped
+                        yield RemoteOutput(list(held.values()))
                     self.mark_succeeded(state)
                     return
             except ServerError as err:

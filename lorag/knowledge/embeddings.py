@@ -102,6 +102,13 @@ class Embedder:
         # tokenizer each, every one behind its own lock.
         self.tokenizer: Any = copy.deepcopy(self.model.tokenizer)
         self._query_tokenizer: Any = copy.deepcopy(self.model.tokenizer)
+        # transformers' encode of one text goes through encode_batch, whose thread pool competes
+        # with torch for the cores while a document embeds; the same ids come from the backend's encode.
+        # This copy only counts: no truncation (a long text is counted whole) and no padding.
+        self._count_backend: Any = copy.deepcopy(getattr(self.tokenizer, "backend_tokenizer", None))
+        if self._count_backend is not None:
+            self._count_backend.no_truncation()
+            self._count_backend.no_padding()
         self._count_lock = threading.Lock()
         self._query_lock = threading.Lock()
         self._encode_lock = threading.Lock()
@@ -109,7 +116,10 @@ class Embedder:
     def count_tokens(self, text: str) -> list[int]:
         """Token ids without special tokens: what chunk sizes are measured in (no truncation)."""
         with self._count_lock:
-            ids: list[int] = self.tokenizer.encode(text, add_special_tokens=False, verbose=False)
+            if self._count_backend is not None:  # the Rust tokenizer itself: chunking calls this per piece
+                ids: list[int] = self._count_backend.encode(text, add_special_tokens=False).ids
+            else:
+                ids = self.tokenizer.encode(text, add_special_tokens=False, verbose=False)
         return ids
 
     def encode_documents(self, texts: list[str]) -> np.ndarray:

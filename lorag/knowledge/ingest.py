@@ -47,7 +47,7 @@ from lorag.logging import get_logger
 
 log = get_logger("lorag.knowledge.ingest")
 
-_LOOKAHEAD = 16  # documents read and split ahead of the one being written
+_LOOKAHEAD = 64  # documents read and split ahead of the one being written (about a group)
 
 
 # ---------------------------------------------------------------------------- writing
@@ -84,6 +84,29 @@ class IngestReport:
             "chunks_deleted": self.chunks_deleted,
             "seconds": round(self.seconds, 3),
         }
+
+
+@dataclass
+class _Group:
+    """Documents written (committed) together, and the vectors of their chunks so far."""
+
+    docs: list[PreparedDoc] = field(default_factory=list)
+    chunks: list[Chunk] = field(default_factory=list)
+    vectors: list[np.ndarray] = field(default_factory=list)
+    embedded: int = 0  # the first `embedded` chunks have their vectors
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, doc: PreparedDoc) -> None:
+        self.docs.append(doc)
+        self.chunks.extend(doc.chunks)
+
+    @property
+    def size(self) -> int:
+        return len(self.chunks)
+
+    @property
+    def unembedded(self) -> int:
+        return len(self.chunks) - self.embedded
 
 
 ProgressFn = Callable[[str, str], None]  # (event, source): "unchanged"|"skipped"|"written"|...
@@ -124,20 +147,23 @@ class Writer:
 
         records = self.manifest.all()
         seen: set[str] = set()
-        group: list[PreparedDoc] = []
-        group_chunks = 0
+        group = _Group()
         log.info("kb.ingest.start", kb=self.kb, files=len(files), documents=len(records))
-        for file, prepared in self._prepared_ahead(files, records, report):
+        assert self.embedder is not None
+        for file, prepared, next_ready in self._prepared_ahead(files, records, report):
             seen.add(file.source)
             if isinstance(prepared, str):
                 note(prepared, file.source)
                 continue
-            group.append(prepared)
-            group_chunks += len(prepared.chunks)
-            if group_chunks >= self.settings.group_chunks:
+            group.add(prepared)
+            # A group embeds in one call (sorted by length, least padding), except while the next
+            # document is still being read and split: that wait is spent embedding what is here.
+            if not next_ready and group.unembedded >= self.embedder.settings.batch_size:
+                self._embed(group)
+            if group.size >= self.settings.group_chunks:
                 self._write_group(group, records, report, note)
-                group, group_chunks = [], 0
-        if group:
+                group = _Group()
+        if group.docs:
             self._write_group(group, records, report, note)
         if sync_scope is not None:
             gone = [
@@ -164,9 +190,10 @@ class Writer:
 
     def _prepared_ahead(
         self, files: list[SourceFile], records: dict[str, DocRecord], report: IngestReport
-    ) -> Iterator[tuple[SourceFile, PreparedDoc | str]]:
+    ) -> Iterator[tuple[SourceFile, PreparedDoc | str, bool]]:
         """Read and split the next documents in a thread while this one embeds the current
-        group (torch releases the GIL); a bounded look-ahead keeps memory flat."""
+        group (torch releases the GIL); a bounded look-ahead keeps memory flat. Each document
+        comes with whether the next one is ready (True at the end)."""
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kb-prepare")
         pending: deque[tuple[SourceFile, Future[PreparedDoc | str]]] = deque()
         queue = iter(files)
@@ -180,7 +207,7 @@ class Writer:
                 if not pending:
                     return
                 file, future = pending.popleft()
-                yield file, future.result()
+                yield file, future.result(), not pending or pending[0][1].done()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
@@ -222,35 +249,41 @@ class Writer:
             return skip("no text to index", "empty")
         return prepared
 
+    def _embed(self, group: _Group) -> None:
+        """Embed the group's chunks that have no vector yet."""
+        assert self.embedder is not None
+        texts = [c.text for c in group.chunks[group.embedded:]]
+        if texts:
+            group.vectors.append(self.embedder.encode_documents(texts))
+            group.embedded = len(group.chunks)
+
     def _write_group(
         self,
-        group: list[PreparedDoc],
+        group: _Group,
         records: dict[str, DocRecord],
         report: IngestReport,
         note: Callable[[str, str], None],
     ) -> None:
-        assert self.embedder is not None
-        started = time.perf_counter()
-        old = {doc.record.doc_id: records.get(doc.record.doc_id) for doc in group}
         # Embedding is the slow part and writes nothing: it runs before the critical section,
         # where a Ctrl-C simply stops ingestion with the knowledge base untouched.
-        chunks = [chunk for doc in group for chunk in doc.chunks]
-        vectors = self.embedder.encode_documents([c.text for c in chunks])
+        self._embed(group)
+        docs, chunks, vectors = group.docs, group.chunks, np.concatenate(group.vectors)
+        old = {doc.record.doc_id: records.get(doc.record.doc_id) for doc in docs}
         with interrupts_deferred():  # the report too: a held Ctrl-C must not hide a committed group
-            with self._settled_on_error(group):
-                stale = self._commit_group(group, old, chunks, vectors)
-            for doc in group:
+            with self._settled_on_error(docs):
+                stale = self._commit_group(docs, old, chunks, vectors)
+            for doc in docs:
                 records[doc.record.doc_id] = replace(doc.record, state=COMMITTED)
                 (report.updated if old[doc.record.doc_id] is not None else report.added).append(doc.record.source)
                 note("written", doc.record.source)
             report.chunks_written += len(chunks)
             report.chunks_deleted += len(stale)
-        elapsed = time.perf_counter() - started
+        elapsed = time.perf_counter() - group.started
         total = time.perf_counter() - self._started
         log.info(
             "kb.ingest.group",
             kb=self.kb,
-            documents=len(group),
+            documents=len(docs),
             chunks=len(chunks),
             chunks_per_s=round(len(chunks) / elapsed, 1) if elapsed else None,
             chunks_total=report.chunks_written,

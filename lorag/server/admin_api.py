@@ -29,7 +29,7 @@ class Activate(BaseModel):
     version: str = Field(min_length=1)
 
 
-def get_adapters(request: Request) -> AdapterService:
+async def get_adapters(request: Request) -> AdapterService:
     service: AdapterService = request.app.state.adapters
     return service
 

@@ -104,7 +104,7 @@ def create_app(settings: Settings, engine: ServingEngine | None = None) -> FastA
             app.state.waiting.add("engine")  # a warm-up finishing now must not make us ready again
             app.state.ready = False
             pipeline.knowledge.close()
-            engine.shutdown()
+            await engine.shutdown()
             log.info("server_stopped")
 
     app = FastAPI(title="lorag", version=__version__, lifespan=lifespan)

@@ -46,7 +46,7 @@ CHAT_CHUNK: ChunkKind = "chat.completion.chunk"
 TEXT_CHUNK: ChunkKind = "text_completion"
 
 
-def get_pipeline(request: Request) -> Pipeline:
+async def get_pipeline(request: Request) -> Pipeline:
     pipeline: Pipeline = request.app.state.pipeline
     return pipeline
 

@@ -73,7 +73,7 @@ class ContextRetriever:
             return []
         finally:
             timings["retrieve_ms"] = ms_since(mark)
-        with stage(log, "context_hooks", chunks=len(hits)):
+        with stage(log, "context_hooks", "debug", chunks=len(hits)):
             return list(await hooks.acontext_retrieved(question, hits))
 
     def query(self, kbs: list[str], question: str, top_k: int | None, mode: str | None,

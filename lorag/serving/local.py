@@ -44,7 +44,7 @@ class LocalPipeline:
 
     def close(self) -> None:
         self.pipeline.knowledge.close()
-        self.engine.shutdown()
+        self.loop.run_until_complete(self.engine.shutdown())
         pending = asyncio.all_tasks(self.loop)
         for task in pending:
             task.cancel()

@@ -90,7 +90,7 @@ class Pipeline:
         timings: dict[str, float] = {}
         options = request_options(request, principal)
         messages = [message_dict(m) for m in request.messages]
-        with stage(log, "resolve", model=request.model) as info:
+        with stage(log, "resolve", "debug", model=request.model) as info:
             target = self.resolve(request.model, principal, last_user_text(messages), options.adapter)
             info.update(domain=target.domain.name if target.domain else None, adapter=target.adapter_ref)
         timings["resolve_ms"] = ms_since(started)
@@ -102,7 +102,7 @@ class Pipeline:
         tools = tool_plan(target, hooks, request)
         mark = time.perf_counter()
         domain = target.domain
-        with stage(log, "prompt") as info:
+        with stage(log, "prompt", "debug") as info:
             examples = self.domains.select_examples(domain, question, options.examples) if domain else []
             requested = _output_request(target, request.output_limit)
             fitted = self.generator.fit(target, hits, examples, messages, requested, tools)
@@ -127,7 +127,7 @@ class Pipeline:
                                  principal: Principal | None = None) -> Job:
         """Raw text prompts: a domain model brings its adapter and plugins, not retrieval or examples."""
         started = time.perf_counter()
-        with stage(log, "resolve", model=request.model) as info:
+        with stage(log, "resolve", "debug", model=request.model) as info:
             options = request_options(request, principal)
             raw = request.prompts()
             question = next((p for p in raw if isinstance(p, str)), "")
@@ -138,7 +138,7 @@ class Pipeline:
             if isinstance(prompt, str):  # text prompts pass the input hooks as one user turn
                 checked = await self._input_hooks(hooks, [{"role": "user", "content": prompt}])
                 raw[i] = str(checked[-1]["content"])
-        with stage(log, "prompt") as info:
+        with stage(log, "prompt", "debug") as info:
             prompts = self.generator.text_prompts(raw)
             budgets = [self.generator.output_budget(len(p), request.output_limit) for p in prompts]
             info["prompt_tokens"] = sum(len(p) for p in prompts)
@@ -153,7 +153,7 @@ class Pipeline:
 
     async def _input_hooks(self, hooks: RequestHooks, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Redact or refuse the input; a refusal (ContentBlocked) is a 400 before any generation."""
-        with stage(log, "request_hooks", plugins=len(hooks.plugins)):
+        with stage(log, "request_hooks", "debug", plugins=len(hooks.plugins)):
             try:
                 return await hooks.arequest_received(messages)
             except ContentBlocked as blocked:
@@ -180,8 +180,11 @@ class Pipeline:
         finally:
             job.completion_tokens = counts["completion_tokens"]
             job.timings["generate_ms"] = ms_since(started)
+            # The request's one info line: what answered, and how long each stage took.
             log.info("generate", duration_ms=job.timings["generate_ms"], adapter=job.target.adapter_ref,
-                     prompt_tokens=job.prompt_tokens, **counts)
+                     domain=job.target.domain.name if job.target.domain else None,
+                     prompt_tokens=job.prompt_tokens, **counts,
+                     **{name: value for name, value in job.timings.items() if name != "generate_ms"})
 
     async def complete(self, job: Job) -> list[Choice]:
         """Run a job to the end and return its choices in index order."""
