@@ -872,6 +872,62 @@ def test_another_process_changing_a_shared_store_reaches_this_ones_keyword_index
         second.close()
 
 
+def test_a_group_embeds_while_the_next_document_is_not_ready_and_stores_the_same_vectors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While reading and splitting lag behind, the writer embeds what it has instead of waiting;
+    the vectors stored are those of embedding every chunk at once."""
+    import numpy as np
+
+    from lorag.knowledge import ingest
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(8):
+        (corpus / f"doc{i}.md").write_text(
+            "\n\n".join(f"Paragraph {j} of document {i} about leases, notices and deposits number {i * j}."
+                         for j in range(12)), encoding="utf-8")
+    service = KnowledgeService.from_settings(settings_for(tmp_path, "embedded", None))
+    embedder = service.embedder
+    calls: list[int] = []
+    real_encode, real_prepare = type(embedder).encode_documents, ingest.Writer._prepare
+
+    def counted(self: Any, texts: list[str]) -> Any:
+        calls.append(len(texts))
+        return real_encode(self, texts)
+
+    def slow_prepare(self: Any, *args: Any) -> Any:
+        time.sleep(0.2)  # reading and splitting lag behind the writer
+        return real_prepare(self, *args)
+
+    monkeypatch.setattr(type(embedder), "encode_documents", counted)
+    monkeypatch.setattr(ingest.Writer, "_prepare", slow_prepare)
+    monkeypatch.setattr(embedder.settings, "batch_size", 4)
+    kb = kb_name()
+    service.create(kb)
+    try:
+        report = service.ingest_paths(kb, [str(corpus)])
+        assert report.chunks_written == sum(calls) and len(calls) > 1  # one group, embedded in parts
+        chunks, _ = service.store.collections(kb)
+        stored = chunks.get(include=["documents", "embeddings"])
+        whole = real_encode(embedder, stored["documents"])
+        assert np.allclose(np.asarray(stored["embeddings"]), whole, atol=1e-5)
+    finally:
+        service.close()
+
+
+def test_chunks_are_measured_whole_however_long() -> None:
+    """Token counts for chunking are never cut at the model's window (the embedding model
+    truncates its own input; the splitter must see the true length)."""
+    from lorag.knowledge.embeddings import get_embedder
+    from lorag.knowledge.settings import EmbeddingSettings
+
+    embedder = get_embedder(EmbeddingSettings())
+    text = "lease " * (3 * embedder.max_tokens)
+    assert len(embedder.count_tokens(text)) == 3 * embedder.max_tokens
+    assert embedder.count_tokens(text) == embedder.tokenizer.encode(text, add_special_tokens=False, verbose=False)
+
+
 def test_queries_while_ingesting_in_another_thread(tmp_path: Path) -> None:
     """The server's case: requests query while an upload is being embedded (shared model)."""
     import threading
