@@ -44,9 +44,13 @@ class LocalPipeline:
 
     def close(self) -> None:
         self.pipeline.knowledge.close()
-        self.loop.run_until_complete(self.engine.shutdown())
-        pending = asyncio.all_tasks(self.loop)
+        self.loop.run_until_complete(self._shutdown())
+        self.loop.close()
+
+    async def _shutdown(self) -> None:
+        """The engine, then whatever tasks are left, inside this pipeline's own loop."""
+        await self.engine.shutdown()
+        pending = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
         for task in pending:
             task.cancel()
-        self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        self.loop.close()
+        await asyncio.gather(*pending, return_exceptions=True)
