@@ -144,6 +144,17 @@ async def admission(request: Request, principal: Principal = Depends(require_key
     try:
         yield
     finally:
+        release_slot(request)
+
+
+def release_slot(request: Request) -> None:
+    """Give the request's concurrency slot back, once. A stream gives it back right after its
+    last event is written: FastAPI exits the dependency only later, and a client that read
+    [DONE] and sent its next request at once would meet its own finished stream's slot."""
+    key = getattr(request.state, "limit_key", None)
+    if key is not None:
+        request.state.limit_key = None
+        limiter: Limiter = request.app.state.limiter
         limiter.release(key)
 
 

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from lorag.errors import LoragError
 from lorag.server.auth import Principal, require_key
 from lorag.server.errors import error_body
-from lorag.server.limits import admit
+from lorag.server.limits import admit, release_slot
 from lorag.server.metrics import observe
 from lorag.serving.jobs import Choice, Delta, Job, new_request_id
 from lorag.serving.pipeline import Pipeline
@@ -105,7 +105,8 @@ async def respond(request: Request, pipeline: Pipeline, job: Job, body: Any, str
     guard = admit(request, job)  # the key's token rate (429) and the generation deadline
     if body.stream:
         chunks = seen.stream(guard.stream(streamer(pipeline, job, body)))
-        return StreamingResponse(sse(chunks), media_type="text/event-stream", headers=_stream_headers(job))
+        return StreamingResponse(slot_back_at_end(request, sse(chunks)), media_type="text/event-stream",
+                                 headers=_stream_headers(job))
     choices = seen.done(await guard.run(until_disconnected(request, pipeline.complete(job))))
     response = builder(job, body, choices, pipeline).model_dump(exclude_unset=True)
     return JSONResponse(response, headers={"x-request-id": job.request_id})
@@ -152,6 +153,15 @@ async def sse(chunks: AsyncIterator[StreamChunk]) -> AsyncIterator[str]:
         log_unexpected(err)
         yield f"data: {json.dumps(error_body('Internal error while generating.', 'server_error', None, None))}\n\n"
     yield "data: [DONE]\n\n"
+
+
+async def slot_back_at_end(request: Request, events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The events; once the last is written, the key's concurrency slot is free again."""
+    try:
+        async for event in events:
+            yield event
+    finally:
+        release_slot(request)
 
 
 def usage(job: Job, completion_tokens: int) -> Usage:
