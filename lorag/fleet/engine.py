@@ -94,10 +94,7 @@ class RemoteEngine(FleetControl):
                     async with aclosing(self.clients[state.name].stream_completion(body)) as chunks:
                         async for chunk in chunks:
                             for part in chunk_output(chunk).outputs:
-                                if part.index in held:
-                                    held[part.index].extend(part)
-                                else:
-                                    held[part.index] = part
+                                held.setdefault(part.index, RemoteCompletion(part.index)).extend(part)
                             if any(part.text or part.finished() for part in held.values()):
                                 sent = True
                                 yield RemoteOutput(list(held.values()))

@@ -104,8 +104,8 @@ class Embedder:
         self._query_tokenizer: Any = copy.deepcopy(self.model.tokenizer)
         # transformers' encode of one text goes through encode_batch, whose thread pool competes
         # with torch for the cores while a document embeds; the same ids come from the backend's encode.
-        # This copy only counts: no truncation (a long text is counted whole) and no padding.
-        self._count_backend: Any = copy.deepcopy(getattr(self.tokenizer, "backend_tokenizer", None))
+        # `self.tokenizer` is counting's own copy: no truncation (a long text is counted whole), no padding.
+        self._count_backend: Any = getattr(self.tokenizer, "backend_tokenizer", None)
         if self._count_backend is not None:
             self._count_backend.no_truncation()
             self._count_backend.no_padding()

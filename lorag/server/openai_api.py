@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
@@ -105,7 +105,7 @@ async def respond(request: Request, pipeline: Pipeline, job: Job, body: Any, str
     guard = admit(request, job)  # the key's token rate (429) and the generation deadline
     if body.stream:
         chunks = seen.stream(guard.stream(streamer(pipeline, job, body)))
-        return StreamingResponse(slot_back_at_end(request, sse(chunks)), media_type="text/event-stream",
+        return StreamingResponse(sse(chunks, on_end=lambda: release_slot(request)), media_type="text/event-stream",
                                  headers=_stream_headers(job))
     choices = seen.done(await guard.run(until_disconnected(request, pipeline.complete(job))))
     response = builder(job, body, choices, pipeline).model_dump(exclude_unset=True)
@@ -140,8 +140,9 @@ def _stream_headers(job: Job) -> dict[str, str]:
     return {"x-request-id": job.request_id, "cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
-async def sse(chunks: AsyncIterator[StreamChunk]) -> AsyncIterator[str]:
-    """Server-sent events; an error mid-stream becomes an error event, then [DONE]."""
+async def sse(chunks: AsyncIterator[StreamChunk], on_end: Callable[[], None] | None = None) -> AsyncIterator[str]:
+    """Server-sent events; an error mid-stream becomes an error event, then [DONE]. `on_end`
+    runs once [DONE] is written (a client that leaves earlier: admission's exit cleans up)."""
     try:
         async for chunk in chunks:
             yield f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"
@@ -153,15 +154,8 @@ async def sse(chunks: AsyncIterator[StreamChunk]) -> AsyncIterator[str]:
         log_unexpected(err)
         yield f"data: {json.dumps(error_body('Internal error while generating.', 'server_error', None, None))}\n\n"
     yield "data: [DONE]\n\n"
-
-
-async def slot_back_at_end(request: Request, events: AsyncIterator[str]) -> AsyncIterator[str]:
-    """The events; once the last is written, the key's concurrency slot is free again."""
-    try:
-        async for event in events:
-            yield event
-    finally:
-        release_slot(request)
+    if on_end is not None:
+        on_end()
 
 
 def usage(job: Job, completion_tokens: int) -> Usage:
