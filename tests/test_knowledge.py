@@ -832,6 +832,56 @@ def test_settings_defaults_and_validation() -> None:
     assert json.dumps(settings.knowledge.model_dump())
 
 
+def test_best_keyword_positions_rank_ties_by_position_and_drop_zero_scores() -> None:
+    import numpy as np
+
+    from lorag.knowledge.keyword import best_positions
+
+    scores = np.array([1, 3, 3, 0, 2, 3], dtype=np.float32)
+    assert best_positions(scores, 2).tolist() == [1, 2]  # the tie at 3 straddles place 2: chunk order
+    assert best_positions(scores, 4).tolist() == [1, 2, 5, 4]
+    assert best_positions(scores, 10).tolist() == [1, 2, 5, 4, 0]  # a 0 is no keyword match
+    assert best_positions(scores, 0).tolist() == [] and best_positions(np.zeros(3, np.float32), 2).tolist() == []
+    many = np.random.default_rng(0).random(5000).astype(np.float32)
+    assert best_positions(many, 50).tolist() == np.argsort(-many, kind="stable")[:50].tolist()
+
+
+def test_a_filtered_hnsw_query_keeps_the_allowed_chunks_of_an_unfiltered_one(tmp_path: Path) -> None:
+    """post_filtered against Chroma's own filtered search, on a real collection whose chunk i
+    is the i-th most similar to the query."""
+    import math
+
+    import chromadb
+    import numpy as np
+
+    from lorag.knowledge.retrieval import vector_search
+    from lorag.knowledge.search import post_filtered
+
+    client = chromadb.PersistentClient(path=str(tmp_path / "chroma"))
+    chunks = client.create_collection("post-filter", configuration={"hnsw": {"space": "cosine"}})
+    n = 100
+    ids = [f"c{i:03d}" for i in range(n)]
+    angles = [i * (math.pi / 2) / n for i in range(n)]
+    chunks.add(
+        ids=ids,
+        embeddings=[[math.cos(a), math.sin(a), 0.0, 0.0] for a in angles],
+        metadatas=[{"parity": i % 2, "late": i >= 80} for i in range(n)],
+    )
+    query = [1.0, 0.0, 0.0, 0.0]
+    position = {chunk: i for i, chunk in enumerate(ids)}.get
+
+    def chroma(where: dict[str, Any], depth: int) -> list[str]:
+        return [c.id for c in vector_search(chunks, "kb", query, depth, where)]
+
+    even = np.array([i % 2 == 0 for i in range(n)])
+    got = post_filtered(chunks, "kb", query, 5, even, position)
+    assert got is not None and [c.id for c in got] == chroma({"parity": 0}, 5) == ["c000", "c002", "c004", "c006", "c008"]
+    late = np.array([i >= 80 for i in range(n)])  # a fifth of the chunks, all far down the unfiltered list
+    assert post_filtered(chunks, "kb", query, 5, late, position) is None  # the filtered search must run
+    assert [c.id for c in post_filtered(chunks, "kb", query, 30, late, position) or []] == chroma({"late": True}, 30)
+    assert post_filtered(chunks, "kb", query, 5, np.zeros(n, dtype=bool), position) == []
+
+
 def test_reciprocal_rank_fusion_uses_the_weights() -> None:
     from lorag.knowledge.fusion import rrf as reciprocal_rank_fusion
     from lorag.knowledge.retrieval import Candidate
@@ -926,6 +976,64 @@ def test_chunks_are_measured_whole_however_long() -> None:
     text = "lease " * (3 * embedder.max_tokens)
     assert len(embedder.count_tokens(text)) == 3 * embedder.max_tokens
     assert embedder.count_tokens(text) == embedder.tokenizer.encode(text, add_special_tokens=False, verbose=False)
+
+
+def test_document_batches_are_longest_first_and_end_where_texts_get_shorter() -> None:
+    from lorag.knowledge.embeddings import length_batches
+
+    texts = ["a" * 100, "b" * 30, "c" * 95, "d" * 80, "e" * 60, "f" * 28, "g" * 99, "h" * 90]
+    batches = length_batches(texts, batch_size=3)
+    assert batches == [[0, 6, 2], [7, 3], [4], [1, 5]]  # 100 99 95 | 90 80 | 60 | 30 28
+    assert sorted(i for batch in batches for i in batch) == list(range(len(texts)))
+    assert length_batches(["x"] * 5, batch_size=2) == [[0, 1], [2, 3], [4]]  # stable among equals
+    assert length_batches([], batch_size=4) == []
+
+
+def test_bfloat16_queries_match_float32_and_evaluation_embeds_as_serving_does() -> None:
+    """Queries may run through a bfloat16 copy of the model (latency); the stored document
+    vectors are the float32 model's either way, and `kb eval` must score exactly the
+    vectors a served query gets."""
+    import numpy as np
+
+    from lorag.knowledge.embeddings import get_embedder
+    from lorag.knowledge.settings import EmbeddingSettings
+
+    half = get_embedder(EmbeddingSettings(query_precision="bfloat16"))
+    exact = get_embedder(EmbeddingSettings(query_precision="float32"))
+    assert half.query_dtype() == "bfloat16" and half.query_model().eager is not half.model
+    assert exact.query_dtype() == "float32" and exact.query_model().eager is exact.model
+    assert half.query_model().traced is not None and exact.query_model().traced is not None  # checked at build
+    assert get_embedder(EmbeddingSettings()).query_dtype() in ("bfloat16", "float32")  # auto: what the CPU has
+    queries = ["notice period for ending a commercial lease", "dose of insulin for a child", "x"]
+    for text in queries:
+        a, b = half.encode_query(text), exact.encode_query(text)
+        assert a.dtype == np.float32 and a.shape == (half.dimension,)
+        assert float(a @ b) > 0.999  # both unit vectors: cosine
+        assert np.allclose(b, exact.encode_documents([text])[0], atol=1e-5)
+    batch = half.encode_queries(queries)
+    assert np.array_equal(batch, np.stack([half.encode_query(text) for text in queries]))
+    assert half.encode_queries([]).shape == (0, half.dimension)
+    assert np.allclose(half.encode_documents(queries), exact.encode_documents(queries), atol=1e-6)  # float32
+
+
+def test_a_model_that_cannot_be_traced_embeds_queries_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from lorag.knowledge.embeddings import Embedder
+    from lorag.knowledge.query_model import QueryModel
+    from lorag.knowledge.settings import EmbeddingSettings
+
+    exact = Embedder(EmbeddingSettings(query_precision="float32"))
+    traced = exact.encode_query("dose of insulin for a child")
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("cannot trace this")
+
+    monkeypatch.setattr(torch.jit, "trace", refuse)
+    eager = QueryModel(exact.model, "float32", exact._query_features)
+    assert eager.traced is None
+    monkeypatch.setattr(exact, "_query_model", eager)
+    assert float(exact.encode_query("dose of insulin for a child") @ traced) > 0.9999
 
 
 def test_queries_while_ingesting_in_another_thread(tmp_path: Path) -> None:

@@ -12,14 +12,18 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from lorag.knowledge.errors import StoreUnavailable
 from lorag.knowledge.settings import DEFAULT_EMBEDDING_MODEL, EmbeddingSettings
 from lorag.logging import get_logger, stage
+
+if TYPE_CHECKING:
+    from lorag.knowledge.query_model import QueryModel
 
 log = get_logger("lorag.knowledge.embeddings")
 
@@ -68,6 +72,32 @@ def fingerprint(model_path: str, dimension: int) -> str:
     return digest.hexdigest()[:16]
 
 
+# A batch ends where texts get this much shorter than its first (longest) one.
+BATCH_SHORTER = 0.75
+
+
+def length_batches(texts: Sequence[str], batch_size: int) -> list[list[int]]:
+    """Positions of `texts`, longest first, in batches of at most `batch_size` that end where
+    the length drops below BATCH_SHORTER of the batch's first.
+
+    Every text of a batch is padded to its longest, and chunks come in two kinds: full ones
+    and each document's short remainder. Fixed batches of an ingestion group mix the two and
+    embed padding (+9% tokens on benchmarks/retrieval.py's documents); cut this way a group
+    pads less than one fixed-size encode of all the chunks at once.
+    """
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        if current and (len(current) >= batch_size or len(texts[i]) < BATCH_SHORTER * len(texts[current[0]])):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
 class Embedder:
     """A sentence-transformers model with the two calls ingestion and retrieval need."""
 
@@ -112,6 +142,8 @@ class Embedder:
         self._count_lock = threading.Lock()
         self._query_lock = threading.Lock()
         self._encode_lock = threading.Lock()
+        self._query_model: QueryModel | None = None
+        self._query_model_lock = threading.Lock()
 
     def count_tokens(self, text: str) -> list[int]:
         """Token ids without special tokens: what chunk sizes are measured in (no truncation)."""
@@ -130,39 +162,79 @@ class Embedder:
         """One query vector; skips sentence-transformers' batching machinery (latency matters)."""
         import torch
 
-        with self._query_lock:
-            features = self._query_tokenizer(
-                [self.settings.query_prefix + text],
-                padding=True,
-                truncation=True,
-                max_length=self.max_tokens,
-                return_tensors="pt",
-            )
-        with torch.inference_mode():
-            output = self.model.forward(dict(features))["sentence_embedding"]
-            if self.settings.normalize:
-                output = torch.nn.functional.normalize(output, p=2, dim=1)
-        vector: np.ndarray = output[0].float().cpu().numpy()
+        model = self.query_model()
+        output = model(self._query_features(text))
+        if self.settings.normalize:
+            output = torch.nn.functional.normalize(output, p=2, dim=1)
+        vector: np.ndarray = output[0].cpu().numpy()
         return vector
 
+    def _query_features(self, text: str) -> dict[str, Any]:
+        with self._query_lock:
+            features: dict[str, Any] = dict(
+                self._query_tokenizer(
+                    [self.settings.query_prefix + text],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_tokens,
+                    return_tensors="pt",
+                )
+            )
+        return {key: value.to(self.model.device) for key, value in features.items()}
+
     def encode_queries(self, texts: list[str]) -> np.ndarray:
-        """Many query vectors at once (evaluation): batched, with the query prefix."""
-        prefix = self.settings.query_prefix
-        return self._encode([prefix + text for text in texts])
+        """Many query vectors (evaluation), each exactly as a served query gets it (a batch
+        would pad them and run other kernels)."""
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        return np.stack([self.encode_query(text) for text in texts]).astype(np.float32, copy=False)
+
+    def query_model(self) -> QueryModel:
+        """What queries run through, made on first use (query_model.py): the document model
+        or a bfloat16 copy (see `query_dtype`), traced where that gives the same vectors.
+        Documents always embed in float32 through the model itself, so stored vectors never
+        depend on this and query_precision can be switched at any time."""
+        if self._query_model is None:
+            with self._query_model_lock:
+                if self._query_model is None:
+                    from lorag.knowledge.query_model import QueryModel
+
+                    dtype = self.query_dtype()
+                    with stage(log, "kb.embedding.query_model", model=self.name, dtype=dtype) as extra:
+                        model = QueryModel(self.model, dtype, self._query_features)
+                        extra["traced"] = model.traced is not None
+                    self._query_model = model
+        return self._query_model
+
+    def query_dtype(self) -> str:
+        """"bfloat16" when configured, or on "auto" where the CPU multiplies bfloat16 natively
+        (AVX512-BF16, AMX): one short query is a chain of small matmuls, and there bfloat16
+        runs ~1.4x faster while the query vector stays within cosine 0.9999 of float32's
+        (benchmarks/retrieval.py: the same nDCG@10). Elsewhere bfloat16 is emulated and
+        slower, so "auto" keeps float32, as it does on GPUs."""
+        precision = self.settings.query_precision
+        if precision != "auto" or not str(self.model.device).startswith("cpu"):
+            return "bfloat16" if precision == "bfloat16" else "float32"
+        import torch
+
+        native = [getattr(torch.cpu, check, lambda: False) for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        return "bfloat16" if any(supported() for supported in native) else "float32"
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         with self._encode_lock:  # serialises ingestions of different bases (CPU-bound anyway)
             return self._encode_unlocked(texts)
 
     def _encode_unlocked(self, texts: list[str]) -> np.ndarray:
-        vectors: np.ndarray = self.model.encode(
-            texts,
-            batch_size=self.settings.batch_size,
-            show_progress_bar=False,
-            convert_to_numpy=True,
-            normalize_embeddings=self.settings.normalize,
-        )
-        return vectors.astype(np.float32, copy=False)
+        vectors = np.empty((len(texts), self.dimension), dtype=np.float32)
+        for batch in length_batches(texts, self.settings.batch_size):
+            vectors[batch] = self.model.encode(
+                [texts[i] for i in batch],
+                batch_size=len(batch),
+                show_progress_bar=False,
+                convert_to_numpy=True,
+                normalize_embeddings=self.settings.normalize,
+            )
+        return vectors
 
     def describe(self) -> dict[str, Any]:
         return {"model": self.name, "path": self.path, "dimension": self.dimension, "fingerprint": self.fingerprint}

@@ -70,14 +70,8 @@ class KeywordIndex:
         scores = self._scores(query, where)
         if scores is None:
             return [], lambda chunk_id: 0.0
-        k = min(k, len(scores))
-        top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
-        top = top[np.argsort(-scores[top], kind="stable")]
-        hits = [
-            KeywordHit(self.ids[n], self.texts[n], self.metadatas[n], float(scores[n]))
-            for n in top
-            if scores[n] > 0
-        ]
+        top = best_positions(scores, k)
+        hits = [KeywordHit(self.ids[n], self.texts[n], self.metadatas[n], float(scores[n])) for n in top]
 
         def lookup(chunk_id: str) -> float | None:
             n = self.position(chunk_id)
@@ -109,6 +103,27 @@ class KeywordIndex:
     def _mask(self, where: dict[str, Any]) -> np.ndarray:
         mask: np.ndarray = self._filters.get(where)
         return mask
+
+    def allowed(self, where: dict[str, Any]) -> np.ndarray:
+        """Per chunk position, whether `where` allows it (cached per filter)."""
+        return self._mask(where) > 0
+
+
+def best_positions(scores: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the (at most) k highest positive scores, best first; equal scores in
+    position (chunk id) order, also where a tie straddles the k-th place.
+
+    BM25 scores every chunk; over 100k of them torch.topk finds the k-th score in ~0.2 ms
+    where numpy's argpartition takes ~1.3 ms (a tenth of a hybrid query's budget).
+    """
+    import torch
+
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    kth = float(torch.topk(torch.from_numpy(scores), k, sorted=False).values.min()) if k < len(scores) else 0.0
+    pool = np.flatnonzero(scores >= kth) if kth > 0 else np.flatnonzero(scores > 0)
+    ranked: np.ndarray = pool[np.argsort(-scores[pool], kind="stable")][:k]
+    return ranked
 
 
 def load_index(chunks_collection: Any, kb: str, language: str) -> KeywordIndex:

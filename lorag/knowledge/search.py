@@ -5,8 +5,12 @@ kept apart because it is the hot path and the rest is administration.
 
 from __future__ import annotations
 
+import math
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from lorag.errors import LoragError
 from lorag.knowledge.embeddings import Embedder, get_reranker
@@ -32,6 +36,41 @@ from lorag.knowledge.vector_index import (
 from lorag.logging import get_logger, stage
 
 log = get_logger("lorag.knowledge.search")
+
+
+# A filtered query asks HNSW for this many times the chunks the filter's share would yield.
+_OVERFETCH = 2.0
+_OVERFETCH_MAX = 2000  # beyond this (a very narrow filter) Chroma's pre-filter is the faster path
+
+
+def post_filtered(
+    chunks: Any,
+    kb: str,
+    vector: list[float],
+    depth: int,
+    allowed: np.ndarray,
+    position: Callable[[str], int | None],
+) -> list[Candidate] | None:
+    """The `depth` best chunks a filter allows, from an unfiltered HNSW search, or None
+    when that search could not show them.
+
+    Chroma answers an HNSW query with a `where` by pre-filtering in SQLite and then
+    searching with the allowed ids: ~175 ms at 100k chunks for a filter keeping 30% of them.
+    The keyword index already knows every chunk's metadata (`allowed`, by index position), so
+    HNSW is asked unfiltered for depth / share x 2 chunks and the allowed ones kept. If at
+    least `depth` survive they are the filtered top `depth` (anything more similar would
+    have been in the list too); otherwise the filtered search runs after all.
+    """
+    share = float(np.count_nonzero(allowed)) / max(len(allowed), 1)
+    if share == 0.0:
+        return []
+    wanted = min(len(allowed), max(depth, math.ceil(depth / share * _OVERFETCH)))
+    if wanted > _OVERFETCH_MAX:
+        return None
+    found = vector_search(chunks, kb, vector, wanted, None, payload=False)
+    kept = [c for c in found if (n := position(c.id)) is not None and allowed[n]]
+    looked_at_all = wanted >= len(allowed) or len(found) < wanted
+    return kept[:depth] if len(kept) >= depth or looked_at_all else None
 
 
 class KnowledgeSearch:
@@ -174,7 +213,7 @@ class KnowledgeSearch:
             if vector is None:
                 vector = self.embedder.encode_query(query).tolist()
             chunks, _ = self.store.collections(name)
-            lists.vector = self._vector_search(name, chunks, vector, depth, where, payload=index is None)
+            lists.vector = self._vector_search(name, chunks, vector, depth, where, index)
         if mode != "vector":
             index = index or self.keyword_index(name)
             hits, lists.keyword_score = index.search_scored(query, depth, where)
@@ -195,14 +234,20 @@ class KnowledgeSearch:
         log.info("kb.fusion.set", kb=name, fusion=info.fusion)
 
     def _vector_search(
-        self, name: str, chunks: Any, vector: list[float], depth: int, where: dict[str, Any] | None, payload: bool
+        self, name: str, chunks: Any, vector: list[float], depth: int, where: dict[str, Any] | None,
+        index: KeywordIndex | None,
     ) -> list[Candidate]:
         """Exact search while the base is small enough (the same answer whatever order its
-        chunks were written in), Chroma's HNSW above (see vector_index.py)."""
+        chunks were written in), Chroma's HNSW above (see vector_index.py). Candidates carry
+        ids and scores only when `index` can fill in their payloads later."""
         exact = self._exact_index(name)
-        if exact is None:
-            return vector_search(chunks, name, vector, depth, where, payload=payload)
-        return [Candidate(name, h.id, h.text, dict(h.metadata), h.score) for h in exact.search(vector, depth, where)]
+        if exact is not None:
+            return [Candidate(name, h.id, h.text, dict(h.metadata), h.score) for h in exact.search(vector, depth, where)]
+        if where and index is not None:
+            found = post_filtered(chunks, name, vector, depth, index.allowed(where), index.position)
+            if found is not None:
+                return found
+        return vector_search(chunks, name, vector, depth, where, payload=index is None)
 
     def _exact_index(self, name: str) -> ExactIndex | None:
         """This revision's exact index, or None when the base has more than exact_max_chunks."""

@@ -46,6 +46,10 @@ class EmbeddingSettings(Strict):
     # Prefixes some models want (e.g. "query: " / "passage: " for E5).
     query_prefix: str = ""
     document_prefix: str = ""
+    # The precision queries embed in: "auto" = bfloat16 where the CPU computes it natively
+    # (AVX512-BF16 or AMX; ~1.4x faster, cosine >= 0.9999 to float32), else float32.
+    # Documents always embed in float32: stored vectors do not depend on this.
+    query_precision: Literal["auto", "float32", "bfloat16"] = "auto"
 
 
 class ChunkingSettings(Strict):
