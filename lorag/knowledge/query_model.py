@@ -3,8 +3,8 @@
 One short query is latency-bound: a chain of small matmuls and a few hundred Python-level
 module calls. Two things make it faster on CPU without changing what it retrieves:
 bfloat16 weights where the CPU multiplies them natively, and a traced, frozen copy of the
-transformer (TorchScript), which drops the Python overhead and lets oneDNN pre-pack the
-weights. The trace is only used after it gave the eager model's vectors on probe texts of
+transformer (TorchScript), which drops the per-module Python overhead and lets torch
+optimise the frozen graph for inference. The trace is only used after it gave the eager model's vectors on probe texts of
 several lengths; otherwise (another architecture, an export error) queries run eagerly.
 Imported only when a process embeds its first query (torch is heavy).
 """
