@@ -198,8 +198,6 @@ def bench_latency(
     base_vectors = service.embedder.encode_documents(base_texts)
     print(f"  embedded {len(base_texts)} base texts in {time.perf_counter() - start:.1f} s", flush=True)
     query_texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))) for _ in range(queries)]
-    import torch
-
     float32 = get_embedder(service.settings.embedding.model_copy(update={"query_precision": "float32"}))
     for text in query_texts[:10]:
         service.embedder.encode_query(text), float32.encode_query(text)  # warm both
@@ -219,8 +217,7 @@ def bench_latency(
         # The configured query model against float32 (traced) and the baseline, float32 through
         # sentence-transformers' modules (eager), interleaved so that host drift hits all alike.
         def eager(text: str) -> None:
-            with torch.inference_mode():
-                float32.model.forward(float32._query_features(text))
+            float32.query_model().eager_embedding(float32._query_features(text))
 
         timed = {"configured": service.embedder.encode_query, "float32": float32.encode_query, "eager_float32": eager}
         embed_ms: dict[str, list[float]] = {label: [] for label in timed}

@@ -47,19 +47,22 @@ class QueryModel:
             self.traced = None
             log.warning("kb.embedding.trace_failed", error=f"{type(err).__name__}: {err}"[:300])
 
-    def __call__(self, features: dict[str, Any]) -> Any:
+    def __call__(self, features: dict[str, Any]) -> torch.Tensor:
+        return self.eager_embedding(features) if self.traced is None else self.traced_embedding(features)
+
+    def eager_embedding(self, features: dict[str, Any]) -> torch.Tensor:
+        """Through sentence-transformers' own modules (the fallback, and what the trace must match)."""
         with torch.inference_mode():
-            if self.traced is None:
-                output = self.eager.forward(dict(features))["sentence_embedding"]
-            else:
-                output = self._traced_forward(features)
+            output: torch.Tensor = self.eager.forward(dict(features))["sentence_embedding"]
             return output.float()
 
-    def _traced_forward(self, features: dict[str, Any]) -> Any:
-        tokens = self.traced(features["input_ids"], features["attention_mask"])
-        return self._head({"token_embeddings": tokens, "attention_mask": features["attention_mask"]})[
-            "sentence_embedding"
-        ]
+    def traced_embedding(self, features: dict[str, Any]) -> torch.Tensor:
+        with torch.inference_mode():
+            tokens = self.traced(features["input_ids"], features["attention_mask"])
+            output: torch.Tensor = self._head({"token_embeddings": tokens, "attention_mask": features["attention_mask"]})[
+                "sentence_embedding"
+            ]
+            return output.float()
 
     def _trace(self, tokenize: Any) -> None:
         modules = list(self.eager.children())
@@ -74,10 +77,9 @@ class QueryModel:
             self.traced = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
         for text in _PROBES:
             features = tokenize(text)
-            with torch.inference_mode():
-                eager = torch.nn.functional.normalize(self.eager.forward(dict(features))["sentence_embedding"].float(), dim=-1)
-                for _ in range(2):  # the first runs of a frozen graph optimise it; check what stays
-                    fast = torch.nn.functional.normalize(self._traced_forward(features).float(), dim=-1)
+            eager = torch.nn.functional.normalize(self.eager_embedding(features), dim=-1)
+            for _ in range(2):  # the first runs of a frozen graph optimise it; check what stays
+                fast = torch.nn.functional.normalize(self.traced_embedding(features), dim=-1)
             agreement = float((eager * fast).sum())
             if agreement < _AGREEMENT:
                 raise ValueError(f"traced and eager vectors differ (cosine {agreement:.6f} on a probe)")
