@@ -192,16 +192,17 @@ class Fleet:
 
 
 def start_fleet(models: Models, workdir: Path, *, count: int = 2, server_lines: dict[int, str] | None = None,
-                engine_lines: str = "", **kwargs: Any) -> Fleet:
+                engine_lines: str = "", fleet_lines: str = "", **kwargs: Any) -> Fleet:
     """`count` vLLM servers (the null adapter takes one more LoRA slot, as in process), then lorag
-    in front of them; `server_lines`: more keys for the [[engine.servers]] entry of server i."""
+    in front of them; `server_lines`: more keys for the [[engine.servers]] entry of server i;
+    `fleet_lines`: more keys for [engine.fleet]."""
     from tests.vllm_servers import start_vllm_servers
 
     servers = start_vllm_servers(models.base, BASE_NAME, workdir / "vllm", [free_port() for _ in range(count)],
                                  max_loras=MAX_LORAS + 1, max_lora_rank=MAX_RANK)
     entries = "".join(f'[[engine.servers]]\nurl = "{s.url}"\nname = "vllm-{i}"\n{(server_lines or {}).get(i, "")}\n'
                       for i, s in enumerate(servers))
-    fleet_table = "[engine.fleet]\nhealth_interval_s = 0.5\nreconcile_interval_s = 5\n"
+    fleet_table = f"[engine.fleet]\nhealth_interval_s = 0.5\nreconcile_interval_s = 5\n{fleet_lines}\n"
     try:
         lorag = start_server(models, workdir, engine_lines=f'backend = "remote"\n{engine_lines}\n{entries}{fleet_table}',
                              **kwargs)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,7 +42,8 @@ def fleet(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     workdir = tmp_path_factory.mktemp("fleet")
     hidden = (workdir / "state" / "adapters" / "hidden").resolve()  # where the registry keeps "hidden"
     lines = {REFUSING: f'path_map = {{ "{hidden}" = "/nonexistent/hidden" }}'}
-    started = start_fleet(models, workdir, server_lines=lines)
+    # A back-off longer than any restart: a server restarted after kill -9 must not wait it out.
+    started = start_fleet(models, workdir, server_lines=lines, fleet_lines="max_backoff_s = 900")
     yield started
     started.stop()
 
@@ -173,11 +176,49 @@ def test_kill_9_under_load_loses_no_unstarted_request_and_the_server_comes_back_
     wait_for(lambda: not fleet_status(fleet)["vllm-0"]["up"], 30, "the killed server to be marked down")
     victim.restart()
     wait_for(lambda: fleet_status(fleet)["vllm-0"]["ready"], 180, "the server to be reconciled")
+    assert fleet_status(fleet)["vllm-0"]["resting_s"] == 0  # a new process: its old failures are forgotten
     assert {f"{name}@v1" for name in SERVED_ADAPTERS} | {"lorag-null"} <= held_by(fleet)[0]
     before = fleet_status(fleet)["vllm-0"]["requests"]
     assert [greedy(client, m) for m in models for _ in range(2)] == [solo[m] for m in models for _ in range(2)]
     assert fleet_status(fleet)["vllm-0"]["requests"] > before  # used again
     assert fleet_status(fleet)["vllm-0"]["repairs"] >= len(SERVED_ADAPTERS)
+
+
+def test_a_client_that_leaves_while_lorag_is_behind_stops_the_stream(fleet: Fleet) -> None:
+    """lorag starved of CPU while the server streams on (paused 9 ms in 10): it reads the server's
+    output in backlogs. A client that hangs up after the first chunk must still stop the request,
+    not have lorag relay the backlog to nobody until the server is done (the serving tests' abort
+    check failed so at load ~20)."""
+    headers = {"authorization": f"Bearer {USER_KEY}", "x-request-id": "backlog-probe"}
+    body = {"model": "gamma", "messages": MESSAGES, "max_tokens": 400, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    pid, starving = fleet.lorag.process.pid, threading.Event()
+
+    def starve() -> None:
+        while not starving.is_set():
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(0.09)
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(0.01)
+
+    with httpx.stream("POST", f"{fleet.lorag.api}/chat/completions", json=body, headers=headers,
+                      timeout=120) as response:
+        starver = threading.Thread(target=starve)
+        starver.start()
+        try:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    break  # one chunk, then hang up
+            time.sleep(3)  # still starved while the server streams on
+        finally:
+            starving.set()
+            starver.join()
+            os.kill(pid, signal.SIGCONT)
+    generated: list[int] = []
+    wait_for(lambda: generated.extend(e["completion_tokens"] for e in fleet.lorag.log_events()
+                                      if e.get("event") == "generate" and e.get("request_id") == "backlog-probe")
+             or bool(generated), 60, "the request's generate event")
+    assert generated[-1] < 400
 
 
 @pytest.mark.engine

@@ -3,6 +3,8 @@ back, and the settings it refuses. Real servers are in test_fleet.py."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from vllm import SamplingParams
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
@@ -141,3 +143,22 @@ def test_path_map_longest_prefix_wins() -> None:
     assert server.server_path("/srv/other") == "/mnt/other"
     assert server.server_path("/srvx/other") == "/srvx/other"
     assert server.server_path("/elsewhere") == "/elsewhere"
+
+
+def test_a_restarted_server_is_not_held_to_its_old_back_off() -> None:
+    picker = Picker("least_loaded", 2)
+    fleet = servers(0, 0)
+    for _ in range(6):  # a kill -9 under load: every request in flight on it failed
+        fleet[0].failed("connection refused", backoff_s=1, max_backoff_s=30)
+    fleet[0].went_away("connection refused")  # /health unanswered while it restarts
+    fleet[0].came_back()
+    fleet[0].ready = True  # reconciled
+    assert fleet[0].resting_s(time.monotonic()) == 0 and fleet[0].failures == 0
+    assert picker.pick(fleet, None).name == "s0"
+    # Requests failing while /health still answers: the back-off stands.
+    fleet[1].failed("500", backoff_s=30, max_backoff_s=60)
+    fleet[1].up = fleet[1].ready = False
+    fleet[1].came_back()
+    fleet[1].ready = True
+    assert fleet[1].resting_s(time.monotonic()) > 0
+    assert picker.pick(fleet, None, exclude={"s0"}) is None

@@ -37,8 +37,9 @@ def status(server: str | None, api_key: str | None, as_json: bool) -> None:
     click.echo(f"{'SERVER':<20} {'UP':<4} {'IN-FLIGHT':>9} {'REQUESTS':>8} {'ADAPTERS':>8} {'REPAIRS':>7}  REFUSED")
     for s in data["servers"]:
         refused = ", ".join(f"{a} ({why})" for a, why in s["refused"].items()) or "-"
-        up = "yes" if s["up"] and s["ready"] else "no"
+        resting = s.get("resting_s", 0)
+        up = ("rest" if resting else "yes") if s["up"] and s["ready"] else "no"
         click.echo(f"{s['name']:<20} {up:<4} {s['in_flight']:>9} {s['requests']:>8} {len(s['adapters']):>8} "
                    f"{s['repairs']:>7}  {refused}")
-        if s["error"] and up == "no":
-            click.echo(f"    {s['error']}")
+        if s["error"] and up != "yes":
+            click.echo(f"    {s['error']}" + (f" (no traffic for {resting:g} s more)" if up == "rest" else ""))

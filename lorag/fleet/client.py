@@ -10,6 +10,7 @@ token (benchmarks/fleet.py prints lorag's CPU per 1k tokens).
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -112,6 +113,10 @@ class ServerClient:
                         chunk = _event(line)
                         if chunk is not None:
                             yield self._checked(chunk)
+                            # iter_any hands over all that is buffered without suspending: without this
+                            # a backlog (lorag behind under load) runs to its end before a cancel (the
+                            # client went away) can land, and the server generates on for nobody.
+                            await asyncio.sleep(0)
                 chunk = _event(pending)
                 if chunk is not None:
                     yield self._checked(chunk)

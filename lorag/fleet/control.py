@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
@@ -105,11 +106,10 @@ class FleetControl:
         except ServerError as err:
             if state.up:
                 log.warning("server_down", server=name, error=str(err))
-            state.up = state.ready = False
-            state.error = str(err)
+            state.went_away(str(err))
             return
         if not state.up:
-            state.up = True
+            state.came_back()
             log.info("server_up", server=name)
         if not state.ready:
             await self.reconcile(name)
@@ -222,8 +222,7 @@ class FleetControl:
             try:
                 cards = await self.clients[name].models(self.fleet.connect_timeout_s)
             except ServerError as err:
-                state.up = state.ready = False
-                state.error = str(err)
+                state.went_away(str(err))
                 return
             base = next((c for c in cards if not c.get("parent")), {})
             state.base_id = base.get("id")
@@ -246,9 +245,12 @@ class FleetControl:
     # -- status ------------------------------------------------------------------------
 
     def status(self) -> list[dict[str, Any]]:
-        """Per server: up, ready, load, adapters held and refused, counters (admin API, `lorag fleet status`)."""
+        """Per server: up, ready, resting after failures, load, adapters held and refused, counters
+        (admin API, `lorag fleet status`)."""
+        now = time.monotonic()
         return [{
             "name": s.name, "url": self.clients[s.name].server.url, "up": s.up, "ready": s.ready,
+            "resting_s": round(s.resting_s(now), 1),
             "in_flight": s.in_flight, "weight": s.weight, "requests": s.requests,
             "adapters": sorted(a for a in s.loaded if a != self.null_name),
             "refused": dict(s.refused), "load_failures": s.load_failures, "repairs": s.repairs,

@@ -40,6 +40,7 @@ class ServerState:
     hot_slots: int = 4
     failures: int = 0  # in a row
     resting_until: float = 0.0
+    unreachable: bool = False  # /health went unanswered since the server last answered it
     max_model_len: int | None = None
     base_id: str | None = None  # the name the server serves the base model under
     error: str | None = None
@@ -81,6 +82,25 @@ class ServerState:
         self.failures = 0
         self.error = None
         self.resting_until = 0.0
+
+    def went_away(self, error: str) -> None:
+        """A health check (or the model list) got no answer: no traffic until it answers again."""
+        self.up = self.ready = False
+        self.error = error
+        self.unreachable = True
+
+    def came_back(self) -> None:
+        """/health answers. After a spell with no answer this is a new process (a restart): the old
+        one's failures and rest are not held against it, or a server restarted within
+        max_backoff_s of its death would sit reconciled and idle. A server that kept answering
+        /health while its requests failed keeps its back-off."""
+        self.up = True
+        if self.unreachable:
+            self.unreachable = False
+            self.succeeded()
+
+    def resting_s(self, now: float) -> float:
+        return max(0.0, self.resting_until - now)
 
 
 class Picker:
