@@ -226,11 +226,16 @@ def server(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     srv.stop()
 
 
+# How long a test waits for one answer: generous, since a loaded machine (a second vLLM engine
+# beside the suite) can slow a small answer from a second to minutes; the tests check answers, not speed.
+ANSWER_TIMEOUT_S = 600
+
+
 @pytest.fixture(scope="session")
 def client(server: Server):  # -> openai.OpenAI
     import openai
 
-    return openai.OpenAI(base_url=server.api, api_key=USER_KEY, max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=server.api, api_key=USER_KEY, max_retries=0, timeout=ANSWER_TIMEOUT_S)
 
 
 @pytest.fixture
@@ -238,7 +243,7 @@ def async_client(server: Server):  # -> openai.AsyncOpenAI
     """Per test: its connection pool belongs to the event loop of that test's asyncio.run()."""
     import openai
 
-    return openai.AsyncOpenAI(base_url=server.api, api_key=USER_KEY, max_retries=0, timeout=120)
+    return openai.AsyncOpenAI(base_url=server.api, api_key=USER_KEY, max_retries=0, timeout=ANSWER_TIMEOUT_S)
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ import pytest
 
 from tests.conftest import (
     ADMIN_KEY,
+    ANSWER_TIMEOUT_S,
     BASE_NAME,
     ROOT,
     SERVED_ADAPTERS,
@@ -53,7 +54,7 @@ def admin(fleet: Fleet) -> httpx.Client:
 
 
 def api(fleet: Fleet) -> openai.OpenAI:
-    return openai.OpenAI(base_url=fleet.lorag.api, api_key=USER_KEY, max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=fleet.lorag.api, api_key=USER_KEY, max_retries=0, timeout=ANSWER_TIMEOUT_S)
 
 
 def held_by(fleet: Fleet) -> list[set[str]]:
@@ -160,7 +161,7 @@ def test_kill_9_under_load_loses_no_unstarted_request_and_the_server_comes_back_
             return model, text, streamed, f"{type(err).__name__}: {err}"
 
     async def load() -> list[tuple[str, str, bool, str | None]]:
-        aclient = openai.AsyncOpenAI(base_url=fleet.lorag.api, api_key=USER_KEY, max_retries=0, timeout=120)
+        aclient = openai.AsyncOpenAI(base_url=fleet.lorag.api, api_key=USER_KEY, max_retries=0, timeout=ANSWER_TIMEOUT_S)
         tasks = [asyncio.create_task(one(aclient, models[i % len(models)], stream=i % 2 == 0)) for i in range(48)]
         await asyncio.sleep(0.3)
         victim.kill()

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import MAX_LORAS, SERVED_ADAPTERS, USER_KEY, Server
+from tests.conftest import ANSWER_TIMEOUT_S, MAX_LORAS, SERVED_ADAPTERS, USER_KEY, Server
 
 BASE = "tiny-base"
 MODELS_UNDER_TEST = (BASE, *SERVED_ADAPTERS)
@@ -160,7 +160,8 @@ def test_client_disconnect_aborts_the_engine_request(server: Server) -> None:
     headers = {"authorization": f"Bearer {USER_KEY}", "x-request-id": "disconnect-probe"}
     body = {"model": "gamma", "messages": MESSAGES, "max_tokens": 400, "temperature": 0, "stream": True,
             "ignore_eos": True}
-    with httpx.stream("POST", f"{server.api}/chat/completions", json=body, headers=headers, timeout=60) as response:
+    with httpx.stream("POST", f"{server.api}/chat/completions", json=body, headers=headers,
+                      timeout=ANSWER_TIMEOUT_S) as response:
         for line in response.iter_lines():
             if line.startswith("data: {"):
                 break  # one chunk, then hang up
