@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -204,3 +205,31 @@ def test_demo_serves_and_prints_every_sample(first_setup: Setup) -> None:
         line = next(line for line in routed.splitlines() if question in line)
         assert f"-> {domain}" in line, line
     assert "tiny" in out and "`lorag demo` without --tiny imports SmolLM2-135M-Instruct" in out
+
+
+def test_ctrl_c_during_the_samples_stops_cleanly(first_setup: Setup) -> None:
+    """Ctrl-C while the samples print stops the server under them: that is the user's stop, not a
+    failure of the samples. Started as a shell starts a background job (SIGINT ignored until the
+    server takes it), where it used to end in "Error: the samples failed: Connection refused"."""
+    demo = subprocess.Popen([sys.executable, "-m", "lorag.cli", "demo", "--tiny", "--state-dir", str(first_setup.state),
+                             "--port", str(free_port())], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=ENV, preexec_fn=ignore_sigint)
+    try:
+        assert demo.stdout is not None
+        seen = ""
+        for line in demo.stdout:
+            seen += line
+            if line.startswith("== 1."):
+                break  # the samples have begun
+        demo.send_signal(signal.SIGINT)
+        out, err = demo.communicate(timeout=300)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    assert "== 1." in seen, seen + err[-2000:]
+    assert demo.returncode == 0, (out, err[-2000:])
+    assert "samples failed" not in out + err and "Traceback" not in err, (out, err[-2000:])
+
+
+def ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -65,6 +65,8 @@ def demo(state_dir: str, port: int, tiny: bool, setup_only: bool, exit_after_sam
                 from lorag.demo.samples_real import print_samples
             print_samples(url, Path(shown(config)))
         except Exception as err:  # reported after the server stops, as the command's error
+            if server.should_exit:  # Ctrl-C stopped the server under the samples: not their failure
+                return
             failed.append(err)
             server.should_exit = True
         finally:
