@@ -302,6 +302,7 @@ def test_eval_ranks_strategies_the_way_the_data_demands(models: Models, tmp_path
         assert all(r["error"] is None for r in results["items"])
         events = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
         assert sum(1 for e in events if e.get("event") == "eval.strategy") == 6
+        assert "answers (100%)" in stderr  # progress where no terminal shows the bar
         header = ["subset", "strategy", "n", "EM", "F1"] if name == "mix" else ["strategy", "n", "EM", "F1"]
         assert any(line.split()[:len(header)] == header for line in stdout.splitlines())
         assert results["recommendation"] in stdout

@@ -504,3 +504,19 @@ def test_errors_every_item_would_hit_stop_the_run() -> None:
     assert _systemic(LoragError("max_tokens is 256, above the domain's limit of 64.", param="max_tokens"))
     assert not _systemic(ContextTooLong("prompt too long", param="max_tokens"))
     assert not _systemic(LoragError("blocked by a plugin"))
+
+
+def test_eval_progress_off_a_terminal_is_a_line_per_tenth() -> None:
+    """A CI log gets a line at every tenth of the run (tqdm's bar is silent there)."""
+    import io
+    from types import SimpleNamespace
+
+    from lorag.evaluation.cli import _progress
+
+    log = io.StringIO()
+    with _progress(37, file=log) as step:
+        for i in range(37):
+            step(SimpleNamespace(strategy="rag" if i > 20 else "base"))
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 10 and lines[0].startswith("eval: 4/37 answers (10%), now base, ")
+    assert lines[-1].startswith("eval: 37/37 answers (100%), now rag, ")

@@ -6,9 +6,11 @@ before the engine starts: a typo must not cost a minute of model loading.
 
 from __future__ import annotations
 
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import click
 
@@ -75,22 +77,39 @@ def eval_command(data: Path, domain: str | None, strategies: str, out_dir: Path 
 
 
 class _progress:
-    """A tqdm bar over every (strategy, item) request on a terminal; silent otherwise."""
+    """A tqdm bar over every (strategy, item) request on a terminal. Off one (a CI log, a file)
+    the bar is silent and the engine's logs are quiet, so a plain line at every tenth of the way
+    shows that a run of many minutes is alive."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, file: TextIO | None = None) -> None:
         self.total = total
+        self.file = file or sys.stderr
         self.bar: Any = None
 
-    def __enter__(self) -> Any:
-        from tqdm import tqdm
+    def __enter__(self) -> Callable[[Any], None]:
+        if self.file.isatty():
+            from tqdm import tqdm
 
-        self.bar = tqdm(total=self.total, desc="eval", unit="q", disable=None, dynamic_ncols=True)
+            self.bar = tqdm(total=self.total, desc="eval", unit="q", dynamic_ncols=True, file=self.file)
 
-        def step(result: Any) -> None:
-            self.bar.set_postfix(strategy=result.strategy, refresh=False)
-            self.bar.update(1)
+            def step(result: Any) -> None:
+                self.bar.set_postfix(strategy=result.strategy, refresh=False)
+                self.bar.update(1)
 
-        return step
+            return step
+        started, done, shown = time.monotonic(), 0, 0
+
+        def plain(result: Any) -> None:
+            nonlocal done, shown
+            done += 1
+            tenth = done * 10 // max(1, self.total)
+            if tenth > shown:
+                shown = tenth
+                print(f"eval: {done}/{self.total} answers ({done * 100 // max(1, self.total)}%), "
+                      f"now {result.strategy}, {time.monotonic() - started:.0f} s", file=self.file, flush=True)
+
+        return plain
 
     def __exit__(self, *exc: object) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
