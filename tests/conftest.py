@@ -107,6 +107,12 @@ class Server:
                     events.append(json.loads(line))
         return events
 
+    def completion_tokens(self, request_id: str) -> int | None:
+        """The tokens the request's `generate` event counted (None until it is logged)."""
+        counted = [e["completion_tokens"] for e in self.log_events()
+                   if e.get("event") == "generate" and e.get("request_id") == request_id]
+        return counted[-1] if counted else None
+
     def stop(self) -> int:
         return stop_process(self.process)
 
