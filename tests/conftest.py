@@ -39,6 +39,13 @@ BASE_NAME = "tiny-base"
 SERVED_ADAPTERS = ("alpha", "beta", "gamma", "delta")
 TEST_BACKEND_ENV = "LORAG_TEST_BACKEND"  # "remote": the session server fronts a fleet of vLLM servers
 
+# Every vLLM CPU engine the tests start (and the subprocesses they start) floats over the cores.
+# vLLM's default binds each engine's model worker to the same first core of the host: beside a
+# second heavy engine there (a `lorag eval` on this machine), a starting vLLM server took > 600 s
+# to answer /health against 43 s unbound, and the fleet tests timed out. The tests check answers,
+# not speed; a dedicated server keeps vLLM's binding (docs/scale.md).
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+
 
 # Code that starts a vLLM engine: a `lorag serve` process, the demo, the in-process engine.
 ENGINE_STARTS = re.compile(r"start_server\(|start_fleet\(|lorag_demo\(|\[\"serve\"|LocalPipeline\(|\bEngine\(settings")

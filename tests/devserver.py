@@ -7,6 +7,9 @@ that never comes up must not hang a test run or a benchmark).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -20,6 +23,7 @@ def wait_until_up(process: subprocess.Popen, url: str, log: Path, *, probe: str 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
+            kill_tree(process)  # what it started may live on
             raise RuntimeError(f"server exited with {process.returncode}:\n{_tail(log)}")
         try:
             if httpx.get(f"{url}{probe}", timeout=2).status_code == 200:
@@ -27,8 +31,7 @@ def wait_until_up(process: subprocess.Popen, url: str, log: Path, *, probe: str 
         except httpx.HTTPError:
             pass
         time.sleep(poll_s)
-    process.kill()
-    process.wait()
+    kill_tree(process)
     raise RuntimeError(f"server did not answer {probe} within {timeout_s:.0f} s:\n{_tail(log)}")
 
 
@@ -42,6 +45,19 @@ def stop_process(process: subprocess.Popen, timeout_s: float = 60) -> int:
             process.kill()
             process.wait()
     return int(process.returncode)
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL a server and, where it leads a session of its own (`start_new_session`), all it started.
+
+    vLLM's engine core outlives its killed API server: one left starting up after a timed-out
+    restart took a core from every later test.
+    """
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    if process.poll() is None:
+        process.kill()
+    process.wait()
 
 
 def _tail(log: Path, chars: int = 4000) -> str:

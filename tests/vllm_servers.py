@@ -3,15 +3,13 @@ runtime adapter loading allowed (what docs/scale.md asks of a production server)
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.devserver import stop_process, wait_until_up
+from tests.devserver import kill_tree, stop_process, wait_until_up
 
 
 @dataclass
@@ -25,10 +23,7 @@ class VllmServer:
 
     def kill(self) -> None:
         """kill -9: no goodbye, as a crashed or preempted replica."""
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        _kill_children(self.process.pid)
+        kill_tree(self.process)
 
     def restart(self, timeout_s: float = 300) -> None:
         """The same server again, on the same port, with nothing loaded (as after a crash)."""
@@ -39,7 +34,7 @@ class VllmServer:
 
     def stop(self) -> None:
         stop_process(self.process)
-        _kill_children(self.process.pid)
+        kill_tree(self.process)  # the engine core, should it outlive its API server
 
 
 def vllm_server_args(model: Path, served_name: str, port: int, max_loras: int, max_lora_rank: int,
@@ -75,9 +70,3 @@ def start_vllm_servers(model: Path, served_name: str, workdir: Path, ports: list
             server.stop()
         raise
     return servers
-
-
-def _kill_children(pid: int) -> None:
-    """vLLM's engine core runs in a child process of its own session: take the whole group down."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
