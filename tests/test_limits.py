@@ -118,14 +118,22 @@ def test_concurrency_is_limited_per_key_and_slots_come_back(http: httpx.Client, 
 
 
 def test_token_rate_is_limited_per_key_with_retry_after(http: httpx.Client) -> None:
-    """Each request costs prompt + max_tokens; the bucket holds BURST and refills RATE a second."""
-    body = chat(max_tokens=400)
+    """Each request costs prompt + max_tokens; the bucket holds BURST and refills RATE a second.
+
+    The cost is in a long prompt, not in the answer: 400 generated tokens outran the module's
+    TIMEOUT_S on a loaded machine (two 504s where two 200s were due), and a short answer keeps
+    the refill during the first two requests well below what the third one lacks.
+    """
+    max_tokens = 8
+    body = chat(max_tokens=max_tokens)
+    body["messages"] = [{"role": "user", "content": " ".join(["notice"] * 210)}]
     answers = [http.post("/v1/chat/completions", json=body, headers=auth(TOKENS_KEY)) for _ in range(3)]
     assert [a.status_code for a in answers[:2]] == [200, 200], answers[1].text
+    cost = answers[0].json()["usage"]["prompt_tokens"] + max_tokens
+    assert 2 * cost <= BURST < 3 * cost - 20 * RATE  # two fit; the third lacks more than 20 s of refill
     error = assert_openai_error(answers[2], 429, "rate_limit_exceeded")
     assert error["type"] == "tokens" and "tokens_per_s_per_key" in error["message"]
-    usage = answers[0].json()["usage"]
-    deficit = (usage["prompt_tokens"] + 400) * 3 - BURST  # what the third one lacks, minus refill meanwhile
+    deficit = 3 * cost - BURST  # what the third one lacks, minus refill meanwhile
     assert 1 <= int(answers[2].headers["retry-after"]) <= deficit / RATE + 1
     # Another key has its own bucket.
     assert http.post("/v1/chat/completions", json=body, headers=auth(OTHER_KEY)).status_code == 200
