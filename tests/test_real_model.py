@@ -21,7 +21,10 @@ import pytest
 from tests.conftest import MODELS, Server, free_port
 from tests.devserver import wait_until_up
 
-pytestmark = [pytest.mark.slow, pytest.mark.engine]
+# The set-up trains two adapters: ~7 min on a quiet 2-core machine, over 15 min beside a busy `lorag eval`
+# (it outran the suite's 900 s limit there). These limits catch hangs, not slowness.
+SETUP_TIMEOUT_S = 3000
+pytestmark = [pytest.mark.slow, pytest.mark.engine, pytest.mark.timeout(SETUP_TIMEOUT_S + 600)]
 
 STATE = MODELS / "real-demo"
 BASE = "smollm2-135m-instruct"
@@ -31,7 +34,7 @@ PROMPTS = ("What is the capital of France?", "Give me one tip for writing a clea
 GREEDY_TOKENS = 24
 
 
-def lorag(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess[str]:
+def lorag(*args: str, timeout: float = SETUP_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "lorag.cli", *args], capture_output=True, text=True,
                           env=ENV, timeout=timeout)
 
