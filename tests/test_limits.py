@@ -154,7 +154,9 @@ def test_generation_timeout_stops_the_engine_request(http: httpx.Client, limited
         assert events[-1] == "[DONE]" and "generation_timeout" in events[-2], events[-2:]
     else:
         assert_openai_error(response, 504, "generation_timeout")
-    assert TIMEOUT_S <= elapsed < TIMEOUT_S + 5, elapsed
+    # The engine stopping short (below) proves the abort; the bound only catches a deadline
+    # that is far off, with room for a busy machine's late reply.
+    assert TIMEOUT_S <= elapsed < TIMEOUT_S + 30, elapsed
     time.sleep(1)
     generated = [e for e in limited.log_events() if e.get("request_id") == request_id and e.get("event") == "generate"]
     assert generated and generated[0]["completion_tokens"] < 4 * 16 * 480, generated
