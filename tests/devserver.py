@@ -12,9 +12,20 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+
+
+def wait_for(condition: Callable[[], object], timeout_s: float = 180, what: str = "", poll_s: float = 0.5) -> None:
+    """Poll `condition` until it is true; a test waits on the state it needs, not on a fixed sleep."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def wait_until_up(process: subprocess.Popen, url: str, log: Path, *, probe: str = "/ready",

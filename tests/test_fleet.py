@@ -32,6 +32,7 @@ from tests.conftest import (
     Models,
     start_fleet,
 )
+from tests.devserver import wait_for
 
 MESSAGES = [{"role": "user", "content": "What does the contract say about notice?"}]
 TOKENS = 16
@@ -66,15 +67,6 @@ def held_by(fleet: Fleet) -> list[set[str]]:
 def fleet_status(fleet: Fleet) -> dict[str, dict[str, Any]]:
     with admin(fleet) as http:
         return {s["name"]: s for s in http.get("/admin/fleet").json()["servers"]}
-
-
-def wait_for(condition: Any, timeout_s: float = 180, what: str = "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def greedy(client: openai.OpenAI, model: str) -> str:
