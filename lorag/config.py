@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from lorag.fleet.settings import FleetServer, FleetSettings, check_servers
 from lorag.knowledge.settings import KnowledgeSettings
+from lorag.lanes import LaneSettings
 from lorag.plugins.settings import PluginsSettings
 from lorag.schema import Strict
 from lorag.serving.settings import DomainSettings, RoutingSettings, check_domain_names
@@ -169,6 +170,7 @@ class Settings(Strict):
     plugins: PluginsSettings = Field(default_factory=PluginsSettings)
     domains: dict[str, DomainSettings] = Field(default_factory=dict)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    threads: LaneSettings = Field(default_factory=LaneSettings)
 
     @model_validator(mode="after")
     def _imported_model_by_name(self) -> Settings:

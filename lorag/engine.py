@@ -20,19 +20,20 @@ Why a wrapper at all:
   go without an adapter, as in raw vLLM; the adapter that would be one too many
   first waits for those requests to finish, and from then on base requests use
   the null adapter. "on" uses the null adapter from the start.
-- Hot swap. An adapter version in use by running requests is only removed from
-  the engine (and its files deleted) after the last of them finishes.
+- Hot swap. An adapter version that requests hold (from resolve to their last token,
+  lorag.adapters.leases) is only removed from the engine, and its files deleted, after
+  the last of them gives it back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lorag.adapters.leases import AdapterLeases, Lease
 from lorag.adapters.registry import AdapterVersion
 from lorag.config import Settings
 from lorag.errors import EngineUnavailable
@@ -161,12 +162,6 @@ def _first_projection(root: Path, safe_open: Any) -> tuple[str, tuple[int, int]]
     raise RuntimeError(f"No attention projection found in {root}; set engine.base_via_null_adapter = 'off'.")
 
 
-@dataclass
-class _Lease:
-    count: int = 0
-    retired: bool = False
-
-
 class Engine:
     """One vLLM AsyncLLM serving the base model and every registered adapter."""
 
@@ -174,9 +169,9 @@ class Engine:
         self.settings = settings
         self.llm: Any = None
         self.null_request: LoRARequest | None = None
-        self._leases: dict[int, _Lease] = {}
-        self._retire_callbacks: dict[int, Any] = {}
+        self.leases = AdapterLeases(self._release)
         self._loaded: set[int] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # unloads under way (a task needs a kept reference)
         # Base requests without the null adapter while the last LoRA slot is provably empty (see above).
         self._raw_base = False
         self._raw_capacity = 0
@@ -267,30 +262,28 @@ class Engine:
             await asyncio.sleep(0.005)
         self._engine_lora_ids.add(lora_int_id)
 
-    def retire_adapter(self, adapter: AdapterVersion, on_released: Any = None) -> None:
-        """Unload once no running request uses it; `on_released()` then runs (e.g. delete files)."""
-        lease = self._leases.setdefault(adapter.lora_int_id, _Lease())
-        lease.retired = True
-        if on_released is not None:
-            self._retire_callbacks[adapter.lora_int_id] = on_released
-        if lease.count == 0:
-            self._release(adapter.lora_int_id)
+    def hold(self, adapter: AdapterVersion | None) -> Lease:
+        """A request's lease on its adapter version, from resolve to its last token (lorag.adapters.leases)."""
+        return self.leases.hold(adapter)
 
-    def _release(self, lora_int_id: int) -> None:
-        self._leases.pop(lora_int_id, None)
-        callback = self._retire_callbacks.pop(lora_int_id, None)
+    def retire_adapter(self, adapter: AdapterVersion, on_released: Callable[[], Any] | None = None) -> None:
+        """Unload once no request holds it; `on_released()` then runs in a thread (e.g. delete files)."""
+        self.leases.retire(adapter, on_released)
 
+    def _release(self, adapter: AdapterVersion, on_released: Callable[[], Any] | None) -> None:
         async def unload() -> None:
             try:
                 if self.llm is not None and not self.llm.errored:
-                    await self.llm.remove_lora(lora_int_id)
+                    await self.llm.remove_lora(adapter.lora_int_id)
             finally:
-                self._loaded.discard(lora_int_id)
-                if callback is not None:
-                    callback()
-                log.info("adapter_unloaded", lora_int_id=lora_int_id)
+                self._loaded.discard(adapter.lora_int_id)
+                if on_released is not None:
+                    await asyncio.to_thread(on_released)  # rmtree: not on the event loop
+                log.info("adapter_unloaded", adapter=adapter.ref, lora_int_id=adapter.lora_int_id)
 
-        asyncio.get_running_loop().create_task(unload())
+        task = asyncio.get_running_loop().create_task(unload())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- generation --------------------------------------------------------------
 
@@ -306,40 +299,33 @@ class Engine:
 
         if not self.alive:
             raise EngineUnavailable("The engine is not running; retry later.")
-        lease_id = adapter.lora_int_id if adapter else None
-        if lease_id is not None:
-            self._leases.setdefault(lease_id, _Lease()).count += 1
         finished = False
         raw = False
-        try:
-            if adapter is not None:
-                await self._admit(adapter.lora_int_id)
-            raw = adapter is None and self._raw_base
-            if raw:
-                self._raw_in_flight += 1
-            stream = self.llm.generate(
-                {"prompt_token_ids": prompt_token_ids},
-                params,
-                request_id,
-                lora_request=None if raw else self.lora_request(adapter),
-            )
-            async for output in stream:
-                finished = output.finished
-                yield output
-        except EngineDeadError:
-            raise EngineUnavailable("The engine stopped while generating; retry later.") from None
-        finally:
+        with self.leases.hold(adapter):  # given back however this ends, an abort that raises included
             try:
-                if not finished and self.llm is not None and not self.llm.errored:
-                    await self.llm.abort(request_id)
-            finally:
+                if adapter is not None:
+                    await self._admit(adapter.lora_int_id)
+                raw = adapter is None and self._raw_base
                 if raw:
-                    self._raw_in_flight -= 1
-            if lease_id is not None:
-                lease = self._leases[lease_id]
-                lease.count -= 1
-                if lease.count == 0 and lease.retired:
-                    self._release(lease_id)
+                    self._raw_in_flight += 1
+                stream = self.llm.generate(
+                    {"prompt_token_ids": prompt_token_ids},
+                    params,
+                    request_id,
+                    lora_request=None if raw else self.lora_request(adapter),
+                )
+                async for output in stream:
+                    finished = output.finished
+                    yield output
+            except EngineDeadError:
+                raise EngineUnavailable("The engine stopped while generating; retry later.") from None
+            finally:
+                try:
+                    if not finished and self.llm is not None and not self.llm.errored:
+                        await self.llm.abort(request_id)
+                finally:
+                    if raw:
+                        self._raw_in_flight -= 1
 
 
 def _slug(text: str) -> str:

@@ -14,7 +14,7 @@ MAX_LINES = 400
 LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (1, ("lorag.config", "lorag.cli_options", "lorag.errors", "lorag.logging", "lorag.paths", "lorag.schema",
          "lorag.knowledge.settings", "lorag.plugins.settings", "lorag.serving.settings", "lorag.models.names",
-         "lorag.fleet.settings")),
+         "lorag.fleet.settings", "lorag.lanes")),
     (2, ("lorag.adapters", "lorag.knowledge", "lorag.models", "lorag.plugins")),
     (3, ("lorag.engine", "lorag.fleet")),
     (4, ("lorag.serving",)),

@@ -103,6 +103,17 @@ def test_import_error_is_recorded_and_only_its_domains_fail() -> None:
         [{"role": "user", "content": "[EMAIL_1]"}]
 
 
+def test_ctrl_c_during_a_plugin_import_is_not_swallowed(tmp_path: Path) -> None:
+    """A plugin that exits at import is broken; a Ctrl-C meanwhile is the user's, and stops the load."""
+    exits = tmp_path / "exits.py"
+    exits.write_text("raise SystemExit(3)\n")
+    assert make_host(modules={"exits": str(exits)}).records["exits"].status == "broken"
+    interrupted = tmp_path / "interrupted.py"
+    interrupted.write_text("raise KeyboardInterrupt\n")
+    with pytest.raises(KeyboardInterrupt):
+        make_host(modules={"interrupted": str(interrupted)})
+
+
 def test_unknown_plugin_name_in_a_domain() -> None:
     host = make_host(domains={"d": {"enabled": ["pii", "not-installed"]}})
     with pytest.raises(PluginUnavailable, match="plugin 'not-installed' is not installed"):

@@ -18,12 +18,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jsonschema
 import openai
 import pytest
 
 from lorag.plugins.manager import LOAD_ENV
-from tests.conftest import USER_KEY, Models, Server, start_server
+from tests.background import Background
+from tests.conftest import ADMIN_KEY, USER_KEY, Models, Server, start_server
+from tests.devserver import wait_for
 from tests.plugins.host import HERE, ROOT, install_example_plugin
 
 pytestmark = pytest.mark.engine
@@ -41,14 +44,14 @@ MESSAGES = [{"role": "user", "content": "What does the contract say about notice
 
 # domain (an adapter name clients ask for) -> the adapter it serves
 DOMAINS = {"pii": "alpha", "restore": "beta", "blocked": "gamma", "legal": "delta", "crashy": "swap1",
-           "broken": "swap2", "slow": "alpha", "strict": "beta"}
+           "broken": "swap2", "slow": "alpha", "strict": "beta", "gated": "gamma"}
 
 
-def plugin_config(models: Models) -> str:
+def plugin_config(models: Models, gate: Path) -> str:
     preload = "".join(f'[adapters.preload.{name}]\npath = "{models.adapters[adapter]}"\n'
                       for name, adapter in DOMAINS.items())
     modules = ", ".join(f'{name} = "{HERE / (name + ".py")}"'
-                        for name in ("forced", "crashing", "slow", "retry_once"))
+                        for name in ("forced", "crashing", "slow", "retry_once", "file_gate"))
     return f"""
 {preload}
 [plugins]
@@ -91,18 +94,29 @@ enabled = ["slow"]
 
 [plugins.domains.strict]
 enabled = ["json_schema"]
+
+[plugins.domains.gated]
+enabled = ["file_gate"]
+hook_timeout_s = 600
+settings.file_gate.dir = "{gate}"
 """
 
 
 @pytest.fixture(scope="module")
-def plugin_server(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def gate(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder of the file gate (tests/plugins/file_gate.py) of the "gated" domain."""
+    return tmp_path_factory.mktemp("gate")
+
+
+@pytest.fixture(scope="module")
+def plugin_server(models: Models, gate: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     site = install_example_plugin(tmp_path_factory.mktemp("site"))
     env = dict(os.environ)
     env.pop(LOAD_ENV, None)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site) if site else None, str(ROOT),
                                                        env.get("PYTHONPATH")]))
-    server = start_server(models, tmp_path_factory.mktemp("plugin-server"), extra_config=plugin_config(models),
-                          env=env)
+    server = start_server(models, tmp_path_factory.mktemp("plugin-server"),
+                          extra_config=plugin_config(models, gate), env=env)
     yield server
     server.stop()
 
@@ -251,3 +265,31 @@ def test_plugins_list_shows_the_servers_plugins(plugin_server: Server) -> None:
     rows = {row["name"]: row for row in json.loads(result.stdout)}
     assert rows["legal"]["domains"] == ["legal"] and rows["pii"]["domains"] == ["pii", "restore"]
     assert rows["broken"]["status"] == "broken"
+
+
+def test_an_adapter_version_removed_while_a_request_holds_it_never_kills_the_engine(
+        api: openai.OpenAI, plugin_server: Server, models: Models, gate: Path) -> None:
+    """vLLM loads a version's files when a request first needs it: the request holds the version
+    (files included) from resolve to its last token, so a remove meanwhile waits for it. On main
+    the files went at once, vLLM's worker raised FileNotFoundError and the engine core died."""
+    (gate / "open").touch()
+    before, _, extras = chat(api, "gated", max_tokens=16)
+    assert extras["adapter"] == "gated@v1"
+    (gate / "open").unlink()
+    (gate / "entered").unlink()
+    waiting = Background(lambda: chat(api, "gated", max_tokens=16))
+    wait_for(lambda: (gate / "entered").exists(), what="the request to reach its input hook")
+    v1 = plugin_server.state_dir / "adapters" / "gated" / "v1"
+    with httpx.Client(base_url=plugin_server.url, headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=120) as http:
+        added = http.post("/admin/adapters", json={"name": "gated", "path": str(models.adapters["swap1"]),
+                                                   "version": "v2"})
+        assert added.status_code == 201, added.text
+        assert http.delete("/admin/adapters/gated", params={"version": "v1"}).json() == {"removed": ["gated@v1"]}
+        assert (v1 / "adapter_config.json").exists()  # the waiting request still holds it
+        (gate / "open").touch()
+        text, _, extras = waiting.result()
+        assert (text, extras["adapter"]) == (before, "gated@v1")  # exactly its version, greedy
+        assert http.get("/health").status_code == 200
+    wait_for(lambda: not v1.exists(), what="v1's files to go once the request gave it back")
+    assert chat(api, "gated", max_tokens=16)[2]["adapter"] == "gated@v2"
+

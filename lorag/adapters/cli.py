@@ -104,7 +104,7 @@ def remove(target: AdapterBackend, ref: str) -> None:
         params = {"version": version} if version else {}
         removed = target.call("DELETE", f"/admin/adapters/{name}", params=params)["removed"]
     else:
-        removed = [e.ref for e in target.service().remove(name, version)]
+        removed = [e.ref for e in asyncio.run(target.service().remove(name, version))]
     click.echo("removed " + ", ".join(removed))
 
 

@@ -140,6 +140,8 @@ class AdapterRegistry:
             if named and version in named.versions:
                 raise ConflictError(f"Adapter {name}@{version} already exists; pick a new version.")
             target = self.root / name / version
+            if target.exists():  # a removed version of that name that requests still hold: keep its files
+                target = self.root / name / f"{version}.{self._next_id}"
             _copy_atomically(source, target)
             entry = AdapterVersion(
                 name=name,

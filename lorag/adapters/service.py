@@ -26,7 +26,8 @@ class AdapterLoader(Protocol):
 
     async def load_adapter(self, adapter: AdapterVersion) -> None: ...
 
-    def retire_adapter(self, adapter: AdapterVersion, on_released: Callable[[], Any] | None = None) -> None: ...
+    def retire_adapter(self, adapter: AdapterVersion, on_released: Callable[[], Any] | None = None) -> None:
+        """Unload once no request holds it, then call `on_released()` in a thread."""
 
 
 class AdapterService:
@@ -65,26 +66,37 @@ class AdapterService:
             try:
                 await self.engine.load_adapter(entry)
             except Exception as err:
-                self.registry.unregister(entry.name, entry.version)
-                self.registry.delete_files(entry)
+                await asyncio.to_thread(self._forget, entry)
                 from lorag.adapters.validate import AdapterInvalid
 
                 raise AdapterInvalid(f"The engine refused adapter {entry.ref}: {err}") from None
         if activate:
-            entry = self.registry.activate(entry.name, entry.version)
+            entry = await asyncio.to_thread(self.registry.activate, entry.name, entry.version)
         log.info("adapter_added", adapter=entry.ref, lora_int_id=entry.lora_int_id, rank=entry.rank)
         return entry
 
-    def remove(self, name: str, version: str | None = None) -> list[AdapterVersion]:
-        """Forget now; unload and delete files once running requests are done with it."""
-        removed = self.registry.unregister(name, version)
+    def _forget(self, entry: AdapterVersion) -> None:
+        self.registry.unregister(entry.name, entry.version)
+        self.registry.delete_files(entry)
+
+    async def remove(self, name: str, version: str | None = None,
+                     on_released: Callable[[AdapterVersion], Any] | None = None) -> list[AdapterVersion]:
+        """Forget now (the registry's file lock and fsync in a thread); unload and delete files once
+        no request holds the version any more (lorag.adapters.leases), then `on_released(version)`."""
+        removed = await asyncio.to_thread(self.registry.unregister, name, version)
         for entry in removed:
+            released = functools.partial(self._released, entry, on_released)
             if self.engine is not None:
-                self.engine.retire_adapter(entry, on_released=functools.partial(self.registry.delete_files, entry))
+                self.engine.retire_adapter(entry, on_released=released)
             else:
-                self.registry.delete_files(entry)
+                released()
             log.info("adapter_removed", adapter=entry.ref)
         return removed
+
+    def _released(self, entry: AdapterVersion, then: Callable[[AdapterVersion], Any] | None) -> None:
+        self.registry.delete_files(entry)
+        if then is not None:
+            then(entry)
 
     def list(self) -> list[dict[str, Any]]:
         current = {(e.name, e.version) for e in self.registry.current()}

@@ -222,7 +222,7 @@ class Evaluator:
             log.warning("eval.item_failed", strategy=strategy.name, item=item.name, error=err.message)
         else:
             result.prediction = choices[0].text if choices else ""
-            result.completion_tokens = sum(len(c.token_ids) for c in choices)
+            result.completion_tokens = job.completion_tokens
             result.prompt_tokens = job.prompt_tokens
             result.cited_sources = [hit.source for hit in job.citations]
             result.retrieve_ms = job.timings.get("retrieve_ms")

@@ -2,6 +2,8 @@
 
 Every failure is a ServerError saying whether the request may be retried elsewhere: a
 connection that could not be made, or a 5xx before any output, loses nothing by moving on.
+A pooled connection the server had already closed is not a failure: the request goes again on
+a new connection (`_send`).
 
 aiohttp rather than httpx: every token of every answer passes through here, and in a profile
 of lorag under load httpx's layered stream reading was the largest part of lorag's own CPU per
@@ -18,6 +20,9 @@ from typing import Any
 import aiohttp
 
 from lorag.fleet.settings import FleetServer
+from lorag.logging import get_logger
+
+log = get_logger("lorag.fleet")
 
 ERRORS = (aiohttp.ClientError, TimeoutError)
 
@@ -37,13 +42,15 @@ class ServerError(Exception):
 
 
 class ServerClient:
-    def __init__(self, server: FleetServer, connect_timeout_s: float) -> None:
+    def __init__(self, server: FleetServer, connect_timeout_s: float, keepalive_s: float = 4.0) -> None:
         self.server = server
         key = server.key()
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.base_url = server.url.rstrip("/")  # joined by hand: a path prefix (…/vllm) is kept
         self.connect_timeout_s = connect_timeout_s
+        self.keepalive_s = keepalive_s
         self._session: aiohttp.ClientSession | None = None
+        self._fresh: aiohttp.ClientSession | None = None
 
     @property
     def name(self) -> str:
@@ -51,23 +58,51 @@ class ServerClient:
 
     @property
     def session(self) -> aiohttp.ClientSession:
-        """Made on first use, inside the event loop that will use it (aiohttp binds to one loop)."""
+        """Made on first use, inside the event loop that will use it (aiohttp binds to one loop).
+        Idle connections are dropped after `keepalive_s`, before the server drops them."""
         if self._session is None or self._session.closed:
-            # No read timeout on streams (a long answer is not a failure); the engine's deadline bounds them.
-            timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s)
-            self._session = aiohttp.ClientSession(headers=self.headers, timeout=timeout,
-                                                  connector=aiohttp.TCPConnector(limit=0))
+            self._session = self._new_session(aiohttp.TCPConnector(limit=0, keepalive_timeout=self.keepalive_s))
         return self._session
 
+    @property
+    def fresh(self) -> aiohttp.ClientSession:
+        """A new connection for every request: the retry after a pooled one turned out closed."""
+        if self._fresh is None or self._fresh.closed:
+            self._fresh = self._new_session(aiohttp.TCPConnector(limit=0, force_close=True))
+        return self._fresh
+
+    def _new_session(self, connector: aiohttp.TCPConnector) -> aiohttp.ClientSession:
+        # No read timeout on streams (a long answer is not a failure); the engine's deadline bounds them.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s)
+        return aiohttp.ClientSession(headers=self.headers, timeout=timeout, connector=connector)
+
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for session in (self._session, self._fresh):
+            if session is not None:
+                await session.close()
+
+    async def _send(self, method: str, path: str, **kwargs: Any) -> aiohttp.ClientResponse:
+        """The response (its headers read) to one request.
+
+        A pooled keep-alive connection may have been closed by the server a moment before lorag
+        wrote to it (its idle timeout): the write fails or the server hangs up before any byte
+        of a response. That is the connection's fault, not the server's: the request is sent
+        once more, on a new connection, before anyone is told the server failed.
+        """
+        url = self.base_url + path
+        try:
+            return await self.session.request(method, url, **kwargs)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as err:
+            if isinstance(err, aiohttp.ClientConnectorError):  # no connection at all: the server is away
+                raise
+            log.info("stale_connection_retried", server=self.name, path=path, error=_describe(err))
+            return await self.fresh.request(method, url, **kwargs)
 
     async def _call(self, method: str, path: str, timeout: float, **kwargs: Any) -> Any:
         """The JSON of a short call (None for an empty body)."""
         try:
-            async with self.session.request(method, self.base_url + path, timeout=aiohttp.ClientTimeout(total=timeout),
-                                            **kwargs) as response:
+            async with await self._send(method, path, timeout=aiohttp.ClientTimeout(total=timeout),
+                                        **kwargs) as response:
                 text = await response.text()
         except ERRORS as err:
             raise ServerError(self.name, f"{method} {path}: {_describe(err)}") from None
@@ -101,7 +136,7 @@ class ServerClient:
         request; a stream read to its end returns the connection to the pool.
         """
         try:
-            async with self.session.post(f"{self.base_url}/v1/completions", json=body) as response:
+            async with await self._send("POST", "/v1/completions", json=body) as response:
                 if response.status >= 400:
                     raise ServerError(self.name, f"HTTP {response.status}: {_message(await response.text())}",
                                       response.status)

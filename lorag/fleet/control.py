@@ -20,6 +20,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
+from lorag.adapters.leases import AdapterLeases, Lease
 from lorag.errors import LoragError
 from lorag.fleet.client import ServerClient, ServerError
 from lorag.fleet.routing import Picker, ServerState
@@ -43,15 +44,17 @@ class FleetControl:
         self.settings = settings
         self.fleet = settings.engine.fleet
         slots = self.fleet.affinity_slots or settings.engine.max_loras
-        self.clients = {s.label: ServerClient(s, self.fleet.connect_timeout_s) for s in settings.engine.servers}
+        self.clients = {s.label: ServerClient(s, self.fleet.connect_timeout_s, self.fleet.keepalive_s) for s in settings.engine.servers}
         self.states = {s.label: ServerState(s.label, s.weight, hot_slots=slots) for s in settings.engine.servers}
         self.picker = Picker(self.fleet.routing, self.fleet.affinity_slack)
         self.desired: dict[str, str] = {}  # adapter name on the servers -> local path
         self.null_name: str | None = None  # base requests go through it where the engine needs it
-        self._leases: dict[tuple[str, str], int] = defaultdict(int)
-        self._retired: dict[str, Callable[[], Any] | None] = {}
+        self._leases: dict[tuple[str, str], int] = defaultdict(int)  # (server, adapter) -> requests there
+        self.holds = AdapterLeases(self._retired_unused)  # requests from resolve to last token, any server
+        self._retired: dict[str, Callable[[], Any] | None] = {}  # no longer held: unload, then call back
         self._locks = {name: asyncio.Lock() for name in self.states}
         self._tasks: list[asyncio.Task[None]] = []
+        self._unloads: set[asyncio.Task[None]] = set()  # fire-and-forget, but referenced until done
         self._opened = False
 
     # -- life cycle --------------------------------------------------------------------
@@ -150,10 +153,18 @@ class FleetControl:
             reasons = "; ".join(f"{s.name}: {s.refused.get(adapter.ref)}" for s in up)
             raise AdapterRefused(f"No model server could load {adapter.ref}: {reasons}")
 
+    def hold(self, adapter: AdapterVersion | None) -> Lease:
+        """A request's lease on its adapter version, from resolve to its last token: while any is
+        out, no server unloads the version (the request may still go to any of them)."""
+        return self.holds.hold(adapter)
+
     def retire_adapter(self, adapter: AdapterVersion, on_released: Callable[[], Any] | None = None) -> None:
-        """Forget it now; unload from each server once no request there uses it, then `on_released()`."""
+        """Route no new request to it; once no request holds it, unload it everywhere, then `on_released()`."""
         self.desired.pop(adapter.ref, None)
         self._assign_homes()
+        self.holds.retire(adapter, on_released)
+
+    def _retired_unused(self, adapter: AdapterVersion, on_released: Callable[[], Any] | None) -> None:
         self._retired[adapter.ref] = on_released
         self._release_unused(adapter.ref)
 
@@ -181,11 +192,16 @@ class FleetControl:
         for state in self.states.values():
             if name in state.loaded and not self._leases.get((state.name, name)):
                 state.loaded.discard(name)
-                asyncio.get_running_loop().create_task(self._unload(state, name))
+                self._background(self._unload(state, name))
         if not any(self._leases.get((s, name)) for s in self.states):
             callback = self._retired.pop(name)
             if callback is not None:
-                callback()
+                self._background(asyncio.to_thread(callback))  # rmtree: not on the event loop
+
+    def _background(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._unloads.add(task)
+        task.add_done_callback(self._unloads.discard)
 
     async def _unload(self, state: ServerState, name: str) -> None:
         try:
@@ -232,7 +248,8 @@ class FleetControl:
             for adapter, path in list(self.desired.items()):
                 if adapter not in held:
                     repairs += await self._load(state, adapter, path)
-            extra = [a for a in held if a not in self.desired and not self._leases.get((name, a))]
+            extra = [a for a in held if a not in self.desired and not self._leases.get((name, a))
+                     and not self.holds.holds(a)]
             for adapter in extra:
                 await self._unload(state, adapter)
             repairs += len(extra)

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from lorag.fleet.routing import ServerState
 
 log = get_logger("lorag.fleet")
+SERVER_POLL_S = 0.1  # how often a request waiting for a server looks again
 
 
 class BadRemoteRequest(LoragError):
@@ -68,53 +69,52 @@ class RemoteEngine(FleetControl):
     async def generate(self, prompt_token_ids: list[int], params: Any, request_id: str,
                        adapter: AdapterVersion | None) -> AsyncGenerator[RemoteOutput, None]:
         """Stream one request from one server; before any output, a failed server is replaced."""
-        if adapter is not None and adapter.ref not in self.desired:
+        if adapter is not None and adapter.ref not in self.desired and not self.holds.retired(adapter):
             await self.load_adapter(adapter)  # registered before this process started (chat, eval)
-        name = adapter.ref if adapter is not None else self.null_name
-        whole = getattr(getattr(params, "output_kind", None), "name", "") == "FINAL_ONLY"
-        tried: set[str] = set()
-        for _ in range(self.fleet.retries + 1):
-            state = self.picker.pick(list(self.states.values()), name, exclude=tried)
-            if state is None:
-                raise EngineUnavailable(self._why_none(name, tried))
-            tried.add(state.name)
-            sent = False
-            try:
-                async with self.lease(state, name):
-                    body = completion_body(name or state.base_id or self.settings.model.served_name,
-                                           prompt_token_ids, params, request_id, self.fleet.stream_interval)
-                    if whole:  # nothing reaches the pipeline before the end: any failure may be retried
-                        yield await self._collected(state, body)
+        with self.holds.hold(adapter):  # the request's own lease, for callers that took none
+            name = adapter.ref if adapter is not None else self.null_name
+            whole = getattr(getattr(params, "output_kind", None), "name", "") == "FINAL_ONLY"
+            tried: set[str] = set()
+            for _ in range(self.fleet.retries + 1):
+                state = await self._server_for(name, tried)
+                tried.add(state.name)
+                sent = False
+                try:
+                    async with self.lease(state, name):
+                        body = completion_body(name or state.base_id or self.settings.model.served_name,
+                                               prompt_token_ids, params, request_id, self.fleet.stream_interval)
+                        if whole:  # nothing reaches the pipeline before the end: any failure may be retried
+                            yield await self._collected(state, body)
+                            return
+                        # aclosing: when the client goes away, the upstream request is closed now (and
+                        # the server aborts it), not whenever the garbage collector finalizes the stream.
+                        # Output without text (a token that decodes to nothing yet) is held and sent
+                        # with the next text: until text has gone out, a failure can still move on.
+                        held: dict[int, RemoteCompletion] = {}
+                        async with aclosing(self.clients[state.name].stream_completion(body)) as chunks:
+                            async for chunk in chunks:
+                                for part in chunk_output(chunk).outputs:
+                                    held.setdefault(part.index, RemoteCompletion(part.index)).extend(part)
+                                if any(part.text or part.finished() for part in held.values()):
+                                    sent = True
+                                    yield RemoteOutput(list(held.values()))
+                                    held = {}
+                        if held:  # a stream that ended without a finish reason: nothing is dropped
+                            yield RemoteOutput(list(held.values()))
+                        self.mark_succeeded(state)
                         return
-                    # aclosing: when the client goes away, the upstream request is closed now (and
-                    # the server aborts it), not whenever the garbage collector finalizes the stream.
-                    # Output without text (a token that decodes to nothing yet) is held and sent
-                    # with the next text: until text has gone out, a failure can still move on.
-                    held: dict[int, RemoteCompletion] = {}
-                    async with aclosing(self.clients[state.name].stream_completion(body)) as chunks:
-                        async for chunk in chunks:
-                            for part in chunk_output(chunk).outputs:
-                                held.setdefault(part.index, RemoteCompletion(part.index)).extend(part)
-                            if any(part.text or part.finished() for part in held.values()):
-                                sent = True
-                                yield RemoteOutput(list(held.values()))
-                                held = {}
-                    if held:  # a stream that ended without a finish reason: nothing is dropped
-                        yield RemoteOutput(list(held.values()))
-                    self.mark_succeeded(state)
-                    return
-            except ServerError as err:
-                if err.status == 404 and not sent:  # it lost the adapter (a restart between health checks)
-                    self.mark_lost(state, name, str(err))
-                    continue
-                if not err.server_fault:
-                    raise BadRemoteRequest(f"The model server refused the request: {err}") from None
-                self.mark_failed(state, err)
-                if sent:
-                    raise EngineUnavailable(f"The model server stopped mid-answer ({state.name}); "
-                                            "the text so far is all there is. Retry the request.") from None
-                log.warning("remote_request_retried", server=state.name, error=str(err), request_id=request_id)
-        raise EngineUnavailable(self._why_none(name, tried))
+                except ServerError as err:
+                    if err.status == 404 and not sent:  # it lost the adapter (a restart between health checks)
+                        self.mark_lost(state, name, str(err))
+                        continue
+                    if not err.server_fault:
+                        raise BadRemoteRequest(f"The model server refused the request: {err}") from None
+                    self.mark_failed(state, err)
+                    if sent:
+                        raise EngineUnavailable(f"The model server stopped mid-answer ({state.name}); "
+                                                "the text so far is all there is. Retry the request.") from None
+                    log.warning("remote_request_retried", server=state.name, error=str(err), request_id=request_id)
+            raise EngineUnavailable(self._why_none(name, tried))
 
     async def _collected(self, state: ServerState, body: dict[str, Any]) -> RemoteOutput:
         """A whole answer (non-streamed requests), one completion per choice."""
@@ -125,6 +125,25 @@ class RemoteEngine(FleetControl):
                     choices.setdefault(part.index, RemoteCompletion(part.index)).extend(part)
         self.mark_succeeded(state)
         return RemoteOutput([choices[i] for i in sorted(choices)], finished=True)
+
+    async def _server_for(self, name: str | None, tried: set[str]) -> ServerState:
+        """The server for the next try. When none that holds the adapter is up now (all resting or
+        restarting) but an untried one may come back, wait up to `fleet.wait_for_server_s` (the
+        request's own deadline still applies) instead of failing at once."""
+        waited_from: float | None = None
+        loop = asyncio.get_running_loop()
+        while True:
+            state = self.picker.pick(list(self.states.values()), name, exclude=tried)
+            if state is not None:
+                if waited_from is not None:
+                    log.info("server_wait_over", server=state.name, waited_ms=round((loop.time() - waited_from) * 1000))
+                return state
+            if waited_from is None:
+                waited_from = loop.time()
+                log.warning("server_wait", adapter=name, tried=sorted(tried))
+            if not set(self.states) - tried or loop.time() - waited_from >= self.fleet.wait_for_server_s:
+                raise EngineUnavailable(self._why_none(name, tried))
+            await asyncio.sleep(SERVER_POLL_S)
 
     def _why_none(self, name: str | None, tried: set[str]) -> str:
         what = f"the adapter '{name}'" if name and name != self.null_name else "the base model"

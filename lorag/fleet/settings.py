@@ -71,6 +71,12 @@ class FleetSettings(Strict):
     # After a failure a server rests this long, doubling up to max_backoff_s while it keeps failing.
     backoff_s: float = Field(default=1.0, gt=0)
     max_backoff_s: float = Field(default=30.0, gt=0)
+    # A request that finds no server up for it (all resting or restarting) waits this long for one
+    # before a 503; the request's own generation deadline still applies.
+    wait_for_server_s: float = Field(default=30.0, ge=0)
+    # Idle connections to a server are closed after this long: below the server's own keep-alive
+    # (vLLM's is 5 s, VLLM_HTTP_TIMEOUT_KEEP_ALIVE), so lorag rarely writes to one the server closed.
+    keepalive_s: float = Field(default=4.0, gt=0)
 
 
 def check_servers(backend: str, servers: list[FleetServer]) -> None:

@@ -32,6 +32,7 @@ __all__ = [
 log = get_logger("lorag.plugins")
 
 DEFAULT_PLAN = "\0default"
+ROUTING_PLAN = "\0routing"
 
 
 class PluginHost:
@@ -49,7 +50,7 @@ class PluginHost:
             log.warning("settings_for_unknown_plugin", plugin=name, key=f"plugins.settings.{name}")
         for name, plan in self._plans.items():
             for plugin, problem in plan.problems:
-                log.warning("domain_plugin_unavailable", domain=None if name == DEFAULT_PLAN else name,
+                log.warning("domain_plugin_unavailable", domain={DEFAULT_PLAN: None, ROUTING_PLAN: "auto"}.get(name, name),
                             plugin=plugin, problem=problem)
 
     @classmethod
@@ -95,9 +96,19 @@ class PluginHost:
 
     # -- building plans ----------------------------------------------------------
 
+    def before_routing(self, request_id: str) -> RequestHooks:
+        """The hooks an `auto` question passes before it is routed (`plugins.before_routing`, with
+        their global settings). Fails closed: a listed plugin that cannot run refuses the request."""
+        plan = self._plans[ROUTING_PLAN]
+        if plan.problems:
+            plugin, problem = plan.problems[0]
+            raise PluginUnavailable(f"'auto' cannot route: its {problem} (plugins.before_routing).", plugin=plugin)
+        return RequestHooks(self.invoker, plan, request_id=request_id, domain="auto")
+
     def _all_plans(self) -> dict[str, DomainPlan]:
         plans = {name: self._plan(name, table.enabled) for name, table in self.settings.domains.items()}
         plans[DEFAULT_PLAN] = self._plan(None, self.settings.default)
+        plans[ROUTING_PLAN] = self._plan(None, self.settings.before_routing)
         return plans
 
     def _usable(self) -> set[str]:

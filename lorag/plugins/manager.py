@@ -203,7 +203,7 @@ def _register(loaded: LoadedPlugins, record: PluginRecord, importer: Callable[[]
     loaded.records[record.name] = record
     try:
         plugin = importer()
-    except BaseException as err:  # an import can raise anything, SystemExit included
+    except (Exception, SystemExit) as err:  # a plugin that exits at import is broken; Ctrl-C is the user's
         record.status, record.error = "broken", f"import failed: {describe(err)}"
         log.error("plugin_broken", plugin=record.name, error=record.error)
         return

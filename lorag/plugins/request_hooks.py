@@ -36,19 +36,21 @@ Contract:
   or failed to load gets PluginUnavailable (HTTP 503) from `for_request`; other
   domains are not affected. Deliberate errors (ContentBlocked, any LoragError a
   plugin raises, e.g. a bad response_format) pass through with their status.
-- Hooks before generation are synchronous; `arequest_received` and
-  `acontext_retrieved` run them off the event loop, so a slow third-party hook
-  delays only its own request.
+- Every hook has an async twin (`arequest_received`, ..., `afeed`, `afinish`,
+  `aoutput_complete`, `aformat`) that the serving core awaits: where a third-party
+  plugin implements the hook, the call runs in the hooks lane (lorag.lanes), so a slow
+  plugin delays only its own request, never another domain's stream; built-ins run inline.
 - Per-chunk cost: feed() is an append and a compare except every `hold_back/2`
   characters, when the enabled filters scan one window.
 """
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
+from lorag import lanes
 from lorag.errors import LoragError
 from lorag.logging import get_logger
 from lorag.plugins.errors import OutputRejected, PluginError
@@ -58,6 +60,8 @@ from lorag.plugins.tools import Tool
 from lorag.plugins.types import KnowledgeSearch, PluginContext, Replace, RequestState, Verdict
 
 log = get_logger("lorag.plugins")
+T = TypeVar("T")
+OUTPUT_HOOKS = ("output_chunk", "output_complete", "format_output")
 
 @dataclass
 class DomainPlan:
@@ -100,6 +104,11 @@ class RequestHooks:
     @property
     def holds_output(self) -> bool:
         return self._shared.hold_output
+
+    @property
+    def changes_output(self) -> bool:
+        """Whether output hooks may hold the model's text back or change it (else it passes as generated)."""
+        return self.holds_output or any(self._plan.hooks[hook] for hook in OUTPUT_HOOKS)
 
     def context(self, plugin: str) -> PluginContext:
         ctx = self._contexts.get(plugin)
@@ -146,22 +155,39 @@ class RequestHooks:
         """Only built-ins (bounded work) on this hook: a thread hop would cost more than the call."""
         return all(impl.builtin for impl in self._plan.hooks[hook])
 
+    async def _off_loop(self, hook: str, function: Callable[..., T], *args: Any) -> T:
+        """`function(*args)`, which runs `hook`'s implementations: in the hooks lane when a
+        third-party plugin implements it (its deadline is the invoker's), inline otherwise."""
+        if self._builtin_only(hook):
+            return function(*args)
+        return await lanes.HOOKS.run(function, *args)
+
     async def arequest_received(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """request_received off the event loop (a slow plugin then never stalls other requests)."""
-        if self._builtin_only("request_received"):
-            return self.request_received(messages)
-        return await asyncio.to_thread(self.request_received, messages)
+        return await self._off_loop("request_received", self.request_received, messages)
 
     async def acontext_retrieved(self, query: str, chunks: list[Any]) -> list[Any]:
-        if self._builtin_only("context_retrieved"):
-            return self.context_retrieved(query, chunks)
-        return await asyncio.to_thread(self.context_retrieved, query, chunks)
+        return await self._off_loop("context_retrieved", self.context_retrieved, query, chunks)
 
     async def asampling_params(self, params: dict[str, Any],
                                response_format: dict[str, Any] | None) -> dict[str, Any]:
-        if self._builtin_only("sampling_params"):
-            return self.sampling_params(params, response_format)
-        return await asyncio.to_thread(self.sampling_params, params, response_format)
+        return await self._off_loop("sampling_params", self.sampling_params, params, response_format)
+
+    async def afeed(self, stream: OutputStream, text: str) -> str:
+        """stream.feed(text): an append on the loop, the plugins' scan of a window off it."""
+        if not stream.would_scan(text):
+            return stream.feed(text)
+        return await self._off_loop("output_chunk", stream.feed, text)
+
+    async def afinish(self, stream: OutputStream) -> str:
+        return await self._off_loop("output_chunk", stream.finish)
+
+    async def aoutput_complete(self, text: str, index: int = 0) -> Verdict:
+        return await self._off_loop("output_complete", self.output_complete, text, index)
+
+    async def aformat(self, text: str, response: dict[str, Any], citations: list[Any],
+                      index: int = 0) -> tuple[str, dict[str, Any]]:
+        return await self._off_loop("format_output", self.format, text, response, citations, index)
 
     # -- during and after generation --------------------------------------------
 

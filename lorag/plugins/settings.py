@@ -4,6 +4,7 @@
     default = ["json_schema"]          # plugins of a domain without its own table
     hook_timeout_s = 2.0
     hold_back_chars = 128
+    before_routing = ["pii"]           # what an `auto` question passes before it is routed
 
     [plugins.settings.blocklist]       # a plugin's settings, for every domain
     terms = ["internal only"]
@@ -81,8 +82,13 @@ class PluginsSettings(BaseModel):
     hook_timeout_s: float = Field(default=2.0, gt=0, le=600)
     hold_back_chars: int = Field(default=128, ge=8, le=1 << 20)
     max_retries: int = Field(default=2, ge=0, le=10)
+    before_routing: list[str] = Field(
+        default_factory=lambda: ["pii"],
+        description="Plugins whose request_received hooks see a `model: \"auto\"` question before it is "
+                    "routed (its embedding, a Chroma query that may leave the machine); [] routes raw text.",
+    )
 
-    @field_validator("default")
+    @field_validator("default", "before_routing")
     @classmethod
     def _default_names(cls, value: list[str]) -> list[str]:
         return _check_names(value)

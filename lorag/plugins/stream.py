@@ -60,6 +60,10 @@ class OutputStream:
         self._done = 0  # raw text before this position has been turned into output
         self._next = self._step  # the next checkpoint
         self._out: list[str] = []
+        self._fed = 0  # raw characters fed so far (scanned or not)
+        # Edits applied, in raw positions: (start, end, length of the replacement). Token logprobs
+        # follow the text they belong to (lorag.serving.token_release) and skip replaced text.
+        self.replaced: list[tuple[int, int, int]] = []
 
     @property
     def text(self) -> str:
@@ -71,9 +75,22 @@ class OutputStream:
         """What feed() and finish() have returned so far."""
         return self.text if (self.finished or not self.held) else ""
 
+    @property
+    def released_raw(self) -> int:
+        """Raw characters whose output has been handed out by feed()/finish() (none while held)."""
+        if self.held and not self.finished:
+            return 0
+        return self._fed if self._scan is None else self._done
+
+    def would_scan(self, delta: str) -> bool:
+        """Whether feed(delta) calls the scanner (the plugins); otherwise it is an append."""
+        return (self._scan is not None and self.blocked is None and not self.finished
+                and self._raw_len + len(delta) >= self._next + self._hold)
+
     def feed(self, delta: str) -> str:
         if self.blocked is not None or self.finished or not delta:
             return ""
+        self._fed += len(delta)
         if self._scan is None:
             return self._release(delta)
         self._pending.append(delta)
@@ -145,6 +162,7 @@ class OutputStream:
             begin = max(edit.start, pos)
             pieces.append(window[pos:begin])
             pieces.append(edit.text)
+            self.replaced.append((window_start + begin, window_start + max(pos, edit.end), len(edit.text)))
             pos = max(pos, edit.end)
         pieces.append(window[pos:cut])
         self._done = window_start + cut

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lorag.adapters.registry import version_to_json
 from lorag.adapters.service import AdapterService
+from lorag.server import metrics
 from lorag.server.auth import Principal, require_admin
 
 router = APIRouter(prefix="/admin")
@@ -93,8 +94,10 @@ async def activate_adapter(
 
 @router.delete("/adapters/{name}")
 async def remove_adapter(
-    name: str, version: str | None = None, service: AdapterService = Depends(get_adapters),
+    name: str, request: Request, version: str | None = None, service: AdapterService = Depends(get_adapters),
     _: Principal = Depends(require_admin),
 ) -> dict[str, Any]:
-    removed = service.remove(name, version)
+    """Forget the version(s) now; each is unloaded, its files deleted and its metric series
+    dropped once the last request holding it has finished."""
+    removed = await service.remove(name, version, on_released=metrics.forget_adapter(request))
     return {"removed": [entry.ref for entry in removed]}

@@ -34,7 +34,10 @@ log = get_logger("lorag.server")
 class RequestContext:
     """Pure ASGI middleware: request id, body size limit, one log event per request.
 
-    Pure ASGI rather than BaseHTTPMiddleware: it must not buffer or slow down streams.
+    Pure ASGI rather than BaseHTTPMiddleware: it must not buffer or slow down streams. The body
+    limit holds without a Content-Length too (a chunked upload): bytes are counted as the app
+    reads them, and past the limit the client gets its 413 at once, nothing more is read, and
+    the app sees the client gone.
     """
 
     def __init__(self, app: Any, max_body: int, max_upload: int) -> None:
@@ -53,22 +56,39 @@ class RequestContext:
         length = headers.get(b"content-length")
         upload = headers.get(b"content-type", b"").startswith(b"multipart/form-data")
         limit = self.max_upload if upload else self.max_body
+        too_large = error_response(413, f"Request body is larger than {limit} bytes.",
+                                   "invalid_request_error", code="request_too_large")
         if length is not None and length.isdigit() and int(length) > limit:
-            response = error_response(413, f"Request body is larger than {limit} bytes.",
-                                      "invalid_request_error", code="request_too_large")
-            await response(scope, receive, send)
+            await too_large(scope, receive, send)
             return
         status = {"code": 0}
+        body = {"read": 0, "refused": False}
 
         async def send_wrapper(message: dict) -> None:
+            if body["refused"]:
+                return  # the 413 went out in the app's place
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
             await send(message)
 
+        async def counted_receive() -> dict:
+            if body["refused"]:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                body["read"] += len(message.get("body", b""))
+                if body["read"] > limit:
+                    body["refused"] = True
+                    if not status["code"]:
+                        status["code"] = 413
+                        await too_large(scope, receive, send)
+                    return {"type": "http.disconnect"}  # the app stops reading; the rest is never read
+            return message
+
         structlog.contextvars.bind_contextvars(request_id=request_id)
         started = time.perf_counter()
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, counted_receive, send_wrapper)
         finally:
             log.info("http_request", method=scope.get("method"), path=scope.get("path"), status=status["code"],
                      duration_ms=round((time.perf_counter() - started) * 1000, 2))
@@ -151,6 +171,11 @@ def create_app(settings: Settings, engine: ServingEngine | None = None) -> FastA
 
     app.add_middleware(RequestContext, max_body=settings.server.max_request_bytes,
                        max_upload=max(settings.knowledge.ingest.max_upload_bytes + (1 << 20), settings.server.max_request_bytes))
+    if settings.server.cors_origins:  # browsers on these origins may call the API (keys are still required)
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=settings.server.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["x-request-id", "retry-after"])
     return app
 
 

@@ -50,7 +50,14 @@ def principal_for(key: ApiKey) -> Principal:
         domains=frozenset(key.domains) if key.domains is not None else None,
         knowledge=key.knowledge,
         overrides=key.overrides,
+        key_id=key_id(key.sha256),
     )
+
+
+def key_id(sha256: str) -> str:
+    """A key's identity for limits and metrics: a prefix of its hash (the hash of a random
+    256-bit secret: it names the key without helping anyone guess it)."""
+    return "key-" + sha256.removeprefix("sha256:")[:12]
 
 
 def entry_for(key: ApiKey, revoked: bool = False) -> KeyEntry:

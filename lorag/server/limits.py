@@ -6,7 +6,9 @@ Several teams share one engine, so no key may take all of it. Two doors:
   tokenizing, retrieval or generation. Its slot is held until the response's
   last byte (FastAPI closes a yield dependency after the response, streams too).
 - `admit`, called once a job exists (its prompt is tokenized), charges the key's
-  token bucket with prompt + max_tokens and starts the generation deadline.
+  token bucket with prompt + max_tokens and starts the generation deadline; when the
+  answer is over, what retries and tool steps used beyond that is charged too.
+Keys are told apart by identity (Principal.key_id, from the key's hash), not by name.
 Refusals are 429s in OpenAI's shape (code `rate_limit_exceeded`) with `Retry-After`.
 """
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -70,12 +72,15 @@ class TokenBucket:
 
 
 class Limiter:
-    """The limits' state: per key name, requests in flight and a token bucket."""
+    """The limits' state: per key (its identity, Principal.key_id), requests in flight and a
+    token bucket. Keyed by identity, not display name: unnamed keys, or every `--api-key` key,
+    would otherwise share one bucket."""
 
     def __init__(self, settings: LimitsSettings) -> None:
         self.settings = settings
         self.in_flight: dict[str, int] = {}
         self.buckets: dict[str, TokenBucket] = {}
+        self.names: dict[str, str] = {}  # key id -> display name, for metrics
 
     def check_messages(self, body: Any) -> None:
         limit = self.settings.max_messages
@@ -119,6 +124,14 @@ class Limiter:
                               f"(prompt + max_tokens); {rate:g} tokens/s are allowed "
                               "(server.limits.tokens_per_s_per_key).", retry_after_s=wait_s, kind="tokens")
 
+    def settle(self, key: str, reserved: int, used: int) -> None:
+        """After the answer: what retries and tool steps used beyond the reservation is charged too
+        (the bucket may go into debt); an answer that used less is not refunded (max_tokens was held)."""
+        bucket = self.buckets.get(key)
+        if bucket is not None and used > reserved:
+            bucket.level -= used - reserved
+            log.info("tokens_settled", key=key, reserved=reserved, used=used)
+
     def deadline(self) -> float | None:
         timeout = self.settings.generation_timeout_s
         return time.monotonic() + timeout if timeout else None
@@ -138,13 +151,17 @@ async def admission(request: Request, principal: Principal = Depends(require_key
         except ValueError:
             body = None  # the body's own validation answers this one
         limiter.check_messages(body)
-    key = principal.name
+    key = principal.limit_key
+    limiter.names[key] = principal.name
     limiter.acquire(key)
     request.state.limit_key = key
     try:
         yield
     finally:
         release_slot(request)
+        job = getattr(request.state, "job", None)
+        if job is not None:  # a stream that never started gives its adapter lease back here
+            job.release()
 
 
 def release_slot(request: Request) -> None:
@@ -165,9 +182,11 @@ class Guard:
     stream, which aborts it) and the client gets a 504, or an error event in a stream.
     """
 
-    def __init__(self, deadline: float | None, timeout_s: float) -> None:
+    def __init__(self, deadline: float | None, timeout_s: float,
+                 settle: Callable[[], None] | None = None) -> None:
         self.deadline = deadline
         self.timeout_s = timeout_s
+        self.settle = settle or (lambda: None)  # runs once the answer is over, however it ended
 
     def _expired(self) -> GenerationTimeout:
         log.warning("generation_timeout", timeout_s=self.timeout_s)
@@ -175,20 +194,25 @@ class Guard:
                                  "(server.limits.generation_timeout_s) and was stopped.")
 
     async def run(self, work: Awaitable[T]) -> T:
-        if self.deadline is None:
-            return await work
         try:
+            if self.deadline is None:
+                return await work
             async with asyncio.timeout_at(_loop_time(self.deadline)):
                 return await work
         except TimeoutError:
             raise self._expired() from None
+        finally:
+            self.settle()
 
     async def stream(self, chunks: AsyncIterator[T]) -> AsyncIterator[T]:
         """The deadline applies to each wait for the next chunk, never across a `yield`
         (a timeout there would cancel whoever consumes this generator)."""
         if self.deadline is None:
-            async for chunk in chunks:
-                yield chunk
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            finally:
+                self.settle()
             return
         iterator = aiter(chunks)
         try:
@@ -205,15 +229,20 @@ class Guard:
             closer = getattr(iterator, "aclose", None)
             if closer is not None:
                 await closer()
+            self.settle()
 
 
 def admit(request: Request, job: Any) -> Guard:
     """Charge the key's token bucket for `job` (429 when empty) and start its deadline."""
     limiter: Limiter = request.app.state.limiter
     key = getattr(request.state, "limit_key", None) or "anonymous"
-    max_tokens = getattr(job.params, "max_tokens", None) or 0
-    limiter.charge(key, job.prompt_tokens + max_tokens * job.n * len(job.prompts))
-    return Guard(limiter.deadline(), limiter.settings.generation_timeout_s)
+    reserved = job.reserved_tokens()
+    limiter.charge(key, reserved)
+
+    def settle() -> None:
+        limiter.settle(key, reserved, job.prompt_tokens + job.completion_tokens)
+
+    return Guard(limiter.deadline(), limiter.settings.generation_timeout_s, settle)
 
 
 def _loop_time(deadline: float) -> float:

@@ -13,7 +13,7 @@ service is only read when something already opened it (a scrape never opens Chro
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -28,6 +28,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from lorag import lanes
 from lorag.errors import LoragError
 from lorag.fleet.control import fleet_status
 from lorag.logging import get_logger
@@ -57,9 +58,26 @@ class Metrics:
         self.tokens = Counter("lorag_tokens", "Prompt and completion tokens.", [*labels, "kind"],
                               registry=self.registry)
         self.registry.register(StateCollector(app))
+        self.gone: set[int] = set()  # lora_int_ids of removed versions (never reused): their series go
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def forget(self, adapter: Any) -> None:
+        """A removed adapter version was released: drop its series now, and again after any of its
+        requests that were still finishing records itself (Observation.finish)."""
+        self.gone.add(adapter.lora_int_id)
+        self.drop_adapter(adapter.ref)
+
+    def drop_adapter(self, ref: str) -> None:
+        for family in (self.requests, self.latency, self.stages, self.tokens):
+            family.remove_by_labels({"adapter": ref})
+
+
+def forget_adapter(request: Request) -> Callable[[Any], None]:
+    """What to run once a removed adapter version is released (admin_api): drop its series, so the
+    `adapter` label does not grow with every version that ever came and went."""
+    return request.app.state.metrics.forget
 
 
 def install(app: FastAPI) -> None:
@@ -93,7 +111,7 @@ class Observation:
 
     def done(self, choices: list[Any]) -> list[Any]:
         """A non-streamed answer that is about to be sent."""
-        self.finish("200", sum(len(choice.token_ids) for choice in choices))
+        self.finish("200", self.job.completion_tokens)  # every attempt and step, as usage says
         return choices
 
     async def stream(self, chunks: AsyncIterator[StreamChunk]) -> AsyncIterator[StreamChunk]:
@@ -120,6 +138,12 @@ class Observation:
         if self.finished:
             return
         self.finished = True
+        self._record(status, completion_tokens)
+        adapter = self.job.target.adapter
+        if adapter is not None and adapter.lora_int_id in self.metrics.gone:  # removed while this one finished
+            self.metrics.drop_adapter(adapter.ref)
+
+    def _record(self, status: str, completion_tokens: int | None) -> None:
         m, labels = self.metrics, self.labels
         m.requests.labels(**labels, status=status).inc()
         m.latency.labels(**labels).observe(time.perf_counter() - self.started)
@@ -129,8 +153,8 @@ class Observation:
         if status != "200" and "generate_ms" not in self.job.timings:
             return  # refused before generation (a 429, a timeout in the queue): no tokens were processed
         m.tokens.labels(**labels, kind="prompt").inc(self.job.prompt_tokens)
-        if completion_tokens is None:  # a stream without usage: the job's own count, when it keeps one
-            completion_tokens = getattr(self.job, "completion_tokens", None)
+        if completion_tokens is None:  # a stream without usage: the job's own count
+            completion_tokens = self.job.completion_tokens
         if completion_tokens:
             m.tokens.labels(**labels, kind="completion").inc(completion_tokens)
 
@@ -186,11 +210,20 @@ class StateCollector(Collector):
                 yield from fleet_metrics(servers)
         limiter = getattr(state, "limiter", None)
         if limiter is not None:
-            in_flight = GaugeMetricFamily("lorag_requests_in_flight", "API requests in flight, per key name.",
-                                          labels=["key"])
+            in_flight = GaugeMetricFamily("lorag_requests_in_flight", "API requests in flight, per key.",
+                                          labels=["key", "key_id"])
             for key, count in sorted(limiter.in_flight.copy().items()):  # copy: the event loop changes it
-                in_flight.add_metric([key], count)
+                in_flight.add_metric([limiter.names.get(key, key), key], count)
             yield in_flight
+        busy = GaugeMetricFamily("lorag_threads_busy", "Calls running in each lane of threads (lorag.lanes), "
+                                 "timed-out ones included until they return.", labels=["lane"])
+        queued = GaugeMetricFamily("lorag_threads_queued", "Calls waiting for a place in each lane.",
+                                   labels=["lane"])
+        for lane in lanes.ALL:
+            busy.add_metric([lane.name], lane.busy)
+            queued.add_metric([lane.name], lane.queued)
+        yield busy
+        yield queued
         link = getattr(state, "knowledge", None)  # a scrape never opens the store
         yield from self._knowledge(link.opened() if link is not None else None)
 

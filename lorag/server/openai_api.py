@@ -38,6 +38,7 @@ from lorag.serving.protocol import (
     TextCompletion,
     Usage,
 )
+from lorag.serving.token_release import token_text
 
 router = APIRouter()
 DISCONNECT_POLL_S = 0.5
@@ -101,8 +102,13 @@ async def completions(
 
 async def respond(request: Request, pipeline: Pipeline, job: Job, body: Any, streamer: Any, builder: Any) -> Any:
     """SSE when the client asked for a stream, one JSON response otherwise (the same text either way)."""
+    request.state.job = job  # admission gives its adapter lease back at the end, whatever happened
     seen = observe(request, job)  # metrics: status, stage timings, tokens
-    guard = admit(request, job)  # the key's token rate (429) and the generation deadline
+    try:
+        guard = admit(request, job)  # the key's token rate (429) and the generation deadline
+    except BaseException:
+        job.release()
+        raise
     if body.stream:
         chunks = seen.stream(guard.stream(streamer(pipeline, job, body)))
         return StreamingResponse(sse(chunks, on_end=lambda: release_slot(request)), media_type="text/event-stream",
@@ -158,18 +164,19 @@ async def sse(chunks: AsyncIterator[StreamChunk], on_end: Callable[[], None] | N
         on_end()
 
 
-def usage(job: Job, completion_tokens: int) -> Usage:
-    return Usage.of(job.prompt_tokens, completion_tokens)
+def usage(job: Job) -> Usage:
+    """Every token the engine read and wrote for the request: each retry and tool step included,
+    as OpenAI bills every attempt (the logprobs are only those of the text sent)."""
+    return Usage.of(job.prompt_tokens, job.completion_tokens)
 
 
-def stream_chunk(job: Job, body: Any, kind: ChunkKind, choices: list[Any],
-                 completion_tokens: int | None = None) -> StreamChunk:
-    """One chunk of a chat or text stream. The last one (`completion_tokens` given) carries
-    lorag's extras and the usage; every one has `usage: null` when the client asked for usage."""
+def stream_chunk(job: Job, body: Any, kind: ChunkKind, choices: list[Any], last: bool = False) -> StreamChunk:
+    """One chunk of a chat or text stream. The last one carries lorag's extras and the usage;
+    every one has `usage: null` when the client asked for usage."""
     extra: dict[str, Any] = {}
     if body.include_usage:
-        extra["usage"] = usage(job, completion_tokens) if completion_tokens is not None else None
-    if completion_tokens is not None:
+        extra["usage"] = usage(job) if last else None
+    if last:
         extra["lorag"] = lorag_extras(job)
     return StreamChunk(id=job.request_id, object=kind, created=job.created, model=body.model,
                        choices=choices, **extra)
@@ -194,24 +201,19 @@ def chat_logprobs(tokenizer: Any, token_ids: list[int], logprobs: list[dict[int,
     content = []
     for token_id, candidates in zip(token_ids, logprobs, strict=False):
         chosen = candidates.get(token_id)
-        text = _token_text(tokenizer, token_id, chosen)
+        text = token_text(tokenizer, token_id, chosen)
         ranked = sorted(candidates.items(), key=lambda kv: -kv[1].logprob)[:top_k]
         content.append({
             "token": text,
             "logprob": max(chosen.logprob, -9999.0) if chosen else -9999.0,
             "bytes": list(text.encode()),
             "top_logprobs": [
-                {"token": (t := _token_text(tokenizer, tid, lp)), "logprob": max(lp.logprob, -9999.0),
+                {"token": (t := token_text(tokenizer, tid, lp)), "logprob": max(lp.logprob, -9999.0),
                  "bytes": list(t.encode())}
                 for tid, lp in ranked
             ],
         })
     return {"content": content}
-
-
-def _token_text(tokenizer: Any, token_id: int, logprob: Any) -> str:
-    decoded = getattr(logprob, "decoded_token", None)
-    return decoded if decoded is not None else tokenizer.decode([token_id])
 
 
 def chat_response(job: Job, body: ChatCompletionRequest, choices: list[Choice], pipeline: Pipeline) -> ChatCompletion:
@@ -227,22 +229,20 @@ def chat_response(job: Job, body: ChatCompletionRequest, choices: list[Choice], 
         out.append(ChatChoice(index=choice.index, message=message, logprobs=logprobs,
                               finish_reason=choice.finish_reason or "stop"))
     return ChatCompletion(id=job.request_id, object="chat.completion", created=job.created, model=body.model,
-                          choices=out, usage=usage(job, sum(len(c.token_ids) for c in choices)),
+                          choices=out, usage=usage(job),
                           lorag=lorag_extras(job))
 
 
 async def stream_chat(pipeline: Pipeline, job: Job, body: ChatCompletionRequest) -> AsyncIterator[StreamChunk]:
     started: set[int] = set()
-    completion_tokens = 0
     async for delta in pipeline.generate(job):
-        completion_tokens += len(delta.token_ids)
         if delta.index not in started:
             started.add(delta.index)
             opening = ChatChunkChoice(index=delta.index, delta=ChatDelta(role="assistant", content=""),
                                       logprobs=None, finish_reason=None)
             yield stream_chunk(job, body, CHAT_CHUNK, [opening])
         yield stream_chunk(job, body, CHAT_CHUNK, [_chat_delta(pipeline, job, body, delta)])
-    yield stream_chunk(job, body, CHAT_CHUNK, [], completion_tokens)
+    yield stream_chunk(job, body, CHAT_CHUNK, [], last=True)
 
 
 def _chat_delta(pipeline: Pipeline, job: Job, body: ChatCompletionRequest, delta: Delta) -> ChatChunkChoice:
@@ -264,10 +264,10 @@ def completion_logprobs(tokenizer: Any, token_ids: list[int], logprobs: list[dic
     position = offset
     for token_id, candidates in zip(token_ids, logprobs, strict=False):
         chosen = candidates.get(token_id)
-        text = _token_text(tokenizer, token_id, chosen)
+        text = token_text(tokenizer, token_id, chosen)
         tokens.append(text)
         token_logprobs.append(chosen.logprob if chosen else None)
-        top.append({_token_text(tokenizer, tid, lp): lp.logprob for tid, lp in candidates.items()})
+        top.append({token_text(tokenizer, tid, lp): lp.logprob for tid, lp in candidates.items()})
         offsets.append(position)
         position += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
@@ -283,7 +283,7 @@ def completion_response(job: Job, body: CompletionRequest, choices: list[Choice]
         out.append(TextChoice(index=choice.index, text=prefix + choice.text, logprobs=logprobs,
                               finish_reason=choice.finish_reason or "stop"))
     return TextCompletion(id=job.request_id, object="text_completion", created=job.created, model=body.model,
-                          choices=out, usage=usage(job, sum(len(c.token_ids) for c in choices)),
+                          choices=out, usage=usage(job),
                           lorag=lorag_extras(job))
 
 
@@ -291,9 +291,7 @@ async def stream_completion(pipeline: Pipeline, job: Job, body: CompletionReques
     tokenizer = pipeline.engine.tokenizer
     echoed: set[int] = set()
     offsets: dict[int, int] = {}
-    completion_tokens = 0
     async for delta in pipeline.generate(job):
-        completion_tokens += len(delta.token_ids)
         text = delta.text
         if body.echo and delta.index not in echoed:
             echoed.add(delta.index)
@@ -304,4 +302,4 @@ async def stream_completion(pipeline: Pipeline, job: Job, body: CompletionReques
         offsets[delta.index] = offsets.get(delta.index, 0) + len(text)
         choice = TextChoice(index=delta.index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason)
         yield stream_chunk(job, body, TEXT_CHUNK, [choice])
-    yield stream_chunk(job, body, TEXT_CHUNK, [], completion_tokens)
+    yield stream_chunk(job, body, TEXT_CHUNK, [], last=True)

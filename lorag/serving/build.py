@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from lorag import lanes
+from lorag.adapters.leases import Lease
 from lorag.adapters.registry import AdapterRegistry, AdapterVersion
 from lorag.config import Settings
 from lorag.knowledge.link import KnowledgeLink
@@ -50,6 +52,8 @@ class ServingEngine(Protocol):
 
     def retire_adapter(self, adapter: AdapterVersion, on_released: Callable[[], Any] | None = None) -> None: ...
 
+    def hold(self, adapter: AdapterVersion | None) -> Lease: ...
+
     def generate(self, prompt_token_ids: list[int], params: Any, request_id: str,
                  adapter: AdapterVersion | None) -> AsyncGenerator[Any, None]: ...
 
@@ -71,5 +75,6 @@ def build_pipeline(settings: Settings, engine: TextEngine | None = None, *,
     given), the adapter registry, a host over the process's plugins and one knowledge link."""
     if engine is None:
         engine = build_engine(settings)
+    lanes.configure(settings.threads)
     return Pipeline(settings, engine, AdapterRegistry(settings.state_path),
                     plugins or PluginHost.from_settings(settings), knowledge or KnowledgeLink(settings))

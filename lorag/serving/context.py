@@ -3,10 +3,10 @@ handed to plugins and tools (PluginContext.search_knowledge) for the model to us
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
+from lorag import lanes
 from lorag.errors import LoragError, NotFoundError
 from lorag.logging import get_logger, stage
 from lorag.serving.jobs import Target, ms_since
@@ -57,10 +57,10 @@ class ContextRetriever:
         self.domains.check_kbs(principal, kbs)
         mark = time.perf_counter()
         try:
-            hits = await asyncio.wait_for(asyncio.to_thread(
+            hits = await lanes.KNOWLEDGE.run(
                 self.query, kbs, question, options.top_k or cfg.top_k, options.mode or cfg.mode,
                 options.filters if options.filters is not None else cfg.filters, cfg.score_threshold,
-            ), timeout=cfg.timeout_s)
+                timeout=cfg.timeout_s)
         except Exception as err:
             if isinstance(err, LoragError) and err.status_code < 500 and not isinstance(err, NotFoundError):
                 raise  # the request's own fault (a bad filter): the client should hear it

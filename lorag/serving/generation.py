@@ -18,6 +18,7 @@ from lorag.serving.prompt import FittedPrompt, build_messages, fit_prompt
 from lorag.serving.protocol import SamplingFields
 
 if TYPE_CHECKING:
+    from lorag.adapters.leases import Lease
     from lorag.adapters.registry import AdapterVersion
     from lorag.knowledge.retrieval import Hit
     from lorag.plugins.host import RequestHooks
@@ -31,12 +32,21 @@ class ContextTooLong(LoragError):
     code = "context_length_exceeded"
 
 
+class GenerationAborted(LoragError):
+    """The engine gave up on a request a client still waits for: not a normal end ("stop")."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "generation_aborted"
+
+
 class TextEngine(Protocol):
     """What the request path asks of an engine: its tokenizer, its window, and streamed outputs.
 
     `generate` yields vLLM `RequestOutput`s (or objects shaped like them: `.outputs`, each
     with index, text, token_ids, logprobs, finish_reason and finished()); closing the
-    iterator aborts the request.
+    iterator aborts the request. `hold` leases an adapter version (lorag.adapters.leases):
+    the engine keeps it loaded, and its files, until every lease is given back.
     """
 
     @property
@@ -47,6 +57,8 @@ class TextEngine(Protocol):
 
     def generate(self, prompt_token_ids: list[int], params: Any, request_id: str,
                  adapter: AdapterVersion | None) -> AsyncGenerator[Any, None]: ...
+
+    def hold(self, adapter: AdapterVersion | None) -> Lease: ...
 
 
 class Generator:
@@ -132,19 +144,24 @@ class Generator:
                      started: float) -> AsyncGenerator[Delta, None]:
         """The engine's output for one prompt as deltas (choice i*n + j), before any output hook."""
         engine_id = f"{job.request_id}-{prompt_index}-{uuid.uuid4().hex[:6]}"
+        counts["prompt_tokens"] = counts.get("prompt_tokens", 0) + len(prompt)  # every attempt and step is processed
         # aclosing: a client that goes away aborts the engine request now, not at garbage collection.
-        async with aclosing(self.engine.generate(prompt, job.params, engine_id, job.target.adapter)) as outputs:
+        params = job.params_for(prompt_index)
+        async with aclosing(self.engine.generate(prompt, params, engine_id, job.target.adapter)) as outputs:
             async for output in outputs:
                 for completion in output.outputs:
                     if "ttft_ms" not in job.timings and completion.token_ids:
                         job.timings["ttft_ms"] = ms_since(started)
                     counts["completion_tokens"] += len(completion.token_ids)
+                    if completion.finished() and completion.finish_reason == "abort":
+                        raise GenerationAborted("The engine aborted the request before it finished; "
+                                                "the answer is incomplete. Retry the request.")
                     yield Delta(
                         index=prompt_index * job.n + completion.index,
                         text=completion.text,
                         token_ids=list(completion.token_ids),
                         logprobs=completion.logprobs,
-                        finish_reason=_finish_reason(completion.finish_reason) if completion.finished() else None,
+                        finish_reason=(completion.finish_reason or "stop") if completion.finished() else None,
                     )
 
 
@@ -179,6 +196,3 @@ async def sampling_params(request: SamplingFields, max_tokens: int, logprobs: in
     except Exception as err:  # vLLM's own validation (VLLMValidationError, ValueError)
         raise LoragError(f"Invalid sampling parameters: {err}") from None
 
-
-def _finish_reason(reason: str | None) -> str:
-    return {"abort": "stop"}.get(reason or "stop", reason or "stop")

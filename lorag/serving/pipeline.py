@@ -1,6 +1,7 @@
 """The request path, end to end, in one place.
 
-    resolve model -> domain ("auto": routed), adapter, access
+    resolve model -> domain ("auto": routed on what plugins.before_routing lets through), adapter
+            version (leased until the last token), access
     -> hooks: request_received (redact / block input)
     -> retrieve from the domain's knowledge bases -> hooks: context_retrieved
     -> prompt (system + examples + numbered context + conversation, fitted to the window)
@@ -12,16 +13,20 @@
 Streamed and non-streamed requests take exactly the same path (a non-streamed
 one just collects the deltas), so both give the same text. `lorag.server.openai_api` turns
 what this module yields into OpenAI JSON / SSE; this module knows nothing about
-HTTP. Every stage logs one event with its duration.
+HTTP. Every stage logs one event with its duration. Work that can take more than a few hundred
+microseconds (third-party hooks, routing, retrieval, tools, prompt rendering) runs in a lane of
+threads (lorag.lanes), never on the event loop that carries every stream.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, Iterator
+from contextlib import aclosing, contextmanager
 from typing import TYPE_CHECKING, Any
 
+from lorag import lanes
+from lorag.adapters.leases import Lease
 from lorag.adapters.registry import AdapterRegistry
 from lorag.config import Settings
 from lorag.errors import LoragError
@@ -40,11 +45,12 @@ from lorag.serving.jobs import (
     ms_since,
     request_options,
 )
+from lorag.serving.merge import merged
 from lorag.serving.output_checks import checked_output
-from lorag.serving.prompt import build_messages
+from lorag.serving.prompt import FittedPrompt, build_messages
 from lorag.serving.protocol import ChatCompletionRequest, CompletionRequest
 from lorag.serving.resolution import Resolver
-from lorag.serving.routing import Router
+from lorag.serving.routing import RouteDecision, Router
 from lorag.serving.tool_loop import tool_loop, tool_plan
 
 if TYPE_CHECKING:
@@ -69,7 +75,7 @@ class Pipeline:
         self.knowledge = knowledge
         self.domains = DomainCatalog(settings)
         self.router = Router(settings, self.domains, knowledge)
-        self.resolver = Resolver(settings.model.served_name, registry, self.domains, self.router)
+        self.resolver = Resolver(settings.model.served_name, registry, self.domains)
         self.generator = Generator(engine)
         self.context = ContextRetriever(knowledge, self.domains)
 
@@ -77,9 +83,28 @@ class Pipeline:
     def base_model(self) -> str:
         return self.settings.model.served_name
 
-    def resolve(self, model: str, principal: Principal | None = None, question: str = "",
-                adapter_override: str | None = None) -> Target:
-        return self.resolver.resolve(model, principal, question, adapter_override)
+    async def resolve(self, model: str, principal: Principal | None = None, question: str = "",
+                      adapter_override: str | None = None, request_id: str = "") -> tuple[Target, Lease]:
+        """What answers `model`, and a lease on its adapter version that the caller gives back.
+
+        The registry lookup and the lease happen in one step of the event loop, where an admin's
+        remove also runs: a version is either not found or held until the request's last token.
+        """
+        route = await self._route(question, principal, request_id) if model == "auto" else None
+        target = self.resolver.resolve(model, principal, adapter_override, route)
+        return target, self.engine.hold(target.adapter)
+
+    async def _route(self, question: str, principal: Principal | None, request_id: str) -> RouteDecision:
+        """`auto`: the question as `plugins.before_routing` lets it through, routed off the loop."""
+        self.resolver.check_auto()
+        hooks = self.plugins.before_routing(request_id)
+        if hooks.plugins:
+            question = last_user_text(await self._input_hooks(hooks, [{"role": "user", "content": question}]))
+        try:
+            return await lanes.KNOWLEDGE.run(self.router.route, question, principal,
+                                             timeout=self.settings.routing.timeout_s)
+        except TimeoutError:
+            return self.router.without_route(principal, f"routing took over {self.settings.routing.timeout_s:g} s")
 
     # -- preparing a job -----------------------------------------------------------
 
@@ -91,37 +116,46 @@ class Pipeline:
         options = request_options(request, principal)
         messages = [message_dict(m) for m in request.messages]
         with stage(log, "resolve", "debug", model=request.model) as info:
-            target = self.resolve(request.model, principal, last_user_text(messages), options.adapter)
+            target, lease = await self.resolve(request.model, principal, last_user_text(messages), options.adapter,
+                                               request_id)
             info.update(domain=target.domain.name if target.domain else None, adapter=target.adapter_ref)
         timings["resolve_ms"] = ms_since(started)
-        hooks = self._hooks(target, request_id, principal)
-        messages = await self._input_hooks(hooks, messages)
-        extras: dict[str, Any] = {}
-        question = last_user_text(messages)  # after the input hooks: retrieval sees redacted text
-        hits = await self.context.retrieve(target, options, question, hooks, timings, extras, principal)
-        tools = tool_plan(target, hooks, request)
-        mark = time.perf_counter()
-        domain = target.domain
-        with stage(log, "prompt", "debug") as info:
-            examples = self.domains.select_examples(domain, question, options.examples) if domain else []
+        with _released_on_error(lease):
+            hooks = self._hooks(target, request_id, principal)
+            messages = await self._input_hooks(hooks, messages)
+            extras: dict[str, Any] = {}
+            question = last_user_text(messages)  # after the input hooks: retrieval sees redacted text
+            hits = await self.context.retrieve(target, options, question, hooks, timings, extras, principal)
+            tools = tool_plan(target, hooks, request)
+            mark = time.perf_counter()
+            domain = target.domain
             requested = _output_request(target, request.output_limit)
-            fitted = self.generator.fit(target, hits, examples, messages, requested, tools)
-            max_tokens = self.generator.output_budget(len(fitted.tokens), requested)
-            info.update(prompt_tokens=len(fitted.tokens), context_chunks=len(fitted.hits),
-                        examples=len(fitted.examples), dropped_chunks=fitted.dropped_hits)
-        timings["prompt_ms"] = ms_since(mark)
-        if fitted.dropped_hits or fitted.dropped_examples:
-            extras["trimmed"] = {"context_chunks": fitted.dropped_hits, "examples": fitted.dropped_examples}
-        logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        params = await sampling_params(_with_defaults(target, request), max_tokens, logprobs, hooks,
-                                       request.response_format)
-        job = Job(request_id, target, [fitted.tokens], params, request.n, request.stream, hooks,
-                  messages=build_messages(domain.settings.system_prompt if domain else "", fitted.hits,
-                                          fitted.examples, messages),
-                  extras=extras, citations=fitted.hits, tools=tools, requested_max_tokens=requested)
+            with stage(log, "prompt", "debug") as info:
+                fitted, max_tokens = await lanes.PROMPTS.run(self._fit, target, hits, question, options.examples,
+                                                             messages, requested, tools)
+                info.update(prompt_tokens=len(fitted.tokens), context_chunks=len(fitted.hits),
+                            examples=len(fitted.examples), dropped_chunks=fitted.dropped_hits)
+            timings["prompt_ms"] = ms_since(mark)
+            if fitted.dropped_hits or fitted.dropped_examples:
+                extras["trimmed"] = {"context_chunks": fitted.dropped_hits, "examples": fitted.dropped_examples}
+            logprobs = (request.top_logprobs or 0) if request.logprobs else None
+            params = await sampling_params(_with_defaults(target, request), max_tokens, logprobs, hooks,
+                                           request.response_format)
+            job = Job(request_id, target, [fitted.tokens], params, request.n, request.stream, hooks,
+                      messages=build_messages(domain.settings.system_prompt if domain else "", fitted.hits,
+                                              fitted.examples, messages),
+                      extras=extras, citations=fitted.hits, tools=tools, requested_max_tokens=requested, lease=lease)
         job.timings.update(timings)
         job.timings["prepare_ms"] = ms_since(started)
         return job
+
+    def _fit(self, target: Target, hits: list[Any], question: str, examples_asked: int | None,
+             messages: list[dict[str, Any]], requested: int | None, tools: Any) -> tuple[FittedPrompt, int]:
+        """Examples, the fitted prompt and the output budget: template renders and tokenisation (a thread)."""
+        domain = target.domain
+        examples = self.domains.select_examples(domain, question, examples_asked) if domain else []
+        fitted = self.generator.fit(target, hits, examples, messages, requested, tools)
+        return fitted, self.generator.output_budget(len(fitted.tokens), requested)
 
     async def prepare_completion(self, request: CompletionRequest, request_id: str,
                                  principal: Principal | None = None) -> Job:
@@ -131,19 +165,22 @@ class Pipeline:
             options = request_options(request, principal)
             raw = request.prompts()
             question = next((p for p in raw if isinstance(p, str)), "")
-            target = self.resolve(request.model, principal, question, options.adapter)
+            target, lease = await self.resolve(request.model, principal, question, options.adapter, request_id)
             info["adapter"] = target.adapter_ref
-        hooks = self._hooks(target, request_id, principal)
-        for i, prompt in enumerate(raw):
-            if isinstance(prompt, str):  # text prompts pass the input hooks as one user turn
-                checked = await self._input_hooks(hooks, [{"role": "user", "content": prompt}])
-                raw[i] = str(checked[-1]["content"])
-        with stage(log, "prompt", "debug") as info:
-            prompts = self.generator.text_prompts(raw)
-            budgets = [self.generator.output_budget(len(p), request.output_limit) for p in prompts]
-            info["prompt_tokens"] = sum(len(p) for p in prompts)
-        params = await sampling_params(request, min(budgets), request.logprobs, hooks)
-        job = Job(request_id, target, prompts, params, request.n, request.stream, hooks)
+        with _released_on_error(lease):
+            hooks = self._hooks(target, request_id, principal)
+            for i, prompt in enumerate(raw):
+                if isinstance(prompt, str):  # text prompts pass the input hooks as one user turn
+                    checked = await self._input_hooks(hooks, [{"role": "user", "content": prompt}])
+                    raw[i] = str(checked[-1]["content"])
+            with stage(log, "prompt", "debug") as info:
+                prompts = await lanes.PROMPTS.run(self.generator.text_prompts, raw)
+                # Each prompt has its own room: a short one is not held to the longest one's budget.
+                budgets = [self.generator.output_budget(len(p), request.output_limit) for p in prompts]
+                info["prompt_tokens"] = sum(len(p) for p in prompts)
+            params = await sampling_params(request, max(budgets), request.logprobs, hooks)
+            job = Job(request_id, target, prompts, params, request.n, request.stream, hooks,
+                      budgets=budgets if len(set(budgets)) > 1 else None, lease=lease)
         job.timings["prepare_ms"] = ms_since(started)
         return job
 
@@ -163,28 +200,30 @@ class Pipeline:
     # -- running a job -------------------------------------------------------------
 
     async def generate(self, job: Job) -> AsyncGenerator[Delta, None]:
-        """Deltas of every choice (prompt i, sample j -> choice i*n + j), after the output hooks."""
+        """Deltas of every choice (prompt i, sample j -> choice i*n + j), after the output hooks.
+
+        A job's prompts run at once. Its adapter lease is given back when this ends, however.
+        """
         started = time.perf_counter()
-        counts = {"completion_tokens": 0}
+        counts = {"prompt_tokens": 0, "completion_tokens": 0}
         try:
             if job.tools is not None:
-                async with aclosing(tool_loop(self.generator, job, counts, started)) as deltas:
-                    async for delta in deltas:
-                        yield delta
-                return
-            for prompt_index, prompt in enumerate(job.prompts):
-                async with aclosing(checked_output(self.generator, job, prompt_index, prompt, counts,
-                                                   started)) as deltas:
-                    async for delta in deltas:
-                        yield delta
+                source = tool_loop(self.generator, job, counts, started)
+            else:
+                source = merged([checked_output(self.generator, job, index, prompt, counts, started)
+                                 for index, prompt in enumerate(job.prompts)])
+            async with aclosing(source) as deltas:
+                async for delta in deltas:
+                    yield delta
         finally:
+            job.release()
             job.completion_tokens = counts["completion_tokens"]
+            job.processed_prompt_tokens = counts["prompt_tokens"]
             job.timings["generate_ms"] = ms_since(started)
             # The request's one info line: what answered, and how long each stage took.
             log.info("generate", duration_ms=job.timings["generate_ms"], adapter=job.target.adapter_ref,
                      domain=job.target.domain.name if job.target.domain else None,
-                     prompt_tokens=job.prompt_tokens, **counts,
-                     **{name: value for name, value in job.timings.items() if name != "generate_ms"})
+                     **counts, **{name: value for name, value in job.timings.items() if name != "generate_ms"})
 
     async def complete(self, job: Job) -> list[Choice]:
         """Run a job to the end and return its choices in index order."""
@@ -220,3 +259,13 @@ def _with_defaults(target: Target, request: ChatCompletionRequest) -> ChatComple
     defaults = {"temperature": generation.temperature, "top_p": generation.top_p, "stop": generation.stop}
     missing = {k: v for k, v in defaults.items() if v is not None and getattr(request, k) is None}
     return request.model_copy(update=missing) if missing else request
+
+
+@contextmanager
+def _released_on_error(lease: Lease) -> Iterator[None]:
+    """A job that is never made (a refusal, a bad request) gives its adapter lease back at once."""
+    try:
+        yield
+    except BaseException:
+        lease.release()
+        raise

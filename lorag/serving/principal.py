@@ -17,9 +17,15 @@ class Principal:
     knowledge: bool = True
     # May change retrieval or the adapter per request (the body's `lorag` field).
     overrides: bool = True
+    # Who the key is, for limits and metrics: from its hash, so two unnamed keys are two callers.
+    key_id: str = ""
+
+    @property
+    def limit_key(self) -> str:
+        return self.key_id or self.name
 
     def may_use(self, domain: str) -> bool:
         return self.admin or self.domains is None or domain in self.domains
 
 
-ANONYMOUS_ADMIN = Principal(name="anonymous", admin=True)
+ANONYMOUS_ADMIN = Principal(name="anonymous", admin=True, key_id="anonymous")

@@ -8,32 +8,35 @@ from lorag.adapters.registry import AdapterRegistry, AdapterVersion, split_ref
 from lorag.errors import NotFoundError, PermissionDenied
 from lorag.serving.domains import Domain, DomainCatalog
 from lorag.serving.jobs import Target
-from lorag.serving.routing import Router
 
 if TYPE_CHECKING:
     from lorag.serving.principal import Principal
+    from lorag.serving.routing import RouteDecision
 
 
 class Resolver:
-    def __init__(self, base_model: str, registry: AdapterRegistry, domains: DomainCatalog, router: Router) -> None:
+    def __init__(self, base_model: str, registry: AdapterRegistry, domains: DomainCatalog) -> None:
         self.base_model = base_model
         self.registry = registry
         self.domains = domains
-        self.router = router
 
-    def resolve(self, model: str, principal: Principal | None = None, question: str = "",
-                adapter_override: str | None = None) -> Target:
+    def check_auto(self) -> None:
+        """'auto' needs domains to route to (before any routing work is done)."""
+        if not self.domains.domains:
+            raise NotFoundError("'auto' needs domains in lorag.toml; none are configured.", param="model")
+
+    def resolve(self, model: str, principal: Principal | None = None, adapter_override: str | None = None,
+                route: RouteDecision | None = None) -> Target:
         """What answers `model`.
 
-        'auto' -> the routed domain; '<domain>' -> the domain and its adapter ('<domain>@v2': that
-        version of the domain's adapter); '<base model>' -> base; '<adapter>[@version]' -> it.
-        Base and bare adapters are for keys not scoped to domains.
+        'auto' -> the routed domain (`route`, decided by the caller); '<domain>' -> the domain and
+        its adapter ('<domain>@v2': that version of the domain's adapter); '<base model>' -> base;
+        '<adapter>[@version]' -> it. Base and bare adapters are for keys not scoped to domains.
         """
-        route = None
         if model == "auto":
-            if not self.domains.domains:
-                raise NotFoundError("'auto' needs domains in lorag.toml; none are configured.", param="model")
-            route = self.router.route(question, principal)
+            self.check_auto()
+            if route is None:
+                raise AssertionError("'auto' is resolved after routing")
             model = route.domain
         name, version = split_ref(model)
         if name in self.domains:

@@ -5,7 +5,9 @@ The question is embedded once; a domain scores the mean of its best single match
 (cosine) and its match with the profile's centroid (the best match alone is swayed
 by one lucky example, the centroid alone by a broad description), or its best
 knowledge hit if that is higher. Below the threshold the question goes to the fallback.
-Only domains the caller's key may use take part.
+Only domains the caller's key may use take part. The pipeline routes in the knowledge lane
+(lorag.lanes), within `routing.timeout_s`, on the question as `plugins.before_routing` lets it
+through (personal data redacted by the pii plugin by default).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lorag.errors import PermissionDenied
+from lorag.errors import LoragError, PermissionDenied
 from lorag.logging import get_logger
 from lorag.serving.domains import unit_rows
 
@@ -27,6 +29,12 @@ if TYPE_CHECKING:
     from lorag.serving.principal import Principal
 
 log = get_logger("lorag.routing")
+
+
+class RoutingUnavailable(LoragError):
+    status_code = 503
+    error_type = "server_error"
+    code = "routing_unavailable"
 
 
 @dataclass
@@ -71,6 +79,14 @@ class Router:
         log.info("route", domain=chosen, score=round(decision.score, 4), confident=confident,
                  fallback=not confident and fallback is not None)
         return decision
+
+    def without_route(self, principal: Principal | None, why: str) -> RouteDecision:
+        """When routing could not finish (timed out): the fallback domain, or a 503 without one."""
+        fallback = self.settings.routing.fallback
+        if fallback is None or not self.catalog.may_use(principal, fallback):
+            raise RoutingUnavailable(f"'auto' could not route this question: {why}. Name a domain, or retry.")
+        log.warning("route_fallback", domain=fallback, reason=why)
+        return RouteDecision(fallback, 0.0, False)
 
     def _profile_score(self, domain: Domain, query: np.ndarray) -> float:
         profile, centroid = self._profile(domain)

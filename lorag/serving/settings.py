@@ -143,6 +143,8 @@ class RoutingSettings(Strict):
     fallback: str | None = None
     # How many chunks of each knowledge base stand for it in the domain's profile.
     knowledge_hits: int = Field(default=3, ge=0, le=50)
+    # Routing (an embedding and a knowledge search) past this goes to the fallback, or is a 503.
+    timeout_s: float = Field(default=10.0, gt=0, le=600)
 
 
 def check_domain_names(domains: dict[str, DomainSettings], base_model: str) -> None:

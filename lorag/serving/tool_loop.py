@@ -8,12 +8,12 @@ to the client's own tools end the request with finish_reason "tool_calls".
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
+from lorag import lanes
 from lorag.errors import LoragError
 from lorag.logging import get_logger
 from lorag.plugins.tools import Tool
@@ -105,7 +105,7 @@ async def tool_loop(generator: Generator, job: Job, counts: dict[str, int],
                         {"role": "assistant", "content": content, "tool_calls": [c.to_openai() for c in calls]},
                         *({"role": "tool", "tool_call_id": call.id, "name": call.name, "content": result}
                           for call, result in zip(calls, results, strict=True))]
-        following = generator.chat_prompt(job.messages, plan.schemas)
+        following = await lanes.PROMPTS.run(generator.chat_prompt, job.messages, plan.schemas)
         if not _fits_next_step(generator, job, len(following)):
             stopped, steps = "context_length", step + 1
             break
@@ -139,8 +139,9 @@ async def _run_tool(plan: ToolPlan, call: ToolCall, step: int) -> str:
     entry: dict[str, Any] = {"step": step + 1, "id": call.id, "name": call.name, "arguments": call.arguments}
     try:
         arguments = arguments_of(call)
-        result = await asyncio.wait_for(asyncio.to_thread(plan.server[call.name].call, arguments),
-                                        timeout=plan.timeout_s)
+        # Its own lane: a call that times out runs on in its thread and keeps its place there
+        # until it returns, but never takes a thread that hooks or retrieval need.
+        result = await lanes.TOOLS.run(plan.server[call.name].call, arguments, timeout=plan.timeout_s)
         entry["result"] = text = result_text(result)
     except Exception as err:
         message = f"timed out after {plan.timeout_s} s" if isinstance(err, TimeoutError) else str(err)
