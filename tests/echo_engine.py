@@ -98,6 +98,7 @@ class Call:
 class EchoEngine:
     max_model_len: int = 4096
     chunk_chars: int = 3  # characters per streamed delta
+    step_s: float = 0.0  # pause before each delta (a real engine's pace; benchmarks/hook_stall.py)
     replies: deque[Reply] = field(default_factory=deque)
     calls: list[Call] = field(default_factory=list)
     tokenizer: CharTokenizer = field(default_factory=CharTokenizer)
@@ -180,7 +181,7 @@ class EchoEngine:
             return
         longest = max((len(text) for text, _ in answers), default=0)
         for start in range(0, max(longest, 1), self.chunk_chars):
-            await asyncio.sleep(0)  # a real engine yields to the loop between steps
+            await asyncio.sleep(self.step_s)  # a real engine yields to the loop between steps
             end = start + self.chunk_chars
             step = []
             for i, (text, reason) in enumerate(answers):

@@ -163,6 +163,9 @@ def test_the_tool_loop_runs_server_side_calls_and_feeds_results_back(tmp_path: P
     assert [(c["name"], c["arguments"], c["result"]) for c in trace] == [("add", '{"a": 2, "b": 3}', "5")]
     assert "<|tool|>5<|end|>" in engine.calls[1].prompt  # the result went back to the model
     assert '"name": "add"' in engine.calls[0].prompt  # the tool was on offer in the first step
+    # Usage counts both steps, the call the client never saw included.
+    assert job.prompt_tokens == len(engine.calls[0].prompt) + len(engine.calls[1].prompt)
+    assert job.completion_tokens == len(call) + len(text)
 
 
 class RecordingLink:

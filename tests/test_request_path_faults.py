@@ -148,6 +148,21 @@ def test_pii_in_an_auto_question_never_reaches_routing(tmp_path: Path) -> None:
     assert reply.model_extra["lorag"]["route"]["domain"] == "medical"
 
 
+def test_routing_past_its_timeout_goes_to_the_fallback(tmp_path: Path) -> None:
+    settings = echo_settings(tmp_path, domains={"general": {}, "medical": {"description": "Drugs and dosage."}},
+                             routing={"fallback": "general", "timeout_s": 0.1})
+    with echo_server(settings) as echo:
+        stuck = gates.gate("routing")
+        echo.pipeline.router.route = lambda question, principal=None: stuck.wait()  # a store that hangs
+        reply = ask(echo.client(), "auto", "How much ibuprofen?")
+        assert reply.model_extra["lorag"]["route"] == {"domain": "general", "score": 0.0, "confident": False,
+                                                       "scores": {}}
+        echo.pipeline.settings.routing.fallback = None
+        with pytest.raises(openai.InternalServerError) as err:
+            ask(echo.client(), "auto", "How much ibuprofen?")
+    assert err.value.status_code == 503 and err.value.code == "routing_unavailable"
+
+
 def test_a_hung_tool_never_takes_the_threads_input_hooks_need(tmp_path: Path) -> None:
     """Tools time out into a lane of their own; their threads, still hung, starve nobody else."""
     call = '<tool_call>{"name": "hang", "arguments": {"topic": "x"}}</tool_call>'
