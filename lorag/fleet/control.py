@@ -49,8 +49,8 @@ class FleetControl:
         self.picker = Picker(self.fleet.routing, self.fleet.affinity_slack)
         self.desired: dict[str, str] = {}  # adapter name on the servers -> local path
         self.null_name: str | None = None  # base requests go through it where the engine needs it
-        self._leases: dict[tuple[str, str], int] = defaultdict(int)  # (server, adapter) -> requests there
-        self.holds = AdapterLeases(self._retired_unused)  # requests from resolve to last token, any server
+        self._in_use: dict[tuple[str, str], int] = defaultdict(int)  # (server, adapter) -> requests there
+        self.leases = AdapterLeases(self._retired_unused)  # requests from resolve to last token, any server
         self._retired: dict[str, Callable[[], Any] | None] = {}  # no longer held: unload, then call back
         self._locks = {name: asyncio.Lock() for name in self.states}
         self._tasks: list[asyncio.Task[None]] = []
@@ -156,13 +156,13 @@ class FleetControl:
     def hold(self, adapter: AdapterVersion | None) -> Lease:
         """A request's lease on its adapter version, from resolve to its last token: while any is
         out, no server unloads the version (the request may still go to any of them)."""
-        return self.holds.hold(adapter)
+        return self.leases.hold(adapter)
 
     def retire_adapter(self, adapter: AdapterVersion, on_released: Callable[[], Any] | None = None) -> None:
         """Route no new request to it; once no request holds it, unload it everywhere, then `on_released()`."""
         self.desired.pop(adapter.ref, None)
         self._assign_homes()
-        self.holds.retire(adapter, on_released)
+        self.leases.retire(adapter, on_released)
 
     def _retired_unused(self, adapter: AdapterVersion, on_released: Callable[[], Any] | None) -> None:
         self._retired[adapter.ref] = on_released
@@ -190,10 +190,10 @@ class FleetControl:
         if name not in self._retired:
             return
         for state in self.states.values():
-            if name in state.loaded and not self._leases.get((state.name, name)):
+            if name in state.loaded and not self._in_use.get((state.name, name)):
                 state.loaded.discard(name)
                 self._background(self._unload(state, name))
-        if not any(self._leases.get((s, name)) for s in self.states):
+        if not any(self._in_use.get((s, name)) for s in self.states):
             callback = self._retired.pop(name)
             if callback is not None:
                 self._background(asyncio.to_thread(callback))  # rmtree: not on the event loop
@@ -216,15 +216,15 @@ class FleetControl:
         state.in_flight += 1
         state.served(name)
         if name is not None:
-            self._leases[(state.name, name)] += 1
+            self._in_use[(state.name, name)] += 1
         try:
             yield
         finally:
             state.in_flight -= 1
             if name is not None:
-                self._leases[(state.name, name)] -= 1
-                if not self._leases[(state.name, name)]:
-                    del self._leases[(state.name, name)]
+                self._in_use[(state.name, name)] -= 1
+                if not self._in_use[(state.name, name)]:
+                    del self._in_use[(state.name, name)]
                     self._release_unused(name)
 
     # -- reconcile ---------------------------------------------------------------------
@@ -248,8 +248,8 @@ class FleetControl:
             for adapter, path in list(self.desired.items()):
                 if adapter not in held:
                     repairs += await self._load(state, adapter, path)
-            extra = [a for a in held if a not in self.desired and not self._leases.get((name, a))
-                     and not self.holds.holds(a)]
+            extra = [a for a in held if a not in self.desired and not self._in_use.get((name, a))
+                     and not self.leases.holds(a)]
             for adapter in extra:
                 await self._unload(state, adapter)
             repairs += len(extra)

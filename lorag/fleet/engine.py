@@ -69,9 +69,9 @@ class RemoteEngine(FleetControl):
     async def generate(self, prompt_token_ids: list[int], params: Any, request_id: str,
                        adapter: AdapterVersion | None) -> AsyncGenerator[RemoteOutput, None]:
         """Stream one request from one server; before any output, a failed server is replaced."""
-        if adapter is not None and adapter.ref not in self.desired and not self.holds.retired(adapter):
+        if adapter is not None and adapter.ref not in self.desired and not self.leases.retired(adapter):
             await self.load_adapter(adapter)  # registered before this process started (chat, eval)
-        with self.holds.hold(adapter):  # the request's own lease, for callers that took none
+        with self.leases.hold(adapter):  # the request's own lease, for callers that took none
             name = adapter.ref if adapter is not None else self.null_name
             whole = getattr(getattr(params, "output_kind", None), "name", "") == "FINAL_ONLY"
             tried: set[str] = set()
