@@ -111,16 +111,14 @@ class Observation:
 
     def done(self, choices: list[Any]) -> list[Any]:
         """A non-streamed answer that is about to be sent."""
-        self.finish("200", self.job.completion_tokens)  # every attempt and step, as usage says
+        self.finish("200")
         return choices
 
     async def stream(self, chunks: AsyncIterator[StreamChunk]) -> AsyncIterator[StreamChunk]:
         """Pass chunks through; record when the stream ends, with the status its error carried."""
-        status, completion = "200", None
+        status = "200"
         try:
             async for chunk in chunks:
-                if chunk.usage is not None:
-                    completion = chunk.usage.completion_tokens
                 yield chunk
         except LoragError as err:
             status = str(err.status_code)
@@ -132,18 +130,19 @@ class Observation:
             status = CLIENT_CLOSED
             raise
         finally:
-            self.finish(status, completion)
+            self.finish(status)
 
-    def finish(self, status: str, completion_tokens: int | None) -> None:
+    def finish(self, status: str) -> None:
         if self.finished:
             return
         self.finished = True
-        self._record(status, completion_tokens)
+        self._record(status)
         adapter = self.job.target.adapter
         if adapter is not None and adapter.lora_int_id in self.metrics.gone:  # removed while this one finished
             self.metrics.drop_adapter(adapter.ref)
 
-    def _record(self, status: str, completion_tokens: int | None) -> None:
+    def _record(self, status: str) -> None:
+        """Tokens as `usage` counts them (the job's: every attempt and tool step)."""
         m, labels = self.metrics, self.labels
         m.requests.labels(**labels, status=status).inc()
         m.latency.labels(**labels).observe(time.perf_counter() - self.started)
@@ -153,10 +152,8 @@ class Observation:
         if status != "200" and "generate_ms" not in self.job.timings:
             return  # refused before generation (a 429, a timeout in the queue): no tokens were processed
         m.tokens.labels(**labels, kind="prompt").inc(self.job.prompt_tokens)
-        if completion_tokens is None:  # a stream without usage: the job's own count
-            completion_tokens = self.job.completion_tokens
-        if completion_tokens:
-            m.tokens.labels(**labels, kind="completion").inc(completion_tokens)
+        if self.job.completion_tokens:
+            m.tokens.labels(**labels, kind="completion").inc(self.job.completion_tokens)
 
 
 def observe(request: Request, job: Any) -> Observation:
@@ -174,7 +171,7 @@ def count_error(request: Request, status: int) -> None:
         return
     observation: Observation | None = getattr(request.state, "observation", None)
     if observation is not None:
-        observation.finish(str(status), None)
+        observation.finish(str(status))
         return
     metrics.requests.labels(endpoint=endpoint_label(request), domain=NONE, adapter=NONE,
                             status=str(status)).inc()

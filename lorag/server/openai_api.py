@@ -102,13 +102,9 @@ async def completions(
 
 async def respond(request: Request, pipeline: Pipeline, job: Job, body: Any, streamer: Any, builder: Any) -> Any:
     """SSE when the client asked for a stream, one JSON response otherwise (the same text either way)."""
-    request.state.job = job  # admission gives its adapter lease back at the end, whatever happened
+    request.state.job = job  # admission gives its adapter lease back at the end (a 429, a stream never started)
     seen = observe(request, job)  # metrics: status, stage timings, tokens
-    try:
-        guard = admit(request, job)  # the key's token rate (429) and the generation deadline
-    except BaseException:
-        job.release()
-        raise
+    guard = admit(request, job)  # the key's token rate (429) and the generation deadline
     if body.stream:
         chunks = seen.stream(guard.stream(streamer(pipeline, job, body)))
         return StreamingResponse(sse(chunks, on_end=lambda: release_slot(request)), media_type="text/event-stream",
