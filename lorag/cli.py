@@ -29,6 +29,7 @@ SUBCOMMANDS: dict[str, str] = {
     "route": "lorag.serving.domains_cli:route",
     "keys": "lorag.server.keys_cli:keys_group",
     "fleet": "lorag.fleet.cli:fleet_group",
+    "ft": "lorag.finetune.cli:ft_group",
 }
 
 

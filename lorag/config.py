@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from lorag.finetune.settings import FineTuningSettings
 from lorag.fleet.settings import FleetServer, FleetSettings, check_servers
 from lorag.knowledge.settings import KnowledgeSettings
 from lorag.lanes import LaneSettings
@@ -78,7 +79,8 @@ class ApiKey(Strict):
     """A key clients send as `Authorization: Bearer <key>`, and what it may reach.
 
     `hash = "sha256:<hex>"` instead of `key` keeps the secret itself out of lorag.toml.
-    An admin key reaches everything, so it takes no narrower scopes.
+    An admin key reaches everything, so it takes no narrower scopes; `fine_tune`, which only
+    widens a key (and is off by default, unlike the others), may be set on one and changes nothing.
     """
 
     key: str | None = Field(default=None, min_length=8)
@@ -88,6 +90,7 @@ class ApiKey(Strict):
     domains: list[str] | None = Field(default=None, description="Domains this key may use (absent: all).")
     knowledge: bool = Field(default=True, description="May query knowledge bases directly (/v1/knowledge).")
     overrides: bool = Field(default=True, description="May override retrieval or the adapter per request.")
+    fine_tune: bool = Field(default=False, description="May use files and fine-tuning (/v1/files, /v1/fine_tuning).")
 
     @model_validator(mode="after")
     def _one_secret_and_sane_scopes(self) -> ApiKey:
@@ -171,6 +174,7 @@ class Settings(Strict):
     domains: dict[str, DomainSettings] = Field(default_factory=dict)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     threads: LaneSettings = Field(default_factory=LaneSettings)
+    fine_tuning: FineTuningSettings = Field(default_factory=FineTuningSettings)
 
     @model_validator(mode="after")
     def _imported_model_by_name(self) -> Settings:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -60,6 +61,22 @@ def test_store_keeps_only_hashes_in_a_private_file(tmp_path: Path) -> None:
     assert loaded == entry and loaded.scopes.domains == ("legal",) and not loaded.scopes.overrides
     other, other_secret = store.create("other")
     assert other_secret != secret and other.id != entry.id
+    assert not entry.scopes.fine_tune and not other.as_api_key().fine_tune  # granted, never by default
+    trainer, _ = store.create("trainer", fine_tune=True)
+    assert store.load()[-1] == trainer and trainer.scopes.fine_tune and trainer.as_api_key().fine_tune
+    assert trainer.scopes.describe() == "domains=* knowledge overrides fine-tune"
+
+
+def test_a_key_store_written_before_the_fine_tune_scope_loads_without_it(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path)
+    old_scopes = {"admin": False, "domains": None, "knowledge": True, "overrides": True}
+    store.path.write_text(json.dumps({"version": 1, "keys": [
+        {"id": "key_0001", "name": "old", "prefix": "lrg-abcdefgh", "hash": hash_secret("lrg-old-secret"),
+         "created_at": "2026-01-01T00:00:00Z", "revoked_at": None, "scopes": old_scopes}]}))
+    [old] = store.load()
+    assert old.scopes.fine_tune is False and old.scopes.describe() == "domains=* knowledge overrides"
+    principal = identify(Keyring([], store).entries(), "Bearer lrg-old-secret")
+    assert principal.name == "old" and not principal.fine_tune
 
 
 def test_store_names_revocation_and_reuse(tmp_path: Path) -> None:
@@ -96,6 +113,7 @@ def test_identify_config_and_stored_keys_with_scopes(tmp_path: Path) -> None:
     assert identify(entries, "bearer hashed-config-key").name == "hashed"
     scoped = identify(entries, f"Bearer {user_secret}")
     assert (scoped.name, scoped.admin, scoped.knowledge, scoped.overrides) == ("scoped", False, False, True)
+    assert not scoped.fine_tune
     assert scoped.may_use("legal") and not scoped.may_use("medical")
     for header in (None, "", "Bearer ", "Basic plain-admin-key", "Bearer wrong", "Bearer plain-admin-keyX"):
         with pytest.raises(AuthenticationError):
@@ -124,7 +142,13 @@ def test_config_keys_validate(tmp_path: Path) -> None:
     config.write_text(f'[[server.api_keys]]\nhash = "{digest}"\nname = "svc"\ndomains = ["legal"]\n'
                       'knowledge = false\noverrides = false\n')
     [key] = load_settings(config).server.api_keys
-    assert key.key is None and key.sha256 == digest and key.domains == ["legal"]
+    assert key.key is None and key.sha256 == digest and key.domains == ["legal"] and not key.fine_tune
+    # fine_tune only widens a key: on an admin key it is redundant, not refused.
+    config.write_text(f'[[server.api_keys]]\nhash = "{digest}"\nfine_tune = true\n'
+                      '[[server.api_keys]]\nkey = "an-admin-secret"\nadmin = true\nfine_tune = true\n')
+    trainer, admin = load_settings(config).server.api_keys
+    assert trainer.fine_tune and identify([entry_for(trainer)], "Bearer a-config-secret").fine_tune
+    assert admin.admin and admin.fine_tune
     assert ApiKey(key="a-config-secret").sha256 == digest
     for body, expected in [
         ('[[server.api_keys]]\nname = "x"\n', "server.api_keys.0: Value error, set exactly one of `key` or `hash`"),
@@ -153,10 +177,15 @@ def test_keys_cli_create_list_revoke(tmp_path: Path) -> None:
     assert secret.startswith("lrg-") and "\n" not in secret  # stdout is the secret alone, for scripts
     assert "shown only this once" in created.stderr
     assert runner.invoke(keys_group, ["create", "--name", "ops", "--admin", "--state-dir", state]).exit_code == 0
+    trainer = runner.invoke(keys_group, ["create", "--name", "trainer", "--fine-tune", "--state-dir", state])
+    assert trainer.exit_code == 0 and "fine-tune" in trainer.stderr, trainer.output
     listed = runner.invoke(keys_group, ["list", "--state-dir", state])
     assert listed.exit_code == 0 and "app" in listed.stdout and "domains=legal knowledge no-overrides" in listed.stdout
+    rows = {line.split()[1]: line for line in listed.stdout.splitlines()[1:]}
+    assert "domains=* knowledge overrides fine-tune" in rows["trainer"] and "fine-tune" not in rows["app"]
     as_json = json.loads(runner.invoke(keys_group, ["list", "--json", "--state-dir", state]).stdout)
-    assert {k["name"] for k in as_json["keys"]} == {"app", "ops"}
+    assert {k["name"] for k in as_json["keys"]} == {"app", "ops", "trainer"}
+    assert {k["name"]: k["scopes"]["fine_tune"] for k in as_json["keys"]} == {"app": False, "ops": False, "trainer": True}
     text = listed.stdout + json.dumps(as_json)
     assert secret not in text and "sha256" not in text and hash_secret(secret)[7:] not in text
     assert runner.invoke(keys_group, ["revoke", "app", "--state-dir", state]).exit_code == 0
@@ -231,6 +260,7 @@ def keyed_server(models: Models, tmp_path_factory: pytest.TempPathFactory) -> It
         "store_admin": store.create("store-admin", admin=True)[1],
         "store_user": store.create("store-user")[1],
         "no_knowledge": store.create("no-knowledge", knowledge=False)[1],
+        "store_fine_tune": store.create("trainer", fine_tune=True)[1],
         "revoked": store.create("old")[1],
         "config_admin": ADMIN_KEY,
         "config_user": USER_KEY,
@@ -243,23 +273,27 @@ def keyed_server(models: Models, tmp_path_factory: pytest.TempPathFactory) -> It
 
 
 def required_scope(method: str, path: str) -> str:
-    """What each route needs: admin for /admin and knowledge writes, the knowledge scope to read bases."""
+    """What each route needs: admin for /admin and knowledge writes, the knowledge scope to read bases,
+    the fine_tune scope for files and fine-tuning."""
     if path.startswith("/admin"):
         return "admin"
+    if path.startswith(("/v1/files", "/v1/fine_tuning")):
+        return "fine_tune"
     if path.startswith("/v1/knowledge"):
         return "knowledge" if method == "get" or path.endswith("/query") else "admin"
     return "key"
 
 
 EXPECTED = {  # key kind -> scope -> status class
-    "none": {"key": 401, "knowledge": 401, "admin": 401},
-    "bogus": {"key": 401, "knowledge": 401, "admin": 401},
-    "revoked": {"key": 401, "knowledge": 401, "admin": 401},
-    "no_knowledge": {"key": "ok", "knowledge": 403, "admin": 403},
-    "store_user": {"key": "ok", "knowledge": "ok", "admin": 403},
-    "config_user": {"key": "ok", "knowledge": "ok", "admin": 403},
-    "store_admin": {"key": "ok", "knowledge": "ok", "admin": "ok"},
-    "config_admin": {"key": "ok", "knowledge": "ok", "admin": "ok"},
+    "none": {"key": 401, "knowledge": 401, "admin": 401, "fine_tune": 401},
+    "bogus": {"key": 401, "knowledge": 401, "admin": 401, "fine_tune": 401},
+    "revoked": {"key": 401, "knowledge": 401, "admin": 401, "fine_tune": 401},
+    "no_knowledge": {"key": "ok", "knowledge": 403, "admin": 403, "fine_tune": 403},
+    "store_user": {"key": "ok", "knowledge": "ok", "admin": 403, "fine_tune": 403},
+    "store_fine_tune": {"key": "ok", "knowledge": "ok", "admin": 403, "fine_tune": "ok"},
+    "config_user": {"key": "ok", "knowledge": "ok", "admin": 403, "fine_tune": 403},
+    "store_admin": {"key": "ok", "knowledge": "ok", "admin": "ok", "fine_tune": "ok"},
+    "config_admin": {"key": "ok", "knowledge": "ok", "admin": "ok", "fine_tune": "ok"},
 }
 
 
@@ -270,6 +304,7 @@ def test_every_endpoint_by_key_kind(keyed_server: tuple[Server, dict]) -> None:
     spec = httpx.get(f"{srv.url}/openapi.json", timeout=30).json()
     routes = [(method, path) for path, ops in spec["paths"].items() for method in ops if path not in PUBLIC]
     assert ("post", "/admin/adapters") in routes and ("post", "/v1/knowledge/{kb}/ingest") in routes
+    assert ("post", "/v1/files") in routes and ("delete", "/v1/files/{file_id}") in routes
     failures = []
     with httpx.Client(base_url=srv.url, timeout=60) as http:
         for kind, expected in EXPECTED.items():
@@ -277,6 +312,7 @@ def test_every_endpoint_by_key_kind(keyed_server: tuple[Server, dict]) -> None:
             for method, path in routes:
                 # Names that do not exist and empty bodies: allowed calls fail *after* auth (400/404), harmlessly.
                 url = path.replace("{name}", "no-such-adapter").replace("{kb}", "no-such-kb")
+                url = re.sub(r"\{\w+\}", "no-such-id", url)  # any other id: files, jobs
                 body = {} if method in ("post", "put", "patch") else None
                 response = http.request(method.upper(), url, json=body, headers=headers)
                 want = expected[required_scope(method, path)]

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from lorag.adapters.checkpoints import checkpoint_dirs
-from lorag.adapters.data import TrainingDataError, load_examples
+from lorag.adapters.data import TrainingDataError, check_training_file, load_examples
 from lorag.adapters.validate import model_module_names, validate_adapter
 from lorag.errors import LoragError
 from tests.conftest import ADMIN_KEY, MAX_RANK, Models, Server
@@ -119,6 +119,26 @@ def test_bad_data_files_name_each_line_and_problem(models: Models, tmp_path: Pat
     assert "error: " in done.stderr and "line 2: not valid JSON" in done.stderr
     assert not (tmp_path / "state" / "training" / "bad").exists() or not any(
         (tmp_path / "state" / "training" / "bad").rglob("checkpoints"))
+
+
+def test_check_training_file_names_lines_without_a_tokenizer(tmp_path: Path) -> None:
+    """The server's check at upload: shape only, the same parsing as training, every problem by line."""
+    data = tmp_path / "bad.jsonl"
+    data.write_text("\n".join([
+        chat_line("Hi?", "Hello."),                                                            # 1
+        "{not json",                                                                           # 2
+        json.dumps({"messages": [{"role": "user", "content": "Hi"}]}),                       # 3
+        json.dumps({"prompt": [{"role": "user", "content": "Hi"}],
+                    "completion": [{"role": "assistant", "content": "x", "weight": 0}]}),     # 4
+        json.dumps({"prompt": "Q:"}),                                                          # 5
+    ]) + "\n")
+    with pytest.raises(TrainingDataError) as caught:
+        check_training_file(data, "supervised")
+    problems = caught.value.problems
+    assert [p.split(":")[0] for p in problems] == ["line 2", "line 3", "line 4", "line 5"], problems
+    assert "not valid JSON" in problems[0] and "no assistant message to train on" in problems[1]
+    assert "no assistant message to train on" in problems[2] and "has no 'completion'" in problems[3]
+    assert check_training_file(write_qa(tmp_path / "qa.jsonl"), "supervised") == len(QA)
 
 
 def test_labels_cover_only_the_assistant_turns(models: Models, tmp_path: Path) -> None:
@@ -367,12 +387,12 @@ def test_length_grouped_batches_pad_less_and_keep_every_example() -> None:
 
 
 def test_loss_on_labelled_positions_equals_the_models_own(models: Models, tmp_path: Path, one_thread: None) -> None:
-    """Logits only where a label follows: the same loss and gradients as the model's full-sequence loss."""
+    """Logits only where a label follows: the same loss, gradients and token accuracy as the full sequence's."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lorag.adapters.batches import batch_loss, collate, takes_logits_to_keep
+    from lorag.adapters.batches import collate, takes_logits_to_keep, token_loss
 
     tokenizer = AutoTokenizer.from_pretrained(str(models.base))
     examples = load_examples(write_qa(tmp_path / "qa.jsonl"), tokenizer, 256)[:4]
@@ -382,14 +402,136 @@ def test_loss_on_labelled_positions_equals_the_models_own(models: Models, tmp_pa
     assert takes_logits_to_keep(model)
     batch = collate(examples, tokenizer.pad_token_id or 0, "cpu")
 
-    def loss_and_grads(head_positions: bool) -> tuple[float, list[torch.Tensor]]:
+    def loss_and_grads(head_positions: bool | None) -> tuple[float, int, list[torch.Tensor]]:
         model.zero_grad()
-        loss = batch_loss(model, batch, head_positions)
+        if head_positions is None:  # the model's own loss
+            output = model(**batch)
+            loss = output.loss
+            targets = batch["labels"][:, 1:]
+            correct = int(((output.logits[:, :-1].argmax(-1) == targets) & (targets != -100)).sum())
+        else:
+            loss, correct = token_loss(model, batch, head_positions)
         loss.backward()
-        return loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        return loss.item(), correct, [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
-    full, full_grads = loss_and_grads(False)
-    kept, kept_grads = loss_and_grads(True)
-    assert kept == pytest.approx(full, rel=1e-5)
-    for a, b in zip(full_grads, kept_grads, strict=True):
-        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+    own, own_correct, own_grads = loss_and_grads(None)
+    for head_positions in (False, True):
+        loss, correct, grads = loss_and_grads(head_positions)
+        assert loss == pytest.approx(own, rel=1e-5) and correct == own_correct
+        for a, b in zip(own_grads, grads, strict=True):
+            assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_should_stop_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one(
+    models: Models, tmp_path: Path, one_thread: None
+) -> None:
+    """A pause: the step it stops at is checkpointed (mid-epoch), and resuming it gives the same adapter."""
+    from safetensors.torch import load_file
+
+    from lorag.adapters.train import TrainingStopped, TrainSettings, train
+
+    data = write_qa(tmp_path / "qa.jsonl")
+    settings = TrainSettings.build(model_path=str(models.base), rank=4, dropout=0.1, learning_rate=5e-3,
+                                   epochs=4, batch_size=3, val_split=0.2, seed=3)
+    whole = train(settings, data, tmp_path / "whole")
+
+    events: list = []
+    with pytest.raises(TrainingStopped) as stopped:
+        train(settings, data, tmp_path / "split", progress=events.append,
+              should_stop=lambda: events[-1].step >= 4)
+    assert stopped.value.step == 4  # 3 steps an epoch: mid-epoch, where nothing else saves
+    assert [step for step, _ in checkpoint_dirs(tmp_path / "split")] == [3, 4]
+    saved = [e for e in events if e.kind == "checkpoint"]
+    assert [(e.step, e.path) for e in saved] == [(s, d) for s, d in checkpoint_dirs(tmp_path / "split")]
+    steps = [e for e in events if e.kind == "step"]
+    assert all(e.accuracy is not None and 0 <= e.accuracy <= 1 for e in steps)
+    assert [e.tokens for e in steps] == sorted({e.tokens for e in steps}) and steps[0].tokens > 0
+    evals = [e for e in events if e.kind == "eval"]
+    assert [e.step for e in evals] == [3] and all(0 <= e.val_accuracy <= 1 for e in evals)
+
+    resumed_events: list = []
+    resumed = train(settings, data, tmp_path / "split", progress=resumed_events.append)
+    assert resumed.resumed_from_step == 4 and resumed.steps == whole.steps == 12
+    a = load_file(str(whole.adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max().item() < 1e-6 for k in a)
+    assert resumed.val_loss == pytest.approx(whole.val_loss, abs=1e-5)
+    assert resumed.val_accuracy == whole.val_accuracy and 0 <= whole.val_accuracy <= 1
+    assert resumed.total_tokens == whole.total_tokens == whole.tokens > resumed.tokens
+    end = resumed_events[-1]
+    assert end.kind == "end" and end.val_accuracy == resumed.val_accuracy
+    history = json.loads((tmp_path / "split" / "result.json").read_text())["history"]
+    assert history == json.loads((tmp_path / "whole" / "result.json").read_text())["history"]
+    assert all(0 <= h["train_accuracy"] <= 1 for h in history if "train_accuracy" in h)
+
+    # Asked to stop after the last step: nothing is left to do, so the run finishes.
+    one_step = settings.model_copy(update={"epochs": 1, "batch_size": 8})
+    assert train(one_step, data, tmp_path / "last", should_stop=lambda: True).steps == 1
+
+
+def test_val_data_is_used_instead_of_a_split(models: Models, tmp_path: Path, one_thread: None) -> None:
+    from lorag.adapters.train import TrainingStopped, TrainSettings, train
+
+    data = write_qa(tmp_path / "qa.jsonl")
+    held = tmp_path / "held.jsonl"
+    held.write_text(chat_line("Who won?", "The home team.") + "\n" + chat_line("What fell?", "The rain.") + "\n")
+    settings = TrainSettings.build(model_path=str(models.base), rank=4, epochs=1, batch_size=2, val_split=0.2)
+    with pytest.raises(TrainingStopped):
+        train(settings, data, tmp_path / "run", val_data=held, should_stop=lambda: True)
+    held.write_text(chat_line("Who won?", "The away team.") + "\n")  # another validation file: not resumable
+    with pytest.raises(LoragError, match="val_data_sha256"):
+        train(settings, data, tmp_path / "run", val_data=held)
+
+    events: list = []
+    result = train(settings, data, tmp_path / "other", val_data=held, progress=events.append)
+    assert result.total_steps == 5 and result.val_lines == []  # all 10 examples train: val_split is not applied
+    from transformers import AutoTokenizer
+
+    from lorag.adapters.batches import Supervised, evaluate
+
+    assert result.initial_val_loss is not None and result.val_accuracy is not None
+    first = events[0]
+    assert first.kind == "start" and first.val_loss == result.initial_val_loss
+    # The initial validation loss is the base model's on the validation file.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(models.base))
+    base = AutoModelForCausalLM.from_pretrained(str(models.base), dtype=torch.float32)
+    loss, accuracy = evaluate(Supervised(tokenizer.pad_token_id, torch.device("cpu"), True), base,
+                              load_examples(held, tokenizer, 256), 2, torch.device("cpu"), None)
+    assert loss == pytest.approx(result.initial_val_loss, rel=1e-5) and accuracy == first.val_accuracy
+
+
+def test_init_adapter_continues_from_that_adapter(models: Models, tmp_path: Path, one_thread: None) -> None:
+    """Its own rank and targets; training starts where it stands (the initial validation loss is its own)."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorag.adapters.batches import Supervised, evaluate
+    from lorag.adapters.train import TrainSettings, train
+
+    start = models.adapters["alpha"]  # rank 8 on q, k, v, o
+    data = write_qa(tmp_path / "qa.jsonl")
+    settings = TrainSettings.build(model_path=str(models.base), init_adapter=str(start), rank=2,
+                                   target_modules=("q_proj",), epochs=1, batch_size=4, val_split=0.2,
+                                   learning_rate=1e-3)
+    result = train(settings, data, tmp_path / "run")
+    config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert config["r"] == 8 and set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert config["base_model_name_or_path"] == str(models.base.resolve())
+
+    tokenizer = AutoTokenizer.from_pretrained(str(models.base))
+    val = [e for e in load_examples(data, tokenizer, 256) if e.line in result.val_lines]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(models.base), dtype=torch.float32),
+                                      str(start))
+    own, _ = evaluate(Supervised(tokenizer.pad_token_id, torch.device("cpu"), True), model, val, 4,
+                      torch.device("cpu"), None)
+    assert result.initial_val_loss == pytest.approx(own, rel=1e-5)
+    before = load_file(str(start / "adapter_model.safetensors"))
+    after = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+    assert before.keys() == after.keys()
+    changes = [(after[k] - before[k]).abs().max().item() for k in before]
+    assert 0 < max(changes) < 0.05  # trained on, from where it stood

@@ -1,20 +1,30 @@
 """Training batches: the validation split, each epoch's (length-grouped) micro-batches, padding,
-and the loss over labelled tokens only. Functions of their inputs alone, so a resume sees the same."""
+and what a micro-batch measures (loss, accuracy). Functions of their inputs alone, so a resume sees the same.
+
+The loop is the same for every training method: an `Objective` says how long an item is
+(for batching), how many tokens it feeds the model and what a micro-batch of items
+measures; supervised examples are one kind of item, DPO's preference pairs another.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from lorag.adapters.data import IGNORE, Example
 from lorag.errors import LoragError
+
+T = TypeVar("T")
+ItemT = TypeVar("ItemT")
 
 # Batches per window that length grouping sorts (transformers' LengthGroupedSampler uses 50 too):
 # wide enough to find similar lengths, narrow enough to keep the epoch's order random.
 LENGTH_GROUP_BATCHES = 50
 
 
-def split(examples: list[Example], val_split: float, seed: int) -> tuple[list[Example], list[Example]]:
+def split(examples: list[T], val_split: float, seed: int) -> tuple[list[T], list[T]]:
     """A seeded random split; at least one example on each side when validation is asked for."""
     import torch
 
@@ -66,23 +76,38 @@ def collate(examples: list[Example], pad_id: int, device: Any) -> dict[str, Any]
     return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
 
-def batch_loss(model: Any, batch: dict[str, Any], head_positions: bool) -> Any:
-    """Mean cross-entropy over the batch's labelled tokens, as the model's own loss computes it.
+def autocast(device: Any, amp_dtype: Any) -> Any:
+    """Mixed precision where the run uses it (amp_dtype None: plain fp32)."""
+    import torch
+
+    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+
+def head_logits(model: Any, batch: dict[str, Any], head_positions: bool) -> tuple[Any, Any]:
+    """Logits and the labels they predict (IGNORE where none), at the positions the loss needs.
 
     With `head_positions`, the output head runs only at positions some row has a label
     after: a prompt (system, question, retrieved context) needs no logits, and on a small
     model the head and its softmax over the vocabulary are a large share of a step
     (SmolLM2-135M: 49k x 576, ~20% of the forward pass per token).
     """
+    targets = batch["labels"][:, 1:]
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if not head_positions:
+        return model(**inputs).logits[:, :-1], targets
+    keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(1)
+    return model(**inputs, logits_to_keep=keep).logits, targets[:, keep]
+
+
+def token_loss(model: Any, batch: dict[str, Any], head_positions: bool) -> tuple[Any, int]:
+    """Mean cross-entropy over the batch's labelled tokens (as the model's own loss computes it),
+    and how many of those tokens the model's argmax predicts."""
     import torch
 
-    if not head_positions:
-        return model(**batch).loss
-    targets = batch["labels"][:, 1:]
-    keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(1)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
-    return torch.nn.functional.cross_entropy(
-        logits.float().flatten(0, 1), targets[:, keep].flatten(), ignore_index=IGNORE)
+    logits, targets = head_logits(model, batch, head_positions)
+    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+    correct = int(((logits.detach().argmax(dim=-1) == targets) & (targets != IGNORE)).sum())
+    return loss, correct
 
 
 def takes_logits_to_keep(model: Any) -> bool:
@@ -98,22 +123,74 @@ def predicted_tokens(example: Example) -> int:
     return sum(1 for label in example.labels[1:] if label != IGNORE)
 
 
-def _batches(examples: list[Example], size: int) -> Iterator[list[Example]]:
-    for start in range(0, len(examples), size):
-        yield examples[start : start + size]
+def batches_of(items: list[T], size: int) -> Iterator[list[T]]:
+    """`items` in order, `size` at a time (evaluation: no shuffling, nothing to resume)."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
-def evaluate_loss(model: Any, examples: list[Example], batch_size: int, pad_id: int, device: Any, amp_dtype: Any,
-              head_positions: bool) -> float:
-    """Mean loss per assistant token over the validation set."""
+class Measured(NamedTuple):
+    """What one micro-batch measured."""
+
+    loss: Any  # scalar tensor: the mean over `weight` (what backward runs on)
+    weight: int  # what the mean is over: predicted tokens (supervised) or pairs (dpo)
+    correct: int  # of those: tokens the argmax predicts (supervised), pairs ranked right (dpo)
+
+
+class Objective(Protocol[ItemT]):
+    """What a training method computes on its items; the loop around it is the same for all."""
+
+    def length(self, item: ItemT) -> int:
+        """Padded width of the item in a micro-batch (batches group by it)."""
+        ...
+
+    def tokens(self, item: ItemT) -> int:
+        """Input tokens the model reads for the item."""
+        ...
+
+    def measure(self, model: Any, chunk: list[ItemT]) -> Measured: ...
+
+
+@dataclass(frozen=True)
+class Supervised:
+    """Cross-entropy on the labelled tokens of examples; accuracy is the argmax's share of them."""
+
+    pad_id: int
+    device: Any
+    head_positions: bool
+
+    def length(self, item: Example) -> int:
+        return len(item.input_ids)
+
+    def tokens(self, item: Example) -> int:
+        return len(item.input_ids)
+
+    def measure(self, model: Any, chunk: list[Example]) -> Measured:
+        loss, correct = token_loss(model, collate(chunk, self.pad_id, self.device), self.head_positions)
+        return Measured(loss, sum(predicted_tokens(e) for e in chunk), correct)
+
+
+@contextmanager
+def inference(model: Any, device: Any, amp_dtype: Any) -> Iterator[None]:
+    """Eval mode (no dropout), no gradients, the run's precision; training mode again afterwards."""
     import torch
 
     model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        for chunk in _batches(examples, batch_size):
-            n = sum(predicted_tokens(e) for e in chunk)
-            total += float(batch_loss(model, collate(chunk, pad_id, device), head_positions)) * n
-            count += n
-    model.train()
-    return total / max(count, 1)
+    try:
+        with torch.no_grad(), autocast(device, amp_dtype):
+            yield
+    finally:
+        model.train()
+
+
+def evaluate(objective: Objective[T], model: Any, items: list[T], batch_size: int, device: Any,
+             amp_dtype: Any) -> tuple[float, float]:
+    """Mean loss and accuracy over `items` (validation), weighted as training weights them."""
+    total, correct, count = 0.0, 0, 0
+    with inference(model, device, amp_dtype):
+        for chunk in batches_of(items, batch_size):
+            measured = objective.measure(model, chunk)
+            total += float(measured.loss) * measured.weight
+            correct += measured.correct
+            count += measured.weight
+    return total / max(count, 1), correct / max(count, 1)

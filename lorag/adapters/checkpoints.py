@@ -3,6 +3,7 @@
 ```
 <run>/train_config.json          settings + data digest (what a resume must match)
 <run>/checkpoints/step-000040/   adapter (a servable PEFT dir) + optimizer.pt + rng.pt + trainer_state.json
+<run>/reference_logps.pt          DPO: the reference model's log-probabilities, computed once
 <run>/adapter/                   the final adapter
 <run>/result.json                written last: the run is finished
 ```
@@ -42,8 +43,9 @@ class TrainerState:
     step: int = 0
     epoch: int = 0  # the epoch in progress (0-based)
     batch_in_epoch: int = 0  # micro-batches of `epoch` already trained
-    epoch_loss_sum: float = 0.0  # token-weighted, for the epoch's mean train loss
-    epoch_tokens: int = 0
+    epoch_loss_sum: float = 0.0  # weighted (tokens; DPO: pairs), for the epoch's mean train loss
+    epoch_tokens: int = 0  # the weights' sum (DPO: pairs)
+    epoch_correct: int = 0  # of them, predicted right: the epoch's train accuracy
     tokens: int = 0  # input tokens trained on, all processes of the run together
     best_val_loss: float | None = None
     best_step: int | None = None  # its checkpoint is kept: with early stopping it is the result
@@ -68,12 +70,17 @@ def write_dir_atomically(target: Path, fill: Callable[[Path], None]) -> None:
         raise
 
 
-def write_json_atomically(path: Path, data: Any) -> None:
+def write_file_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(staging)` fills a staging file, which is fsynced and then renamed to `path`."""
     staging = path.parent / f".{path.name}.partial"
-    staging.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    write(staging)
     _fsync(staging)
     os.replace(staging, path)
     _fsync(path.parent)
+
+
+def write_json_atomically(path: Path, data: Any) -> None:
+    write_file_atomically(path, lambda staging: staging.write_text(json.dumps(data, indent=2), encoding="utf-8"))
 
 
 def _fsync(path: Path) -> None:
@@ -209,3 +216,48 @@ def prepare_run(run: Path, fingerprint: dict[str, Any], resume: bool) -> Path | 
             )
     write_json_atomically(run / CONFIG_FILE, fingerprint)
     return checkpoint
+
+
+# -- the model's part of a checkpoint ---------------------------------------------------
+
+
+def save_adapter(model: Any, directory: Path, base_ref: str) -> None:
+    """A PEFT directory the registry accepts: safetensors, and the base model it was trained on."""
+    model.save_pretrained(str(directory), safe_serialization=True)
+    config_file = directory / "adapter_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = base_ref
+    config_file.write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+def copy_adapter(source: Path, directory: Path) -> None:
+    for name in ("adapter_config.json", "adapter_model.safetensors", "README.md"):
+        if (source / name).exists():
+            shutil.copy2(source / name, directory / name)
+
+
+def rng_state() -> dict[str, Any]:
+    import torch
+
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore(model: Any, optimizer: Any, scheduler: Any, scaler: Any, checkpoint: Path) -> TrainerState:
+    """Load a checkpoint into the model, optimizer, scheduler, scaler and RNG; return where the loop was."""
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state, optimizer_state, rng = load_checkpoint(checkpoint)
+    weights = load_file(str(checkpoint / "adapter_model.safetensors"))
+    set_peft_model_state_dict(model, weights)
+    optimizer.load_state_dict(optimizer_state["optimizer"])
+    scheduler.load_state_dict(optimizer_state["scheduler"])
+    scaler.load_state_dict(optimizer_state["scaler"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state

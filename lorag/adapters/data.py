@@ -10,51 +10,28 @@ Two shapes per line (the ones TRL and OpenAI fine-tuning use):
   /v1/completions; the completion is followed by the EOS token so the adapter learns to
   stop), or with lists of messages for both (chat; loss on the completion's turns).
 
+DPO's preference lines (lorag.adapters.preference) are tokenized the same way: the prompt
+as the server renders it, each answer as the chat template continues it.
+
 Everything is checked before any training starts, and every problem names its line:
-a run must not die at step 900 on a typo in line 7.
+a run must not die at step 900 on a typo in line 7. `check_training_file` runs the same
+parsing without a tokenizer, for a server to check an upload at once.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal
 
-from lorag.errors import LoragError
+from lorag.adapters.preference import Preference, parse_preference
+from lorag.adapters.records import DataFileError as DataFileError
+from lorag.adapters.records import LineError, TrainingDataError, check_messages, read_jsonl
+from lorag.adapters.records import file_digest as file_digest
 
-ROLES = ("system", "developer", "user", "assistant", "tool")
-MAX_LISTED_PROBLEMS = 10
+# DataFileError and file_digest are re-exported: evaluation and fine-tuning import them from here.
 IGNORE = -100  # label of a token the loss skips (the value torch's cross_entropy ignores)
-
-
-class DataFileError(LoragError):
-    """A JSONL file that cannot be used; the message lists the lines and what is wrong."""
-
-    code = "invalid_data"
-    what = "data"  # "<path>: N problems in the <what>:"
-    noun = "records"  # "the file holds no <noun>"
-
-    def __init__(self, path: Path, problems: list[str]) -> None:
-        shown = problems[:MAX_LISTED_PROBLEMS]
-        more = len(problems) - len(shown)
-        lines = [f"{path}: {len(problems)} problem{'s' if len(problems) != 1 else ''} in the {self.what}:"]
-        lines += [f"  {p}" for p in shown]
-        if more:
-            lines.append(f"  ... and {more} more")
-        super().__init__("\n".join(lines))
-        self.path = path
-        self.problems = problems
-
-
-class TrainingDataError(DataFileError):
-    """The data file cannot be trained on."""
-
-    code = "invalid_training_data"
-    what = "training data"
-    noun = "examples"
+Method = Literal["supervised", "dpo"]
 
 
 @dataclass(frozen=True)
@@ -66,80 +43,59 @@ class Example:
     labels: list[int]
 
 
-class LineError(Exception):
-    """What is wrong with one line (collected, then reported together)."""
+@dataclass(frozen=True)
+class Pair:
+    """One tokenized preference: the same prompt followed by the chosen and by the rejected answer.
 
-
-T = TypeVar("T")
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of the file: a checkpoint may only be resumed on the data it was trained on."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def read_jsonl(path: Path, parse: Callable[[dict[str, Any], int], T], error: type[DataFileError]) -> list[T]:
-    """Each non-blank line of `path`, a JSON object, through `parse(record, line)`.
-
-    `parse` raises LineError for what is wrong with its line; every problem in the file is
-    collected and raised together as `error`, so one run shows them all.
+    `reference`: the reference model's log-probabilities of the two answers (DPO sets them
+    once before training).
     """
-    if not path.is_file():
-        raise LoragError(f"{error.what[:1].upper()}{error.what[1:]} {path} does not exist (or is not a file).")
-    problems: list[str] = []
-    items: list[T] = []
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                problems.append(f"line {number}: not UTF-8 ({err.reason} at byte {err.start})")
-                continue
-            if not text.strip():
-                continue
-            try:
-                items.append(parse(_json_object(text), number))
-            except LineError as err:
-                problems.append(f"line {number}: {err}")
-    if not items and not problems:
-        problems.append(f"the file holds no {error.noun} (every line is empty)")
-    if problems:
-        raise error(path, problems)
-    return items
+
+    line: int
+    chosen: Example
+    rejected: Example
+    reference: tuple[float, float] | None = None
 
 
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise LineError(f"not valid JSON: {err.msg} (column {err.colno})") from None
-    if not isinstance(record, dict):
-        raise LineError(f"expected a JSON object, got {type(record).__name__}")
-    return record
+def check_training_file(path: Path, method: Method) -> int:
+    """The number of examples in `path`, checked for shape only (no tokenizer); TrainingDataError lists problems by line."""
+    parse = parse_example if method == "supervised" else parse_preference
+    return len(read_jsonl(path, lambda record, _line: parse(record), TrainingDataError))
 
 
 def load_examples(path: Path, tokenizer: Any, max_length: int) -> list[Example]:
     """Read, check and tokenize every line of `path`; raise TrainingDataError listing all problems."""
 
     def example(record: dict[str, Any], number: int) -> Example:
-        tokenized = _tokenize(_parse(record), tokenizer, number)
-        if len(tokenized.input_ids) > max_length:
-            raise LineError(f"{len(tokenized.input_ids)} tokens, longer than max length {max_length} "
-                            "(shorten it, split it, or raise --max-length)")
+        tokenized = tokenize_example(parse_example(record), tokenizer, number)
+        check_length(len(tokenized.input_ids), max_length)
         return tokenized
 
     return read_jsonl(path, example, TrainingDataError)
+
+
+def load_pairs(path: Path, tokenizer: Any, max_length: int) -> list[Pair]:
+    """Read, check and tokenize every preference line of `path`, as load_examples does chat lines."""
+
+    def pair(record: dict[str, Any], number: int) -> Pair:
+        tokenized = tokenize_preference(parse_preference(record), tokenizer, number)
+        check_length(max(len(tokenized.chosen.input_ids), len(tokenized.rejected.input_ids)), max_length)
+        return tokenized
+
+    return read_jsonl(path, pair, TrainingDataError)
+
+
+def check_length(tokens: int, max_length: int) -> None:
+    if tokens > max_length:
+        raise LineError(f"{tokens} tokens, longer than max length {max_length} "
+                        "(shorten it, split it, or raise --max-length)")
 
 
 # -- one line -> a normalised example ------------------------------------------------
 
 
 @dataclass(frozen=True)
-class _Parsed:
+class Parsed:
     """A chat (messages + which of them are trained) or raw text (prompt + completion)."""
 
     messages: list[dict[str, str]] | None = None
@@ -148,16 +104,17 @@ class _Parsed:
     completion: str | None = None
 
 
-def _parse(record: dict[str, Any]) -> _Parsed:
+def parse_example(record: dict[str, Any]) -> Parsed:
+    """Check one supervised line's shape (chat or prompt/completion); LineError says what is wrong."""
     has_messages = "messages" in record
     has_pair = "prompt" in record or "completion" in record
     if has_messages and has_pair:
         raise LineError("has both 'messages' and 'prompt'/'completion'; use one shape per line")
     if has_messages:
-        messages, trained = _messages(record["messages"], "messages")
+        messages, trained = check_messages(record["messages"], "messages")
         if not any(trained):
             raise LineError("no assistant message to train on (add one with role 'assistant')")
-        return _Parsed(messages=messages, trained=trained)
+        return Parsed(messages=messages, trained=trained)
     if not has_pair:
         raise LineError("needs 'messages' (chat) or 'prompt' and 'completion'")
     for key in ("prompt", "completion"):
@@ -167,47 +124,23 @@ def _parse(record: dict[str, Any]) -> _Parsed:
     if isinstance(prompt, str) and isinstance(completion, str):
         if not completion:
             raise LineError("'completion' is empty")
-        return _Parsed(prompt=prompt, completion=completion)
+        return Parsed(prompt=prompt, completion=completion)
     if isinstance(prompt, list) and isinstance(completion, list):
-        before, _ = _messages(prompt, "prompt")
-        after, trained = _messages(completion, "completion")
+        before, _ = check_messages(prompt, "prompt")
+        after, trained = check_messages(completion, "completion")
         if not after or any(m["role"] != "assistant" for m in after):
             raise LineError("'completion' must hold assistant messages only")
-        return _Parsed(messages=before + after, trained=[False] * len(before) + trained)
+        if not any(trained):
+            raise LineError("no assistant message to train on (every 'completion' message has weight 0)")
+        return Parsed(messages=before + after, trained=[False] * len(before) + trained)
     raise LineError("'prompt' and 'completion' must both be strings, or both lists of messages")
-
-
-def _messages(value: object, key: str) -> tuple[list[dict[str, str]], list[bool]]:
-    """Check a list of messages; return them (role and content only) and which are trained."""
-    if not isinstance(value, list) or not value:
-        raise LineError(f"'{key}' must be a non-empty list of messages")
-    messages: list[dict[str, str]] = []
-    trained: list[bool] = []
-    for index, message in enumerate(value):
-        where = f"{key}[{index}]"
-        if not isinstance(message, dict):
-            raise LineError(f"{where} must be an object with 'role' and 'content'")
-        role = message.get("role")
-        if role is None:
-            raise LineError(f"{where} has no 'role'")
-        if role not in ROLES:
-            raise LineError(f"{where} has role {role!r}; expected one of {', '.join(ROLES)}")
-        content = message.get("content")
-        if not isinstance(content, str):
-            what = "no 'content'" if content is None else f"a {type(content).__name__} 'content'"
-            raise LineError(f"{where} ({role}) has {what}; it must be a string")
-        weight = message.get("weight", 1)
-        if weight not in (0, 1) or isinstance(weight, bool):
-            raise LineError(f"{where} has weight {weight!r}; use 0 (context only) or 1 (trained)")
-        messages.append({"role": role, "content": content})
-        trained.append(role == "assistant" and weight == 1)
-    return messages, trained
 
 
 # -- normalised example -> token ids and labels ---------------------------------------
 
 
-def _tokenize(parsed: _Parsed, tokenizer: Any, line: int) -> Example:
+def tokenize_example(parsed: Parsed, tokenizer: Any, line: int) -> Example:
+    """Token ids, and labels on the trained part only."""
     if parsed.messages is not None and parsed.trained is not None:
         segments = _chat_segments(parsed.messages, parsed.trained, tokenizer)
         ids: list[int] = []
@@ -228,6 +161,20 @@ def _tokenize(parsed: _Parsed, tokenizer: Any, line: int) -> Example:
     if not any(label != IGNORE for label in labels):
         raise LineError("the trained part is empty after tokenization")
     return Example(line=line, input_ids=ids, labels=labels)
+
+
+def tokenize_preference(preference: Preference, tokenizer: Any, line: int) -> Pair:
+    """The prompt rendered with the generation prompt, then each answer as the chat template continues it.
+
+    Both are tokenized as a chat example whose one trained turn is that answer, so the
+    prompt's tokens are the same in both and the labels cover the answer (end of turn included).
+    """
+    context = [False] * len(preference.prompt)
+
+    def side(answer: dict[str, str]) -> Example:
+        return tokenize_example(Parsed(messages=[*preference.prompt, answer], trained=[*context, True]), tokenizer, line)
+
+    return Pair(line=line, chosen=side(preference.chosen), rejected=side(preference.rejected))
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:

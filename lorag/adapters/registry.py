@@ -25,7 +25,8 @@ from pathlib import Path
 from lorag.adapters.validate import AdapterInfo, AdapterInvalid
 from lorag.errors import ConflictError, LoragError, NotFoundError
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# ':' for fine-tuned models' OpenAI ids (ft:<base>:<org>:<suffix>:<job-id>[:ckpt-step-N]).
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,191}$")
 VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
 REGISTRY_FILE = "registry.json"
 
@@ -44,6 +45,9 @@ class AdapterVersion:
     target_modules: tuple[str, ...]
     base_model: str
     created_at: float
+    # The key id that made it (a fine-tuning job's): only that key and admins may name it as
+    # `model`, unless a domain exposes it. None: every key that may use adapters.
+    owner: str | None = None
 
     @property
     def ref(self) -> str:
@@ -65,7 +69,8 @@ def split_ref(ref: str) -> tuple[str, str | None]:
 def check_name(name: str, version: str | None = None) -> None:
     if not NAME_PATTERN.match(name):
         raise AdapterInvalid(
-            f"Adapter name {name!r} is invalid: use letters, digits, '.', '_' or '-' (max 64), starting with a letter or digit."
+            f"Adapter name {name!r} is invalid: use letters, digits, '.', '_', ':' or '-' (max 192), "
+            "starting with a letter or digit."
         )
     if version is not None and not VERSION_PATTERN.match(version):
         raise AdapterInvalid(f"Adapter version {version!r} is invalid: use letters, digits, '.', '_' or '-' (max 32).")
@@ -131,6 +136,7 @@ class AdapterRegistry:
         *,
         version: str | None = None,
         activate: bool = True,
+        owner: str | None = None,
     ) -> AdapterVersion:
         """Copy a validated adapter in and record it; `activate` makes it the name's current version."""
         check_name(name, version)
@@ -154,6 +160,7 @@ class AdapterRegistry:
                 target_modules=info.target_modules,
                 base_model=info.base_model,
                 created_at=time.time(),
+                owner=owner,
             )
             self._next_id += 1
             if named is None:
@@ -163,6 +170,14 @@ class AdapterRegistry:
                 named.current = version
             self._save()
             return entry
+
+    def reserve_id(self) -> int:
+        """An engine id no version will ever get: to load a candidate before it is registered (a canary)."""
+        with self._lock, self._file_lock():
+            reserved = self._next_id
+            self._next_id += 1
+            self._save()
+            return reserved
 
     def activate(self, name: str, version: str) -> AdapterVersion:
         """Point `name` at `version`; requests already running keep the version they started with."""

@@ -56,12 +56,14 @@ class AdapterService:
         return source, info
 
     async def add(
-        self, name: str, path: Path, *, version: str | None = None, activate: bool = True, trusted: bool = False
+        self, name: str, path: Path, *, version: str | None = None, activate: bool = True, trusted: bool = False,
+        owner: str | None = None,
     ) -> AdapterVersion:
         """Validate, copy in, load into the engine, then make it visible (in that order)."""
         source, info = await asyncio.to_thread(self.validate, name, path, version, trusted)
         # Registered but not yet current, so no request can reach it before the engine has it.
-        entry = await asyncio.to_thread(self.registry.register, name, source, info, version=version, activate=False)
+        entry = await asyncio.to_thread(self.registry.register, name, source, info, version=version, activate=False,
+                                  owner=owner)
         if self.engine is not None:
             try:
                 await self.engine.load_adapter(entry)

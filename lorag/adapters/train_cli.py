@@ -27,6 +27,15 @@ TARGETS_HELP = "Comma-separated leaf names of linear layers (q_proj,v_proj,...),
 @click.argument("name")
 @click.argument("data", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--model", "model_path", help="Base model path or HF id (default: the configured model.path).")
+@click.option("--method", type=click.Choice(["supervised", "dpo"]), default="supervised", show_default=True,
+              help="supervised: learn the assistant turns; dpo: learn to prefer each line's preferred answer "
+                   "(OpenAI's preference format).")
+@click.option("--beta", type=click.FloatRange(0, min_open=True), default=0.1, show_default=True,
+              help="DPO's beta: larger keeps the adapter closer to the model it starts from.")
+@click.option("--init-adapter", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Continue training this PEFT LoRA adapter (its own rank, alpha and target modules).")
+@click.option("--val-data", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Validate on this JSONL file (same format) instead of holding out --val-split of DATA.")
 @click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path),
               help="Run directory (default: <state>/training/NAME/<timestamp>).")
 @click.option("--rank", type=click.IntRange(min=1), default=16, show_default=True, help="LoRA rank r.")
@@ -67,8 +76,9 @@ TARGETS_HELP = "Comma-separated leaf names of linear layers (q_proj,v_proj,...),
 @click.option("--serve", is_flag=True, help="Hot-load into the running server (required to answer; checked first).")
 @click.option("--no-register", is_flag=True, help="Only train; register later with `lorag adapters add`.")
 @pass_backend
-def train_command(target: AdapterBackend, name: str, data: Path, model_path: str | None, output: Path | None,
-                  rank: int, alpha: int | None, target_modules: str, dropout: float, lr: float,
+def train_command(target: AdapterBackend, name: str, data: Path, model_path: str | None, method: str, beta: float,
+                  init_adapter: Path | None, val_data: Path | None, output: Path | None, rank: int,
+                  alpha: int | None, target_modules: str, dropout: float, lr: float,
                   warmup_ratio: float, weight_decay: float, epochs: int, batch_size: int, group_by_length: bool,
                   grad_accum: int,
                   max_length: int, val_split: float, eval_steps: int, early_stopping_patience: int, seed: int,
@@ -78,7 +88,8 @@ def train_command(target: AdapterBackend, name: str, data: Path, model_path: str
     """Fine-tune a LoRA adapter NAME on the base model from the JSONL file DATA, and register it.
 
     DATA holds one example a line: {"messages": [...]} (chat, loss on the assistant turns)
-    or {"prompt": ..., "completion": ...}. See docs/training.md.
+    or {"prompt": ..., "completion": ...}; with --method dpo, {"input": {"messages": [...]},
+    "preferred_output": [...], "non_preferred_output": [...]}. See docs/training.md.
     """
     from lorag.adapters.registry import check_name
     from lorag.adapters.train import TrainSettings, fingerprint
@@ -95,12 +106,16 @@ def train_command(target: AdapterBackend, name: str, data: Path, model_path: str
     base = model_path or settings.model.path
     if not base:
         raise LoragError("No base model: pass --model, or set model.path in lorag.toml.")
-    if not no_register and rank > settings.engine.max_lora_rank:
+    if init_adapter is not None:  # the registry's checks, now: a LoRA adapter of this base model, servable
+        rank = _init_adapter_rank(init_adapter, base, None if no_register else settings.engine.max_lora_rank)
+    elif not no_register and rank > settings.engine.max_lora_rank:
         raise LoragError(f"--rank {rank} is above the engine's max_lora_rank {settings.engine.max_lora_rank}: "
                          "the server could not load the adapter. Lower --rank or raise engine.max_lora_rank.")
     train_settings = TrainSettings.build(
         model_path=base, tokenizer_path=None if model_path else settings.model.tokenizer,
-        trust_remote_code=settings.model.trust_remote_code, rank=rank, alpha=alpha or 2 * rank,
+        trust_remote_code=settings.model.trust_remote_code, method=method, beta=beta,
+        init_adapter=None if init_adapter is None else str(init_adapter.resolve()), rank=rank,
+        alpha=alpha or 2 * rank,
         target_modules=tuple(t.strip() for t in target_modules.split(",") if t.strip()), dropout=dropout,
         learning_rate=lr, warmup_ratio=warmup_ratio, weight_decay=weight_decay, epochs=epochs,
         batch_size=batch_size, group_by_length=group_by_length, grad_accum=grad_accum, max_length=max_length, val_split=val_split,
@@ -109,9 +124,11 @@ def train_command(target: AdapterBackend, name: str, data: Path, model_path: str
         keep_checkpoints=keep_checkpoints,
     )
     run_dir = output or _default_run_dir(settings.state_path / "training" / name,
-                                         fingerprint(train_settings, data) if resume else None)
-    result = _train_with_progress(train_settings, data, run_dir, resume, name)
+                                         fingerprint(train_settings, data, val_data) if resume else None)
+    result = _train_with_progress(train_settings, data, run_dir, resume, name, val_data)
     val = "" if result.val_loss is None else f", val loss {result.initial_val_loss:.4f} -> {result.val_loss:.4f}"
+    if result.val_accuracy is not None:
+        val += f", val accuracy {result.val_accuracy:.3f}"
     resumed = f" (resumed at step {result.resumed_from_step})" if result.resumed_from_step else ""
     click.echo(f"trained {name}: {result.steps} steps{resumed}, train loss {result.train_loss:.4f}{val}, "
                f"{result.tokens_per_second:,.0f} tokens/s -> {result.adapter_dir}")
@@ -137,8 +154,18 @@ def _default_run_dir(runs_root: Path, resumable: dict[str, Any] | None) -> Path:
     return run_dir
 
 
-def _train_with_progress(settings: Any, data: Path, run_dir: Path, resume: bool, name: str) -> Any:
-    """Run training behind a tqdm bar (steps, loss, validation loss); no bar when stderr is not a terminal."""
+def _init_adapter_rank(adapter: Path, base: str, max_lora_rank: int | None) -> int:
+    """The rank an --init-adapter trains at (its own), once the registry's validation accepts it."""
+    from lorag.adapters.validate import model_module_names, validate_adapter
+
+    info = validate_adapter(adapter, served_model=base, model_module_names=model_module_names(base),
+                            max_lora_rank=max_lora_rank or sys.maxsize)
+    return info.rank
+
+
+def _train_with_progress(settings: Any, data: Path, run_dir: Path, resume: bool, name: str,
+                         val_data: Path | None = None) -> Any:
+    """Run training behind a tqdm bar (steps, loss, accuracy, validation loss); no bar when stderr is not a terminal."""
     from tqdm import tqdm
     from transformers.utils import logging as hf_logging
 
@@ -158,17 +185,19 @@ def _train_with_progress(settings: Any, data: Path, run_dir: Path, resume: bool,
             return
         elif event.kind == "step":
             postfix["loss"] = f"{event.loss:.4f}"
+            postfix["acc"] = f"{event.accuracy:.3f}"
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
         elif event.kind == "eval":
             postfix["val"] = f"{event.val_loss:.4f}"
+            postfix["val_acc"] = f"{event.val_accuracy:.3f}"
             bar.set_postfix(postfix)
         elif event.kind == "end":
             bar.close()
 
     with _logs_above_the_bar():
         try:
-            return train(settings, data, run_dir, resume=resume, progress=progress)
+            return train(settings, data, run_dir, resume=resume, progress=progress, val_data=val_data)
         finally:
             if bar is not None:
                 bar.close()

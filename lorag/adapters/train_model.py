@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from lorag.adapters.train_settings import ALL_LINEAR, TrainSettings
@@ -39,7 +40,8 @@ def amp_dtype_for(precision: str, device: Any) -> Any:
 
 
 def build_model(settings: TrainSettings, device: Any, amp_dtype: Any) -> tuple[Any, list[str]]:
-    """The base model (4-bit with --qlora) wrapped with a fresh LoRA adapter; returns it and its targets."""
+    """The base model (4-bit with --qlora) wrapped with a fresh LoRA adapter, or the init adapter
+    (trainable) when the settings name one; returns it and its target modules."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -54,7 +56,6 @@ def build_model(settings: TrainSettings, device: Any, amp_dtype: Any) -> tuple[A
     if not settings.qlora:
         model.to(device)
     model.config.use_cache = False
-    targets = resolve_target_modules(model, settings.target_modules)
     if settings.qlora:
         from peft import prepare_model_for_kbit_training
 
@@ -65,11 +66,37 @@ def build_model(settings: TrainSettings, device: Any, amp_dtype: Any) -> tuple[A
     elif settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(settings.seed)  # the LoRA A matrices' initialisation
+    if settings.init_adapter:
+        return _load_adapter(model, settings.init_adapter)
+    targets = resolve_target_modules(model, settings.target_modules)
     config = LoraConfig(
         r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
         target_modules=targets, bias="none", task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config), targets
+
+
+def _load_adapter(base: Any, directory: str) -> tuple[Any, list[str]]:
+    """`base` with the LoRA adapter in `directory`, trainable, as its own config describes it."""
+    from peft import PeftModel
+
+    if not (Path(directory).expanduser() / "adapter_config.json").is_file():
+        raise LoragError(f"--init-adapter {directory} is not a PEFT adapter directory (no adapter_config.json).")
+    try:
+        model = PeftModel.from_pretrained(base, str(Path(directory).expanduser()), is_trainable=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise LoragError(f"Cannot load the adapter {directory} onto the base model: {err}") from None
+    config: Any = model.peft_config["default"]
+    if getattr(config, "peft_type", None) != "LORA":
+        raise LoragError(f"--init-adapter {directory} is a {config.peft_type} adapter; only LoRA can be trained.")
+    targets = config.target_modules
+    return model, sorted(targets) if isinstance(targets, (set, list, tuple)) else [str(targets)]
+
+
+def adapter_rank(model: Any) -> int:
+    """The largest LoRA rank of the model's adapter (its rank_pattern included)."""
+    config: Any = model.peft_config["default"]
+    return max([int(config.r), *(int(r) for r in (config.rank_pattern or {}).values())])
 
 
 def _qlora_kwargs(device: Any, amp_dtype: Any) -> dict[str, Any]:

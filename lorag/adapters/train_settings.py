@@ -21,6 +21,16 @@ class TrainSettings(BaseModel):
     model_path: str = Field(min_length=1)
     tokenizer_path: str | None = None
     trust_remote_code: bool = False
+    method: Literal["supervised", "dpo"] = Field(
+        default="supervised",
+        description="supervised: learn the assistant turns; dpo: prefer each pair's preferred answer.")
+    beta: float = Field(default=0.1, gt=0, description="DPO's beta: how far from the reference it may move "
+                        "(larger: closer); ignored by supervised training.")
+    init_adapter: str | None = Field(
+        default=None, min_length=1,
+        description="A PEFT LoRA directory to start from (continue training it). Its own LoRA config "
+                    "(rank, alpha, target modules, dropout) is used then; rank, alpha, target_modules "
+                    "and dropout here are ignored. DPO's reference model is then base + this adapter.")
     rank: int = Field(default=16, ge=1)
     alpha: int = Field(default=32, ge=1)
     target_modules: tuple[str, ...] = (ALL_LINEAR,)

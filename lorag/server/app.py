@@ -21,8 +21,18 @@ from fastapi.responses import JSONResponse
 from lorag import __version__
 from lorag.adapters.service import AdapterService
 from lorag.config import Settings
+from lorag.finetune.files import FileStore
+from lorag.finetune.service import FineTuningService
 from lorag.logging import get_logger
-from lorag.server import admin_api, knowledge_api, limits, metrics, openai_api
+from lorag.server import (
+    admin_api,
+    files_api,
+    fine_tuning_api,
+    knowledge_api,
+    limits,
+    metrics,
+    openai_api,
+)
 from lorag.server.errors import error_body, error_response, install_error_handlers
 from lorag.serving.build import ServingEngine, build_engine, build_pipeline
 from lorag.serving.pipeline import Pipeline
@@ -43,7 +53,7 @@ class RequestContext:
     def __init__(self, app: Any, max_body: int, max_upload: int) -> None:
         self.app = app
         self.max_body = max_body
-        self.max_upload = max_upload  # multipart file uploads (knowledge ingestion) have their own ceiling
+        self.max_upload = max_upload  # multipart uploads (knowledge ingestion, /v1/files) have their own ceiling
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -100,6 +110,8 @@ def create_app(settings: Settings, engine: ServingEngine | None = None) -> FastA
     engine = engine or build_engine(settings)
     pipeline = build_pipeline(settings, engine)
     adapters = AdapterService(settings, pipeline.registry, engine)
+    files = FileStore(settings.state_path, settings.fine_tuning.max_file_bytes)
+    fine_tuning = FineTuningService(settings, files, adapters, engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -111,6 +123,7 @@ def create_app(settings: Settings, engine: ServingEngine | None = None) -> FastA
             if not engine.started:
                 await engine.start()
             await preload_adapters(settings, adapters)
+            await fine_tuning.runner.start()  # after the engine: a job trained before a restart is registered now
         except BaseException:
             stop_warmup.set()
             raise
@@ -121,6 +134,7 @@ def create_app(settings: Settings, engine: ServingEngine | None = None) -> FastA
         finally:
             stop_warmup.set()
             watchdog.cancel()
+            await fine_tuning.runner.stop()  # workers checkpoint; their jobs resume at the next start
             app.state.waiting.add("engine")  # a warm-up finishing now must not make us ready again
             app.state.ready = False
             pipeline.knowledge.close()
@@ -133,6 +147,8 @@ def create_app(settings: Settings, engine: ServingEngine | None = None) -> FastA
     app.state.plugins = pipeline.plugins
     app.state.knowledge = pipeline.knowledge
     app.state.adapters = adapters
+    app.state.files = files
+    app.state.fine_tuning = fine_tuning
     app.state.ready = False
     app.state.waiting = {"engine", "warmup"}  # what /ready waits for; the lifespan and warm-up clear it
     install_error_handlers(app)
@@ -141,6 +157,8 @@ def create_app(settings: Settings, engine: ServingEngine | None = None) -> FastA
     app.include_router(openai_api.router, dependencies=[Depends(limits.admission)])
     app.include_router(admin_api.router)
     app.include_router(knowledge_api.router)
+    app.include_router(files_api.router)
+    app.include_router(fine_tuning_api.router)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -169,8 +187,10 @@ def create_app(settings: Settings, engine: ServingEngine | None = None) -> FastA
             answer["servers"] = {s["name"]: {"up": s["up"] and s["ready"], "refused": s["refused"]} for s in servers}
         return JSONResponse(answer)
 
+    # Multipart bodies: a knowledge upload or a fine-tuning file, each with a MiB for the form around it.
+    max_upload = max(settings.knowledge.ingest.max_upload_bytes, settings.fine_tuning.max_file_bytes) + (1 << 20)
     app.add_middleware(RequestContext, max_body=settings.server.max_request_bytes,
-                       max_upload=max(settings.knowledge.ingest.max_upload_bytes + (1 << 20), settings.server.max_request_bytes))
+                       max_upload=max(max_upload, settings.server.max_request_bytes))
     if settings.server.cors_origins:  # browsers on these origins may call the API (keys are still required)
         from fastapi.middleware.cors import CORSMiddleware
 

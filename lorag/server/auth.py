@@ -50,6 +50,7 @@ def principal_for(key: ApiKey) -> Principal:
         domains=frozenset(key.domains) if key.domains is not None else None,
         knowledge=key.knowledge,
         overrides=key.overrides,
+        fine_tune=key.fine_tune,
         key_id=key_id(key.sha256),
     )
 
@@ -151,4 +152,13 @@ async def require_knowledge(request: Request) -> Principal:
     principal = await require_key(request)
     if not (principal.admin or principal.knowledge):
         raise PermissionDenied("This API key may not query knowledge bases directly.")
+    return principal
+
+
+async def require_fine_tune(request: Request) -> Principal:
+    """FastAPI dependency: a key that may use files and fine-tuning (jobs take the machine's time, so it is granted)."""
+    principal = await require_key(request)
+    if not (principal.admin or principal.fine_tune):
+        raise PermissionDenied("This API key may not use fine-tuning: it needs the fine_tune scope "
+                               "(lorag keys create --fine-tune).")
     return principal

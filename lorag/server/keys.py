@@ -54,15 +54,16 @@ class Scopes:
     domains: tuple[str, ...] | None = None  # None: every domain
     knowledge: bool = True
     overrides: bool = True
+    fine_tune: bool = False  # granted, never implied: a keys.json written before it existed loads without it
 
     @classmethod
     def of(cls, key: ApiKey) -> Scopes:
         return cls(admin=key.admin, domains=tuple(key.domains) if key.domains is not None else None,
-                   knowledge=key.knowledge, overrides=key.overrides)
+                   knowledge=key.knowledge, overrides=key.overrides, fine_tune=key.fine_tune)
 
     def to_json(self) -> dict[str, Any]:
         return {"admin": self.admin, "domains": list(self.domains) if self.domains is not None else None,
-                "knowledge": self.knowledge, "overrides": self.overrides}
+                "knowledge": self.knowledge, "overrides": self.overrides, "fine_tune": self.fine_tune}
 
     def describe(self) -> str:
         if self.admin:
@@ -70,6 +71,8 @@ class Scopes:
         parts = ["domains=" + (",".join(self.domains) if self.domains is not None else "*")]
         parts.append("knowledge" if self.knowledge else "no-knowledge")
         parts.append("overrides" if self.overrides else "no-overrides")
+        if self.fine_tune:
+            parts.append("fine-tune")
         return " ".join(parts)
 
 
@@ -112,6 +115,7 @@ class StoredKey:
             domains=list(self.scopes.domains) if self.scopes.domains is not None else None,
             knowledge=self.scopes.knowledge,
             overrides=self.scopes.overrides,
+            fine_tune=self.scopes.fine_tune,
         )
 
 
@@ -164,6 +168,7 @@ class KeyStore:
         domains: list[str] | None = None,
         knowledge: bool = True,
         overrides: bool = True,
+        fine_tune: bool = False,
         reserved_names: frozenset[str] = frozenset(),
     ) -> tuple[StoredKey, str]:
         """A new key and its secret; the secret exists only in the return value."""
@@ -187,7 +192,7 @@ class KeyStore:
                 key_id = "key_" + secrets.token_hex(4)
             secret = new_secret()
             scopes = Scopes(admin=admin, domains=tuple(domains) if domains is not None else None,
-                            knowledge=knowledge, overrides=overrides)
+                            knowledge=knowledge, overrides=overrides, fine_tune=fine_tune)
             entry = StoredKey(id=key_id, name=name, prefix=secret[:PREFIX_CHARS], hash=hash_secret(secret),
                               created_at=now_iso(), scopes=scopes)
             self._write([*keys, entry])

@@ -28,19 +28,22 @@ def keys_group() -> None:
 
 @keys_group.command("create")
 @click.option("--name", required=True, help="A unique name (domains may grant access by key name).")
-@click.option("--admin", is_flag=True, help="Admin key: every domain, knowledge and the admin endpoints.")
+@click.option("--admin", is_flag=True, help="Admin key: every domain, knowledge, fine-tuning and the admin endpoints.")
 @click.option("--domain", "domains", multiple=True, metavar="DOMAIN", help="Limit the key to this domain (repeatable; default: all).")
 @click.option("--no-knowledge", is_flag=True, help="May not query knowledge bases directly (/v1/knowledge).")
 @click.option("--no-overrides", is_flag=True, help="May not override retrieval or the adapter per request.")
+@click.option("--fine-tune", is_flag=True,
+              help="May upload files and run fine-tuning jobs (/v1/files, /v1/fine_tuning); off by default.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (the secret included, once).")
 @config_options
 def create_cmd(name: str, admin: bool, domains: tuple[str, ...], no_knowledge: bool, no_overrides: bool,
-               as_json: bool) -> None:
+               fine_tune: bool, as_json: bool) -> None:
     """Create a key and print its secret. It cannot be shown again: store it now."""
     settings, store = _open()
     reserved = frozenset(k.name for k in settings.server.api_keys if k.name)
     entry, secret = store.create(name, admin=admin, domains=list(domains) if domains else None,
-                                 knowledge=not no_knowledge, overrides=not no_overrides, reserved_names=reserved)
+                                 knowledge=not no_knowledge, overrides=not no_overrides, fine_tune=fine_tune,
+                                 reserved_names=reserved)
     for domain in domains:
         if domain not in settings.domains:
             click.echo(f"warning: domain {domain!r} is not defined in the config (yet)", err=True)

@@ -15,11 +15,11 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from lorag.errors import LoragError
+from lorag.errors import LoragError, NotFoundError, PermissionDenied
 from lorag.server.auth import Principal, require_key
 from lorag.server.errors import error_body
 from lorag.server.limits import admit, release_slot
-from lorag.server.metrics import observe
+from lorag.server.metrics import forget_adapter, observe
 from lorag.serving.jobs import Choice, Delta, Job, new_request_id
 from lorag.serving.pipeline import Pipeline
 from lorag.serving.prompt import citation
@@ -38,6 +38,7 @@ from lorag.serving.protocol import (
     TextCompletion,
     Usage,
 )
+from lorag.serving.resolution import may_name
 from lorag.serving.token_release import token_text
 
 router = APIRouter()
@@ -71,11 +72,32 @@ async def list_models(
     if principal.admin or principal.domains is None:
         data.append(card(base, base, None, max_model_len=pipeline.engine.max_model_len))
         for entry in pipeline.registry.current():
+            if not may_name(principal, entry):
+                continue
             data.extend(card(model_id, entry.ref, base, int(entry.created_at),
                              lorag={"adapter": entry.ref, "rank": entry.rank, "lora_int_id": entry.lora_int_id})
-                        for model_id in (entry.name, entry.ref)
+                        for model_id in ((entry.name,) if entry.owner else (entry.name, entry.ref))
                         if model_id not in pipeline.domains)  # a domain of that name answers it
     return ModelList(object="list", data=data).model_dump(exclude_unset=True)
+
+
+@router.delete("/v1/models/{model:path}")
+async def delete_model(model: str, request: Request, pipeline: Pipeline = Depends(get_pipeline),
+                       principal: Principal = Depends(require_key)) -> dict[str, Any]:
+    """A fine-tuned model goes (its owner's key or an admin): unloaded once no request holds it.
+    Other adapters are an operator's to remove (`lorag adapters remove`), not a client's."""
+    try:
+        entry = pipeline.registry.resolve(model)
+    except LoragError:
+        entry = None
+    if entry is None or not may_name(principal, entry) or "@" in model:
+        raise NotFoundError(f"The model '{model}' does not exist.", param="model")
+    if entry.owner is None:
+        raise PermissionDenied(f"'{model}' is not a fine-tuned model; an operator removes adapters with "
+                               "`lorag adapters remove`.", param="model")
+    service = request.app.state.adapters
+    await service.remove(entry.name, on_released=forget_adapter(request))
+    return {"id": model, "object": "model", "deleted": True}
 
 
 @router.post("/v1/chat/completions")

@@ -17,6 +17,8 @@ class Principal:
     knowledge: bool = True
     # May change retrieval or the adapter per request (the body's `lorag` field).
     overrides: bool = True
+    # May upload files and run fine-tuning jobs (they take the machine's time): off unless granted.
+    fine_tune: bool = False
     # Who the key is, for limits and metrics: from its hash, so two unnamed keys are two callers.
     key_id: str = ""
 

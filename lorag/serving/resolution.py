@@ -49,7 +49,7 @@ class Resolver:
                                    param="model")
         if model == self.base_model:
             return Target(model=model, adapter=None)
-        return Target(model=model, adapter=self._adapter(model, "model"))
+        return Target(model=model, adapter=self._adapter(model, "model", principal))
 
     def _domain_adapter(self, domain: Domain, version: str | None, override: str | None,
                         principal: Principal | None) -> AdapterVersion | None:
@@ -62,7 +62,7 @@ class Resolver:
             ):
                 raise PermissionDenied("This API key may not swap the domain's adapter for another one.",
                                        param="lorag.adapter")
-            return self._adapter(override, "lorag.adapter")
+            return self._adapter(override, "lorag.adapter", principal)
         if configured is None:
             if version is not None:
                 raise NotFoundError(f"The domain '{domain.name}' has no adapter, so no version '{version}'.",
@@ -71,10 +71,19 @@ class Resolver:
         ref = f"{split_ref(configured)[0]}@{version}" if version else configured
         return self._adapter(ref, "model")
 
-    def _adapter(self, ref: str, param: str) -> AdapterVersion:
+    def _adapter(self, ref: str, param: str, principal: Principal | None = None) -> AdapterVersion:
+        """The version `ref` names, if the caller may name it (another key's fine-tuned model looks absent)."""
         try:
-            return self.registry.resolve(ref)
+            entry = self.registry.resolve(ref)
+            if not may_name(principal, entry):
+                raise NotFoundError(ref)
+            return entry
         except NotFoundError:
             raise NotFoundError(
                 f"The model '{ref}' does not exist. GET /v1/models lists the served models.", param=param,
             ) from None
+
+
+def may_name(principal: Principal | None, entry: AdapterVersion) -> bool:
+    """Whether a key may ask for this adapter by name: its owner's (a fine-tuning job's key) and admins'."""
+    return entry.owner is None or principal is None or principal.admin or principal.key_id == entry.owner

@@ -1,0 +1,225 @@
+"""The runner: works the persistent job queue with worker processes, beside the serving loop.
+
+It lives in the server's event loop but does no training there: each running job is a
+`lorag.finetune.worker` process (threads capped), at most `fine_tuning.max_concurrent` at a
+time, oldest queued job first. What a worker's exit means is decided here:
+
+- trained: the server checks and registers the adapter (`finish`, the service's);
+- the data is at fault: the job fails with the worker's error, naming the line;
+- stopped on request: paused (or back in the queue when the server is stopping);
+- anything else (a crash, `kill -9`): the job goes back to the queue and resumes from its
+  last checkpoint, until `fine_tuning.max_attempts` crashes, when it fails with the reason.
+
+On start it recovers what a previous server left: jobs marked running have lost their worker
+(workers die with the server), so they are resumed or, if training had finished, finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from lorag.finetune.jobs import WORKER_LOG, JobStore, add_event, read_worker
+from lorag.finetune.settings import FineTuningSettings
+from lorag.finetune.worker import EXIT_BAD_INPUT
+from lorag.logging import get_logger
+
+log = get_logger("lorag.finetune")
+TICK_S = 1.0
+STOP_GRACE_S = 20.0  # a stopping server gives each worker this long to checkpoint and exit
+LOG_TAIL_CHARS = 600
+
+Hook = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class JobRunner:
+    def __init__(self, settings: FineTuningSettings, store: JobStore, validate: Hook, finish: Hook,
+                 fail: Callable[[str, dict[str, Any]], Awaitable[None]]) -> None:
+        self.settings = settings
+        self.store = store
+        self._validate = validate  # validating_files -> queued (or failed)
+        self._finish = finish  # a trained job -> canary, registration, succeeded (or failed)
+        self._fail = fail
+        self.workers: dict[str, asyncio.subprocess.Process] = {}
+        self._stopping: dict[str, str] = {}  # job id -> "cancel" | "pause" | "shutdown"
+        self._watchers: set[asyncio.Task[None]] = set()
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._wake = asyncio.Event()
+        await self._recover()
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        """Checkpoint and stop every worker; their jobs resume when a server starts again."""
+        if self._task is not None:
+            self._task.cancel()
+        for job_id in list(self.workers):
+            self.signal(job_id, "shutdown")
+        deadline = time.monotonic() + STOP_GRACE_S
+        while self.workers and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        for job_id, process in list(self.workers.items()):
+            process.kill()
+            log.warning("worker_killed_at_shutdown", job=job_id)
+        while self.workers and time.monotonic() < deadline + 5:
+            await asyncio.sleep(0.1)
+
+    def poke(self) -> None:
+        """Look at the queue now (a job was made, cancelled, resumed)."""
+        if self._wake is not None:
+            self._wake.set()
+
+    def signal(self, job_id: str, why: str) -> bool:
+        """Stop a job's worker: 'cancel' kills it, 'pause' and 'shutdown' let it checkpoint first."""
+        process = self.workers.get(job_id)
+        if process is None or process.returncode is not None:
+            return False
+        self._stopping[job_id] = why
+        if why == "cancel":
+            process.kill()
+        else:
+            process.send_signal(signal.SIGTERM)
+        return True
+
+    # -- the queue -------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        assert self._wake is not None
+        while True:
+            try:
+                await self._tick()
+            except Exception:  # one bad job must not stop the queue
+                log.exception("fine_tuning_tick_failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), TICK_S)
+            self._wake.clear()
+
+    async def _tick(self) -> None:
+        jobs = self.store.all()
+        for record in jobs:
+            if record["status"] == "validating_files":
+                await self._validate(record)
+            elif record["status"] == "running" and record["id"] in self.workers:
+                self._refresh(record)
+        free = self.settings.max_concurrent - len(self.workers)
+        for record in [r for r in self.store.all() if r["status"] == "queued"][:max(free, 0)]:
+            await self._spawn(record)
+
+    def _refresh(self, record: dict[str, Any]) -> None:
+        """Carry the worker's estimate of when it finishes onto the job."""
+        estimate = read_worker(self.store.dir_of(record["id"])).get("estimated_finish")
+        if estimate != record.get("estimated_finish"):
+            self.store.update(record["id"], estimated_finish=estimate)
+
+    async def _spawn(self, record: dict[str, Any]) -> None:
+        job_id = record["id"]
+        job_dir = self.store.dir_of(job_id)
+        threads = str(self.settings.threads)
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+               "TOKENIZERS_PARALLELISM": "false", "LORAG_WORKER_PARENT": str(os.getpid())}
+        with (job_dir / WORKER_LOG).open("ab") as output:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "lorag.finetune.worker", str(job_dir), stdout=output,
+                stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True)
+        self.workers[job_id] = process
+        first = not record.get("started_at")
+        self.store.update(job_id, status="running", worker_pid=process.pid,
+                          started_at=record.get("started_at") or int(time.time()))
+        add_event(job_dir, "Fine-tuning job started." if first else "Fine-tuning job resumed.")
+        log.info("fine_tuning_worker_started", job=job_id, pid=process.pid, threads=self.settings.threads)
+        watcher = asyncio.create_task(self._watch(job_id, process))
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
+
+    async def _watch(self, job_id: str, process: asyncio.subprocess.Process) -> None:
+        code = await process.wait()
+        why = self._stopping.pop(job_id, None)
+        try:
+            await self._ended(job_id, code, why)
+        except Exception:
+            log.exception("fine_tuning_job_end_failed", job=job_id)
+        finally:
+            self.workers.pop(job_id, None)
+            self.poke()
+
+    async def _ended(self, job_id: str, code: int, why: str | None) -> None:
+        record = self.store.get(job_id)
+        job_dir = self.store.dir_of(job_id)
+        outcome = read_worker(job_dir)
+        log.info("fine_tuning_worker_exited", job=job_id, code=code, outcome=outcome.get("outcome"), why=why)
+        if record["status"] in ("cancelled", "failed", "succeeded"):
+            return  # cancelled while it ran: the job says so already
+        if code == 0 and outcome.get("outcome") == "trained":
+            self.store.update(job_id, worker_pid=None)
+            await self._finish(self.store.get(job_id))
+        elif code == EXIT_BAD_INPUT and outcome.get("error"):
+            await self._fail(job_id, outcome["error"])
+        elif why == "pause":  # stopped by SIGTERM: at a checkpoint (EXIT_STOPPED) or before its first step
+            self.store.update(job_id, status="paused", worker_pid=None, estimated_finish=None)
+            add_event(job_dir, "Fine-tuning job paused.")
+        elif why == "shutdown":
+            self.store.update(job_id, status="queued", worker_pid=None, estimated_finish=None)
+            add_event(job_dir, "The server stopped; the job goes on from its last checkpoint when it starts again.")
+        else:
+            await self._crashed(record, f"the training worker exited with code {code}")
+
+    async def _crashed(self, record: dict[str, Any], what: str) -> None:
+        """Back to the queue (resume from the last checkpoint) or, after too many crashes, failed."""
+        job_id = record["id"]
+        job_dir = self.store.dir_of(job_id)
+        crashes = int(record.get("crashes", 0)) + 1
+        step = read_worker(job_dir).get("step", 0)
+        if crashes >= self.settings.max_attempts:
+            tail = _tail(job_dir / WORKER_LOG)
+            await self._fail(job_id, {"code": "worker_failed", "param": None, "message": (
+                f"Training stopped {crashes} times ({what}); the job gives up. Last output: {tail}")})
+            return
+        self.store.update(job_id, status="queued", crashes=crashes, worker_pid=None, estimated_finish=None)
+        add_event(job_dir, f"The job was interrupted ({what}); it resumes from its last checkpoint "
+                           f"(step {step} reached; attempt {crashes + 1} of {self.settings.max_attempts}).",
+                  level="warn")
+
+    # -- recovery --------------------------------------------------------------------------
+
+    async def _recover(self) -> None:
+        for record in self.store.all():
+            if record["status"] != "running":
+                continue
+            _kill_stale(record.get("worker_pid"), self.store.dir_of(record["id"]))
+            if read_worker(self.store.dir_of(record["id"])).get("outcome") == "trained":
+                await self._finish(record)  # trained; the server stopped before it was registered
+            else:
+                await self._crashed(record, "the server stopped while it trained")
+
+
+def _kill_stale(pid: int | None, job_dir: Path) -> None:
+    """A worker of a previous server still running (it had no parent-death signal): stop it first."""
+    if not pid:
+        return
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return
+    if "lorag.finetune.worker" in command and str(job_dir) in command:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _tail(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return "(no output)"
+    lines = [line for line in text.splitlines() if line.strip()]
+    return " | ".join(lines[-3:])[-LOG_TAIL_CHARS:] or "(no output)"

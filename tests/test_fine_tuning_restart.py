@@ -1,0 +1,66 @@
+"""A server killed with SIGKILL while a job trains loses nothing: on restart the job resumes from its
+last checkpoint and finishes, `/v1/models` and the registry agree, and nothing half-made is left.
+
+On the tiny model (fast steps, a fast start-up); the real model's flow is tests/test_fine_tuning.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import openai
+import pytest
+
+from lorag.adapters.registry import AdapterRegistry
+from tests.conftest import Models, start_server
+from tests.devserver import wait_for
+from tests.finetune_data import chat_lines, write_jsonl
+from tests.test_fine_tuning import JOB_TIMEOUT_S, upload, wait_job, workers_of
+
+pytestmark = [pytest.mark.slow, pytest.mark.engine, pytest.mark.timeout(2400)]
+TUNER = "sk-restart-tuner"
+CONFIG = """
+[fine_tuning]
+threads = 1
+save_steps = 5
+keep_checkpoints = 2
+canary_prompts = 2
+"""
+
+
+def test_kill_9_of_the_server_mid_job_then_restart_resumes_it(models: Models, tmp_path: Path) -> None:
+    keys = f'  {{ key = "{TUNER}", name = "tuner", fine_tune = true }},\n'
+    server = start_server(models, tmp_path / "one", preload=False, state_dir=tmp_path / "state", extra_config=CONFIG,
+                          extra_keys=keys)
+    api = openai.OpenAI(base_url=server.api, api_key=TUNER, max_retries=0, timeout=120)
+    try:
+        job = api.fine_tuning.jobs.create(model="tiny-base", training_file=upload(api, write_jsonl(
+            tmp_path / "t.jsonl", chat_lines())), hyperparameters={"n_epochs": 40, "batch_size": 1})
+        wait_for(lambda: any("Checkpoint created" in e.message
+                             for e in api.fine_tuning.jobs.list_events(job.id, limit=100).data),
+                 JOB_TIMEOUT_S, "a checkpoint", poll_s=0.5)
+        assert api.fine_tuning.jobs.retrieve(job.id).status == "running"
+        os.kill(server.process.pid, signal.SIGKILL)
+        server.process.wait()
+    finally:
+        server.stop()
+    wait_for(lambda: not workers_of(job.id), 60, "the worker to die with the server")
+
+    again = start_server(models, tmp_path / "two", preload=False, state_dir=tmp_path / "state", extra_config=CONFIG,
+                         extra_keys=keys)
+    api = openai.OpenAI(base_url=again.api, api_key=TUNER, max_retries=0, timeout=120)
+    try:
+        done = wait_job(api, job.id)
+        assert done.status == "succeeded", done.error
+        messages = [e.message for e in api.fine_tuning.jobs.list_events(job.id, limit=100).data]
+        assert any("server stopped while it trained" in m for m in messages)
+        assert any("resumed from step" in m and "resumed from step 0" not in m for m in messages)
+        served = {m.id for m in api.models.list() if m.id.startswith("ft:")}
+        registered = {v.name for v in AdapterRegistry(tmp_path / "state").all_versions()}
+        assert done.fine_tuned_model in served and served == registered
+        assert not list((tmp_path / "state").rglob("*.partial")), "a half-written file or directory"
+    finally:
+        again.stop()
+    assert not workers_of(job.id)
