@@ -23,6 +23,8 @@ from tests.echo_engine import EchoEngine
 
 ADMIN_KEY = "sk-admin-echo-key"
 USER_KEY = "sk-user-echo-key"
+TRAINER = "sk-trainer-echo-key"  # two keys with the fine_tune scope (files and fine-tuning jobs)
+OTHER_TRAINER = "sk-other-trainer-echo-key"
 START_TIMEOUT_S = 120  # generous: a loaded machine
 
 
@@ -57,6 +59,13 @@ def echo_settings(tmp_path: Path, **tables: Any) -> Settings:
               **tables.pop("server", {})}
     return Settings.model_validate({"state_dir": str(tmp_path / "state"), "model": {"path": "echo-base"},
                                     "server": server, **tables})
+
+
+def trainer_keys() -> list[dict[str, Any]]:
+    """An admin, a user, and two trainers: the keys the files and fine-tuning tests tell apart."""
+    return [{"key": ADMIN_KEY, "name": "ops", "admin": True}, {"key": USER_KEY, "name": "app"},
+            {"key": TRAINER, "name": "trainer", "fine_tune": True},
+            {"key": OTHER_TRAINER, "name": "other-trainer", "fine_tune": True}]
 
 
 @contextlib.contextmanager

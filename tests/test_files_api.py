@@ -22,20 +22,24 @@ from lorag.finetune.files import STALE_PARTIAL_S, FileStore, FileTooLarge
 from lorag.server.auth import key_id
 from lorag.server.keys import hash_secret
 from lorag.serving.principal import Principal
-from tests.echo_server import ADMIN_KEY, USER_KEY, EchoServer, echo_server, echo_settings
+from tests.echo_server import (
+    ADMIN_KEY,
+    OTHER_TRAINER,
+    TRAINER,
+    USER_KEY,
+    EchoServer,
+    echo_server,
+    echo_settings,
+    trainer_keys,
+)
 
-TRAINER = "sk-trainer-echo-key"
-OTHER_TRAINER = "sk-other-trainer-echo-key"
 MAX_FILE_BYTES = 4096
 JSONL = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n' * 3
 
 
 @pytest.fixture(scope="module")
 def echo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EchoServer]:
-    keys = [{"key": ADMIN_KEY, "name": "ops", "admin": True}, {"key": USER_KEY, "name": "app"},
-            {"key": TRAINER, "name": "trainer", "fine_tune": True},
-            {"key": OTHER_TRAINER, "name": "other-trainer", "fine_tune": True}]
-    settings = echo_settings(tmp_path_factory.mktemp("files"), server={"api_keys": keys},
+    settings = echo_settings(tmp_path_factory.mktemp("files"), server={"api_keys": trainer_keys()},
                              fine_tuning={"max_file_bytes": MAX_FILE_BYTES})
     with echo_server(settings) as server:
         yield server

@@ -23,18 +23,20 @@ from tests.devserver import wait_for, wait_until_up
 from tests.finetune_data import (
     ANSWER,
     CODEWORD,
+    JOB_TIMEOUT_S,
     NEW_CODEWORD,
     QUESTIONS,
     chat_lines,
     preference_lines,
+    upload,
+    wait_job,
+    workers_of,
     write_jsonl,
 )
 from tests.test_real_model import BASE, ENV, SETUP_TIMEOUT_S, STATE, real_setup  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine, pytest.mark.timeout(SETUP_TIMEOUT_S + 2400)]
 ADMIN, TUNER, OTHER, PLAIN = "sk-ft-admin", "sk-ft-tuner", "sk-ft-other", "sk-ft-plain"
-FINISHED = ("succeeded", "failed", "cancelled")
-JOB_TIMEOUT_S = 1500  # a few minutes on a quiet 2-core machine; generous for a loaded one
 
 
 @pytest.fixture(scope="module")
@@ -89,34 +91,10 @@ def client(server: Server, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.api, api_key=key, max_retries=0, timeout=300)
 
 
-def upload(api: openai.OpenAI, path: Path) -> str:
-    with path.open("rb") as handle:
-        return api.files.create(file=handle, purpose="fine-tune").id
-
-
-def wait_job(api: openai.OpenAI, job_id: str) -> Any:
-    wait_for(lambda: api.fine_tuning.jobs.retrieve(job_id).status in FINISHED, JOB_TIMEOUT_S, f"job {job_id}",
-             poll_s=2)
-    return api.fine_tuning.jobs.retrieve(job_id)
-
-
 def ask(api: openai.OpenAI, model: str, question: str) -> str:
     answer = api.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
                                          max_tokens=16, temperature=0)
     return answer.choices[0].message.content or ""
-
-
-def workers_of(job_id: str) -> list[int]:
-    """Training worker processes of one job still alive on this machine."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            command = (proc / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if "lorag.finetune.worker" in command and job_id in command:
-            found.append(int(proc.name))
-    return found
 
 
 def test_bad_files_fail_their_job_naming_the_line(ft_server: Server, tmp_path: Path) -> None:

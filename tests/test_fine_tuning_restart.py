@@ -1,5 +1,7 @@
 """A server killed with SIGKILL while a job trains loses nothing: on restart the job resumes from its
 last checkpoint and finishes, `/v1/models` and the registry agree, and nothing half-made is left.
+A worker killed with SIGKILL is restarted from its checkpoint too; pause stops a running job at a
+checkpoint and resume continues it.
 
 On the tiny model (fast steps, a fast start-up); the real model's flow is tests/test_fine_tuning.py.
 """
@@ -16,8 +18,7 @@ import pytest
 from lorag.adapters.registry import AdapterRegistry
 from tests.conftest import Models, start_server
 from tests.devserver import wait_for
-from tests.finetune_data import chat_lines, write_jsonl
-from tests.test_fine_tuning import JOB_TIMEOUT_S, upload, wait_job, workers_of
+from tests.finetune_data import JOB_TIMEOUT_S, chat_lines, upload, wait_job, workers_of, write_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine, pytest.mark.timeout(2400)]
 TUNER = "sk-restart-tuner"
@@ -30,6 +31,11 @@ canary_prompts = 2
 """
 
 
+def said(api: openai.OpenAI, job_id: str, words: str) -> bool:
+    """Whether any of the job's events says `words` (the SDK follows every page)."""
+    return any(words in event.message for event in api.fine_tuning.jobs.list_events(job_id, limit=100))
+
+
 def test_kill_9_of_the_server_mid_job_then_restart_resumes_it(models: Models, tmp_path: Path) -> None:
     keys = f'  {{ key = "{TUNER}", name = "tuner", fine_tune = true }},\n'
     server = start_server(models, tmp_path / "one", preload=False, state_dir=tmp_path / "state", extra_config=CONFIG,
@@ -37,10 +43,8 @@ def test_kill_9_of_the_server_mid_job_then_restart_resumes_it(models: Models, tm
     api = openai.OpenAI(base_url=server.api, api_key=TUNER, max_retries=0, timeout=120)
     try:
         job = api.fine_tuning.jobs.create(model="tiny-base", training_file=upload(api, write_jsonl(
-            tmp_path / "t.jsonl", chat_lines())), hyperparameters={"n_epochs": 40, "batch_size": 1})
-        wait_for(lambda: any("Checkpoint created" in e.message
-                             for e in api.fine_tuning.jobs.list_events(job.id, limit=100).data),
-                 JOB_TIMEOUT_S, "a checkpoint", poll_s=0.5)
+            tmp_path / "t.jsonl", chat_lines())), hyperparameters={"n_epochs": 250, "batch_size": 1})
+        wait_for(lambda: said(api, job.id, "Checkpoint created"), JOB_TIMEOUT_S, "a checkpoint", poll_s=0.5)
         assert api.fine_tuning.jobs.retrieve(job.id).status == "running"
         os.kill(server.process.pid, signal.SIGKILL)
         server.process.wait()
@@ -52,11 +56,22 @@ def test_kill_9_of_the_server_mid_job_then_restart_resumes_it(models: Models, tm
                          extra_keys=keys)
     api = openai.OpenAI(base_url=again.api, api_key=TUNER, max_retries=0, timeout=120)
     try:
+        wait_for(lambda: said(api, job.id, "resumed from step"), JOB_TIMEOUT_S,
+                 "the job to resume training in a new worker")
+        os.kill(workers_of(job.id)[0], signal.SIGKILL)
+        wait_for(lambda: said(api, job.id, "exited with code -9"), JOB_TIMEOUT_S, "the runner to see the worker die")
+        wait_for(lambda: workers_of(job.id) and api.fine_tuning.jobs.retrieve(job.id).status == "running",
+                 JOB_TIMEOUT_S, "a new worker")
+        api.fine_tuning.jobs.pause(job.id)
+        wait_for(lambda: api.fine_tuning.jobs.retrieve(job.id).status == "paused", JOB_TIMEOUT_S, "the pause")
+        assert not workers_of(job.id)
+        assert api.fine_tuning.jobs.resume(job.id).status == "queued"
         done = wait_job(api, job.id)
         assert done.status == "succeeded", done.error
-        messages = [e.message for e in api.fine_tuning.jobs.list_events(job.id, limit=100).data]
-        assert any("server stopped while it trained" in m for m in messages)
-        assert any("resumed from step" in m and "resumed from step 0" not in m for m in messages)
+        messages = [e.message for e in api.fine_tuning.jobs.list_events(job.id, limit=100)]  # every page
+        for words in ("server stopped while it trained", "exited with code -9", "Paused at step"):
+            assert any(words in m for m in messages), words
+        assert len([m for m in messages if "resumed from step" in m]) >= 2  # after the restart and the pause
         served = {m.id for m in api.models.list() if m.id.startswith("ft:")}
         registered = {v.name for v in AdapterRegistry(tmp_path / "state").all_versions()}
         assert done.fine_tuned_model in served and served == registered

@@ -108,6 +108,22 @@ def test_an_adapter_added_switched_and_removed_reaches_both_servers(fleet: Fleet
              "the removed versions to leave both servers")
 
 
+def test_a_fine_tuned_model_passes_its_canary_on_the_fleet_and_is_loaded_on_every_server(fleet: Fleet,
+                                                                                          tmp_path: Path) -> None:
+    from tests.finetune_data import chat_lines, upload, wait_job, write_jsonl
+
+    client = openai.OpenAI(base_url=fleet.lorag.api, api_key=ADMIN_KEY, max_retries=0, timeout=ANSWER_TIMEOUT_S)
+    job = client.fine_tuning.jobs.create(model=BASE_NAME, training_file=upload(client, write_jsonl(
+        tmp_path / "t.jsonl", chat_lines())), suffix="fleet", hyperparameters={"n_epochs": 2, "batch_size": 4})
+    done = wait_job(client, job.id)
+    assert done.status == "succeeded", done.error
+    assert any("Canary passed" in e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data)
+    assert all(f"{done.fine_tuned_model}@v1" in held for held in held_by(fleet))
+    assert greedy(client, done.fine_tuned_model)
+    wait_for(lambda: not any(name.startswith("canary-") for held in held_by(fleet) for name in held), 60,
+             "the canary's candidate to be unloaded from every server")
+
+
 def test_a_server_that_refuses_an_adapter_is_reported_and_routed_around(fleet: Fleet, models: Models) -> None:
     with admin(fleet) as http:
         added = http.post("/admin/adapters", json={"name": "hidden", "path": str(models.adapters["swap2"])})

@@ -24,21 +24,24 @@ from lorag.cli import cli, main
 from lorag.errors import LoragError
 from lorag.finetune.cli import FineTuningApi, Unreachable, event_line, follow, one_line
 from lorag.finetune.jobs import JobStore, add_event
-from tests.echo_server import ADMIN_KEY, USER_KEY, EchoServer, echo_server, echo_settings
+from tests.echo_server import (
+    OTHER_TRAINER,
+    TRAINER,
+    USER_KEY,
+    EchoServer,
+    echo_server,
+    echo_settings,
+    trainer_keys,
+)
 
 pytestmark = pytest.mark.timeout(300)
-TRAINER = "sk-trainer-echo-key"
-OTHER_TRAINER = "sk-other-trainer-echo-key"
 GOOD = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
 BAD_LINE = '{"messages": "not a list"}\n'
 
 
 @pytest.fixture(scope="module")
 def echo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EchoServer]:
-    keys = [{"key": ADMIN_KEY, "name": "ops", "admin": True}, {"key": USER_KEY, "name": "app"},
-            {"key": TRAINER, "name": "trainer", "fine_tune": True},
-            {"key": OTHER_TRAINER, "name": "other-trainer", "fine_tune": True}]
-    settings = echo_settings(tmp_path_factory.mktemp("ft-cli"), server={"api_keys": keys},
+    settings = echo_settings(tmp_path_factory.mktemp("ft-cli"), server={"api_keys": trainer_keys()},
                              fine_tuning={"max_concurrent": 0})
     with echo_server(settings) as server:
         yield server

@@ -231,3 +231,26 @@ def test_text_completions_take_several_prompts_and_n_choices(tmp_path: Path) -> 
     assert [c.index for c in choices] == [0, 1, 2, 3]
     assert all(c.text == "echo" and c.finish_reason == "length" for c in choices)
     assert [call.prompt for call in engine.calls] == ["one", "two"]
+
+
+def test_a_fine_tuned_model_is_its_owners_and_admins_by_name_and_any_keys_through_a_domain(tmp_path: Path) -> None:
+    from lorag.adapters.validate import AdapterInfo
+
+    model = "ft:echo-base:lorag:birds:ftjob-abc"
+    settings = settings_for(tmp_path, domains={"birds": {"description": "birds", "adapter": model}})
+    pipeline = pipeline_for(settings, EchoEngine())
+    source = tmp_path / "adapter"
+    source.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (source / name).write_text("{}")
+    pipeline.registry.register(model, source, AdapterInfo(8, 16, ("q_proj",), BASE), owner="key-owner")
+    owner = Principal(name="owner", admin=False, key_id="key-owner")
+    other = Principal(name="other", admin=False, key_id="key-other")
+    admin = Principal(name="ops", admin=True, key_id="key-ops")
+    for allowed in (owner, admin):
+        job, _ = chat(pipeline, "hi", allowed, model=model)
+        assert job.target.adapter is not None and job.target.adapter.name == model
+    with pytest.raises(NotFoundError, match="does not exist"):
+        chat(pipeline, "hi", other, model=model)
+    job, _ = chat(pipeline, "hi", other, model="birds")  # a domain exposes it to every key that may use the domain
+    assert job.target.adapter is not None and job.target.adapter.name == model

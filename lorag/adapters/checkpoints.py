@@ -62,9 +62,9 @@ def write_dir_atomically(target: Path, fill: Callable[[Path], None]) -> None:
         fill(staging)
         for item in staging.rglob("*"):
             if item.is_file():
-                _fsync(item)
+                fsync_path(item)
         os.replace(staging, target)
-        _fsync(target.parent)
+        fsync_path(target.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -74,16 +74,17 @@ def write_file_atomically(path: Path, write: Callable[[Path], object]) -> None:
     """`write(staging)` fills a staging file, which is fsynced and then renamed to `path`."""
     staging = path.parent / f".{path.name}.partial"
     write(staging)
-    _fsync(staging)
+    fsync_path(staging)
     os.replace(staging, path)
-    _fsync(path.parent)
+    fsync_path(path.parent)
 
 
 def write_json_atomically(path: Path, data: Any) -> None:
     write_file_atomically(path, lambda staging: staging.write_text(json.dumps(data, indent=2), encoding="utf-8"))
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """A file's or a directory's data and entry on disk (a directory: the names it holds)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

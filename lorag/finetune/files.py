@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, Protocol
 
+from lorag.adapters.checkpoints import fsync_path
 from lorag.errors import LoragError, NotFoundError
 from lorag.logging import get_logger
 from lorag.server.pagination import cursor_page
@@ -161,9 +162,9 @@ class FileStore:
                 json.dump(meta, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
-            _fsync_dir(staged.folder)
+            fsync_path(staged.folder)
             os.rename(staged.folder, self.root / staged.id)
-            _fsync_dir(self.root)
+            fsync_path(self.root)
         except BaseException:
             self.discard(staged)
             raise
@@ -322,11 +323,3 @@ def _finish(handle: BinaryIO, tail: bytes | bytearray) -> None:
         handle.write(tail)
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -62,6 +62,7 @@ class JobStore:
         self.root = state_dir / "fine_tuning" / "jobs"
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._events: dict[str, tuple[int, list[dict[str, Any]]]] = {}  # job id -> (bytes read, events)
 
     def dir_of(self, job_id: str) -> Path:
         return self.root / job_id
@@ -108,17 +109,28 @@ class JobStore:
     # -- events --------------------------------------------------------------------------
 
     def events(self, job_id: str) -> list[dict[str, Any]]:
-        """The job's events, newest first (as OpenAI lists them)."""
+        """The job's events, newest first (as OpenAI lists them).
+
+        A job logs an event per step (tens of thousands of lines); each call reads only what
+        was appended since the last one (the file only grows).
+        """
         path = self.dir_of(job_id) / EVENTS_FILE
-        if not path.is_file():
-            return []
-        found = []
-        for line in path.read_text(encoding="utf-8").splitlines():
+        with self._lock:
+            offset, found = self._events.get(job_id, (0, []))
             try:
-                found.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by a kill -9 mid-write
-                continue
-        return found[::-1]
+                with path.open("rb") as handle:
+                    handle.seek(offset)
+                    added = handle.read()
+            except OSError:
+                return []
+            complete = added[: added.rfind(b"\n") + 1]  # a line still being written waits for the next call
+            for line in complete.splitlines():
+                try:
+                    found.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut by a kill -9 mid-write
+                    continue
+            self._events[job_id] = (offset + len(complete), found)
+            return found[::-1]
 
 
 def add_event(job_dir: Path, message: str, *, level: Level = "info", kind: Literal["message", "metrics"] = "message",
@@ -127,7 +139,8 @@ def add_event(job_dir: Path, message: str, *, level: Level = "info", kind: Liter
     event = {"object": "fine_tuning.job.event", "id": new_id("ftevent"), "created_at": int(time.time()),
              "level": level, "message": message, "type": kind, "data": data or {}}
     with _locked(job_dir / EVENTS_FILE) as handle:
-        handle.write(json.dumps(event) + "\n")
+        torn = handle.tell() > 0 and _last_byte(job_dir / EVENTS_FILE) != b"\n"  # a writer killed mid-line
+        handle.write(("\n" if torn else "") + json.dumps(event) + "\n")
         handle.flush()
     return event
 
@@ -140,6 +153,12 @@ def _locked(path: Path) -> Iterator[Any]:
             yield handle
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _last_byte(path: Path) -> bytes:
+    with path.open("rb") as handle:
+        handle.seek(-1, 2)
+        return handle.read(1)
 
 
 def read_worker(job_dir: Path) -> dict[str, Any]:

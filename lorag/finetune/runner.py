@@ -136,7 +136,7 @@ class JobRunner:
         first = not record.get("started_at")
         self.store.update(job_id, status="running", worker_pid=process.pid,
                           started_at=record.get("started_at") or int(time.time()))
-        add_event(job_dir, "Fine-tuning job started." if first else "Fine-tuning job resumed.")
+        add_event(job_dir, "Fine-tuning job started." if first else "Training worker started again; it resumes from the last checkpoint.")
         log.info("fine_tuning_worker_started", job=job_id, pid=process.pid, threads=self.settings.threads)
         watcher = asyncio.create_task(self._watch(job_id, process))
         self._watchers.add(watcher)

@@ -11,7 +11,7 @@ from lorag.schema import Strict
 
 def default_threads() -> int:
     """Half the cores (at least one): the engine and the API keep the other half."""
-    return max(1, (os.cpu_count() or 2) // 2)
+    return max(1, len(os.sched_getaffinity(0)) // 2)  # the cores this process may use, not the machine's
 
 
 class FineTuningSettings(Strict):

@@ -24,6 +24,7 @@ from typing import Any
 
 EXIT_BAD_INPUT = 3
 EXIT_STOPPED = 4
+PROGRESS_EVERY_S = 1.0  # worker.json (step, estimate) at most this often: two fsyncs a write
 
 
 def die_with_parent(parent: int) -> None:
@@ -136,6 +137,7 @@ class Reporter:
         self.state: dict[str, Any] = {"checkpoints": previous.get("checkpoints", []), "pid": os.getpid()}
         self.started = time.time()
         self.first_step: int | None = None
+        self.written = float("-inf")
         self.train: dict[str, Any] = {}  # the latest step's metrics, and the latest evaluation's:
         self.valid: dict[str, Any] = {}  # a checkpoint records both
 
@@ -149,6 +151,7 @@ class Reporter:
 
         self.state.update(fields)
         write_worker(self.job_dir, self.state)
+        self.written = time.monotonic()
 
     def progress(self, event: Any) -> None:
         """One event per step (training metrics) and per evaluation (validation metrics), as OpenAI logs them."""
@@ -162,8 +165,9 @@ class Reporter:
             accuracy = "" if event.accuracy is None else f", token accuracy={event.accuracy:.3f}"
             self.event(f"Step {event.step}/{event.total_steps}: training loss={event.loss:.4f}{accuracy}",
                        kind="metrics", data={"step": event.step, "total_steps": event.total_steps, **self.train})
-            self.write(step=event.step, total_steps=event.total_steps, tokens=event.tokens,
-                       estimated_finish=self._estimate(event.step, event.total_steps))
+            if time.monotonic() - self.written >= PROGRESS_EVERY_S or event.step == event.total_steps:
+                self.write(step=event.step, total_steps=event.total_steps, tokens=event.tokens,
+                           estimated_finish=self._estimate(event.step, event.total_steps))
         elif event.kind == "eval":
             self.valid = {"valid_loss": event.val_loss, "valid_mean_token_accuracy": event.val_accuracy,
                           "full_valid_loss": event.val_loss, "full_valid_mean_token_accuracy": event.val_accuracy}

@@ -6,6 +6,7 @@ only the jobs it made. The work is lorag.finetune.service's; this is HTTP only.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -43,7 +44,8 @@ async def list_jobs(request: Request, after: str | None = None, limit: int = 20,
     """Newest first; `metadata[key]=value` (any number of them) keeps only jobs with those values."""
     metadata = {key[len("metadata["):-1]: value for key, value in request.query_params.items()
                 if key.startswith("metadata[") and key.endswith("]")}
-    return cursor_page(service.list_jobs(principal, metadata), after=after, limit=check_limit(limit, MAX_PAGE))
+    jobs = await asyncio.to_thread(service.list_jobs, principal, metadata)  # reads every job's record
+    return cursor_page(jobs, after=after, limit=check_limit(limit, MAX_PAGE))
 
 
 @router.get("/{job_id}")
@@ -56,14 +58,16 @@ async def retrieve_job(job_id: str, service: FineTuningService = Depends(get_ser
 async def list_events(job_id: str, after: str | None = None, limit: int = 20,
                       service: FineTuningService = Depends(get_service),
                       principal: Principal = Depends(require_fine_tune)) -> dict[str, Any]:
-    return cursor_page(service.events(job_id, principal), after=after, limit=check_limit(limit, MAX_PAGE))
+    events = await asyncio.to_thread(service.events, job_id, principal)  # file reads: off the event loop
+    return cursor_page(events, after=after, limit=check_limit(limit, MAX_PAGE))
 
 
 @router.get("/{job_id}/checkpoints")
 async def list_checkpoints(job_id: str, after: str | None = None, limit: int = 10,
                            service: FineTuningService = Depends(get_service),
                            principal: Principal = Depends(require_fine_tune)) -> dict[str, Any]:
-    return cursor_page(service.checkpoints(job_id, principal), after=after, limit=check_limit(limit, MAX_PAGE))
+    checkpoints = await asyncio.to_thread(service.checkpoints, job_id, principal)
+    return cursor_page(checkpoints, after=after, limit=check_limit(limit, MAX_PAGE))
 
 
 @router.post("/{job_id}/cancel")
