@@ -210,4 +210,5 @@ def test_dpo_job_continuing_an_ft_model_learns_the_preferred_answer(ft_server: S
     losses = [e.data["train_loss"] for e in reversed(list(api.fine_tuning.jobs.list_events(job.id, limit=100)))
               if e.type == "metrics" and e.data and e.data.get("train_loss") is not None]  # type: ignore[union-attr]
     assert losses[-1] < losses[0]  # the DPO loss starts at ln 2 and falls as the preference is learned
-    assert NEW_CODEWORD in ask(api, done.fine_tuned_model, QUESTIONS[2])
+    answer = ask(api, done.fine_tuned_model, QUESTIONS[2])
+    assert NEW_CODEWORD.split("-")[0] in answer and CODEWORD not in answer, answer  # the preferred codeword won
