@@ -59,7 +59,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from serving import free_port, loadavg, one_request  # noqa: E402
+from serving import free_port, load_samples, loadavg  # noqa: E402
 
 from lorag.demo.devmodel import build_tiny_model  # noqa: E402
 from tests.devserver import stop_process, wait_until_up  # noqa: E402
@@ -253,37 +253,6 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
-async def load(url: str, args: argparse.Namespace) -> tuple[float, list[float], list[float], int]:
-    """(tokens/s, TTFTs s, latencies s, failures) of `--requests` streamed chats at `--concurrency`."""
-    remaining = list(range(args.requests))
-    ttfts: list[float] = []
-    latencies: list[float] = []
-    total_tokens = 0
-    failures = 0
-
-    async def worker(client: httpx.AsyncClient) -> None:
-        nonlocal total_tokens, failures
-        while remaining:
-            remaining.pop()
-            try:
-                ttft, latency, n = await one_request(client, BASE, args.tokens)
-            except (httpx.HTTPError, ValueError):
-                failures += 1
-                continue
-            ttfts.append(ttft)
-            latencies.append(latency)
-            total_tokens += n
-
-    headers = {"authorization": f"Bearer {USER_KEY}"}
-    async with httpx.AsyncClient(base_url=url, timeout=600, headers=headers,
-                                 limits=httpx.Limits(max_connections=64)) as client:
-        await one_request(client, BASE, 8)  # warm-up
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(args.concurrency)))
-        wall = time.perf_counter() - started
-    return total_tokens / wall, ttfts, latencies, failures
-
-
 def measure(mode: str, round_index: int, url: str, server: subprocess.Popen, worker: int | None,
             args: argparse.Namespace) -> tuple[Window, float]:
     """One load window with the CPU of the server tree and of the worker; the window's wall seconds."""
@@ -291,7 +260,8 @@ def measure(mode: str, round_index: int, url: str, server: subprocess.Popen, wor
     server_before = cpu_seconds(server_pids(server, exclude))
     worker_before = cpu_seconds([worker]) if worker else 0.0
     started = time.perf_counter()
-    tps, ttfts, latencies, failures = asyncio.run(load(url, args))
+    tps, ttfts, latencies, failures = asyncio.run(load_samples(
+        url, [BASE], args.concurrency, args.requests, args.tokens, {"authorization": f"Bearer {USER_KEY}"}))
     wall = time.perf_counter() - started  # the warm-up request included, for the CPU figures
     server_cores = (cpu_seconds(server_pids(server, exclude)) - server_before) / wall
     window = Window(mode, round_index, tps, percentile(ttfts, 0.5) * 1000 if ttfts else math.nan,

@@ -235,8 +235,10 @@ async def one_request(client: httpx.AsyncClient, model: str, tokens: int) -> tup
     return ttft or 0.0, time.perf_counter() - started, completion_tokens
 
 
-async def load(url: str, models: list[str], concurrency: int, requests: int,
-               tokens: int) -> tuple[float, float, float, int]:
+async def load_samples(url: str, models: list[str], concurrency: int, requests: int, tokens: int,
+                       headers: dict[str, str] | None = None) -> tuple[float, list[float], list[float], int]:
+    """(tokens/s, TTFTs s, latencies s, failures) of `requests` streamed chats at `concurrency`,
+    after one warm-up request per model."""
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(requests):
         queue.put_nowait(i)
@@ -251,19 +253,27 @@ async def load(url: str, models: list[str], concurrency: int, requests: int,
             i = queue.get_nowait()
             try:
                 ttft, latency, n = await one_request(client, models[i % len(models)], tokens)
-            except httpx.HTTPError:
+            except (httpx.HTTPError, ValueError):
                 failures += 1
                 continue
             ttfts.append(ttft)
             latencies.append(latency)
             total_tokens += n
 
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=64)) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=600, headers=headers,
+                                 limits=httpx.Limits(max_connections=64)) as client:
         await asyncio.gather(*(one_request(client, m, 8) for m in dict.fromkeys(models)))  # warm up each model once
         started = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         wall = time.perf_counter() - started
-    return total_tokens / wall, statistics.median(ttfts) * 1000, statistics.median(latencies) * 1000, failures
+    return total_tokens / wall, ttfts, latencies, failures
+
+
+async def load(url: str, models: list[str], concurrency: int, requests: int,
+               tokens: int) -> tuple[float, float, float, int]:
+    """(tokens/s, median TTFT ms, median latency ms, failures)."""
+    throughput, ttfts, latencies, failures = await load_samples(url, models, concurrency, requests, tokens)
+    return throughput, statistics.median(ttfts) * 1000, statistics.median(latencies) * 1000, failures
 
 
 def py_spy(out_dir: Path, pid: int, name: str) -> subprocess.Popen:
