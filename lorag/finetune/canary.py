@@ -112,14 +112,16 @@ def _greedy(model: Any, ids: list[int], max_tokens: int, stops: set[int]) -> tup
 def stop_ids(model_dir: str, tokenizer: Any) -> set[int]:
     """The ids that end an answer: the tokenizer's EOS and the generation config's (as vLLM stops)."""
     ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None:
+        ids.add(int(eos))
     try:
         config = json.loads((Path(model_dir) / "generation_config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         config = {}
-    eos = config.get("eos_token_id")
-    ids.update(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
+    configured = config.get("eos_token_id")
+    ids.update(int(e) for e in (configured if isinstance(configured, list) else
+                                [configured] if configured is not None else []))
     return ids
 
 
