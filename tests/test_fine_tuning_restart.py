@@ -76,6 +76,9 @@ def test_kill_9_of_the_server_mid_job_then_restart_resumes_it(models: Models, tm
         registered = {v.name for v in AdapterRegistry(tmp_path / "state").all_versions()}
         assert done.fine_tuned_model in served and served == registered
         assert not list((tmp_path / "state").rglob("*.partial")), "a half-written file or directory"
+        kept = {Path(v.path) for v in AdapterRegistry(tmp_path / "state").all_versions()}
+        on_disk = {p for p in (tmp_path / "state" / "adapters").glob("*/*") if p.is_dir()}
+        assert on_disk == kept, "adapter files the registry does not know (or the reverse)"
     finally:
         again.stop()
     assert not workers_of(job.id)

@@ -183,7 +183,7 @@ class FineTuningService:
     def _train_settings(self, record: dict[str, Any], resolved: dict[str, Any]) -> dict[str, Any]:
         """What the worker trains with: `lorag adapters train`'s settings."""
         model, tuning = self.settings.model, self.settings.fine_tuning
-        rank = min(16, self.settings.engine.max_lora_rank)
+        rank = min(tuning.rank, self.settings.engine.max_lora_rank)
         init = self.store.dir_of(record["id"]) / INIT_ADAPTER
         return {
             "model_path": model.path, "tokenizer_path": model.tokenizer, "trust_remote_code": model.trust_remote_code,
@@ -192,6 +192,7 @@ class FineTuningService:
             "seed": record["seed"], "save_steps": tuning.save_steps, "keep_checkpoints": tuning.keep_checkpoints,
             "max_length": tuning.max_length, "method": record["method_type"], "beta": resolved.get("beta", 0.1),
             "init_adapter": str(init) if init.is_dir() else None,
+            "gradient_checkpointing": tuning.gradient_checkpointing, "qlora": tuning.qlora,
         }
 
     async def _fail(self, job_id: str, error: dict[str, Any]) -> None:

@@ -30,3 +30,6 @@ class FineTuningSettings(Strict):
     canary_prompts: int = Field(default=3, ge=0, description="Validation prompts the canary compares (0: off).")
     canary_max_tokens: int = Field(default=16, ge=1)
     max_length: int = Field(default=2048, ge=16, description="Longest training example in tokens.")
+    rank: int = Field(default=16, ge=1, description="LoRA rank of a new adapter (at most engine.max_lora_rank).")
+    gradient_checkpointing: bool = Field(default=False, description="Less memory, more compute (GPU beside vLLM).")
+    qlora: bool = Field(default=False, description="4-bit base model while training (CUDA + bitsandbytes).")
