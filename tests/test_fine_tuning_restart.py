@@ -1,7 +1,8 @@
 """A server killed with SIGKILL while a job trains loses nothing: on restart the job resumes from its
 last checkpoint and finishes, `/v1/models` and the registry agree, and nothing half-made is left.
 A worker killed with SIGKILL is restarted from its checkpoint too; pause stops a running job at a
-checkpoint and resume continues it.
+checkpoint and resume continues it; a second job waits in the queue (max_concurrent = 1) through all
+of it and runs after.
 
 On the tiny model (fast steps, a fast start-up); the real model's flow is tests/test_fine_tuning.py.
 """
@@ -44,8 +45,11 @@ def test_kill_9_of_the_server_mid_job_then_restart_resumes_it(models: Models, tm
     try:
         job = api.fine_tuning.jobs.create(model="tiny-base", training_file=upload(api, write_jsonl(
             tmp_path / "t.jsonl", chat_lines())), hyperparameters={"n_epochs": 250, "batch_size": 1})
+        queued = api.fine_tuning.jobs.create(model="tiny-base", training_file=upload(api, write_jsonl(
+            tmp_path / "small.jsonl", chat_lines()[:4])), hyperparameters={"n_epochs": 1})
         wait_for(lambda: said(api, job.id, "Checkpoint created"), JOB_TIMEOUT_S, "a checkpoint", poll_s=0.5)
         assert api.fine_tuning.jobs.retrieve(job.id).status == "running"
+        assert api.fine_tuning.jobs.retrieve(queued.id).status == "queued"  # max_concurrent = 1: it waits its turn
         os.kill(server.process.pid, signal.SIGKILL)
         server.process.wait()
     finally:
@@ -68,6 +72,7 @@ def test_kill_9_of_the_server_mid_job_then_restart_resumes_it(models: Models, tm
         assert api.fine_tuning.jobs.resume(job.id).status == "queued"
         done = wait_job(api, job.id)
         assert done.status == "succeeded", done.error
+        assert wait_job(api, queued.id).status == "succeeded"  # the queue outlived the kill -9 too
         messages = [e.message for e in api.fine_tuning.jobs.list_events(job.id, limit=100)]  # every page
         for words in ("server stopped while it trained", "exited with code -9", "Paused at step"):
             assert any(words in m for m in messages), words
