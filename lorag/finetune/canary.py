@@ -15,6 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorag.adapters.data import parse_example
+from lorag.adapters.preference import parse_preference
+from lorag.serving.generation import chat_prompt_ids
+
 # Where the reference's top two logits are closer than this, either token is a correct greedy
 # choice (float32 sums in another order): the answers may part there and still both be right.
 TIE_MARGIN = 1e-3
@@ -34,31 +38,26 @@ class Expectation:
                 "margins": self.margins}
 
 
-def prompt_of(record: dict[str, Any]) -> list[dict[str, Any]] | str | None:
-    """What the model is asked in one training line: chat messages before the answer, or prompt text."""
-    if isinstance(record.get("input"), dict):  # preference (DPO)
-        messages = record["input"].get("messages")
-        return messages if isinstance(messages, list) and messages else None
-    messages = record.get("messages")
-    if isinstance(messages, list):
-        last = max((i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"),
-                   default=None)
-        return messages[:last] if last else None
-    prompt = record.get("prompt")
-    if isinstance(prompt, str | list) and prompt:
-        return prompt
-    return None
+def prompt_of(record: dict[str, Any], method: str) -> list[dict[str, str]] | str:
+    """What the model is asked in one training line (the parsers training uses): the conversation
+    before its last trained answer, or the prompt text; LineError for a line training refuses."""
+    if method == "dpo":
+        return parse_preference(record).prompt
+    parsed = parse_example(record)
+    if parsed.messages is None or parsed.trained is None:
+        return parsed.prompt or ""
+    last = max(i for i, trained in enumerate(parsed.trained) if trained)
+    return parsed.messages[:last]
 
 
-def prompt_ids(tokenizer: Any, prompt: list[dict[str, Any]] | str) -> list[int]:
-    """Token ids as the server builds them (lorag.serving.generation): chat template, or text as is."""
+def prompt_ids(tokenizer: Any, prompt: list[dict[str, str]] | str) -> list[int]:
+    """Token ids as the server builds them: a text prompt as is, a chat through its template."""
     if isinstance(prompt, str):
         return list(tokenizer.encode(prompt))
-    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    return chat_prompt_ids(tokenizer, list(prompt))
 
 
-def pick_prompts(data: Path, tokenizer: Any, count: int, max_prompt_tokens: int) -> list[list[int]]:
+def pick_prompts(data: Path, method: str, tokenizer: Any, count: int, max_prompt_tokens: int) -> list[list[int]]:
     """The first `count` usable prompts of a JSONL file, as token ids."""
     found: list[list[int]] = []
     with data.open(encoding="utf-8") as handle:
@@ -66,8 +65,8 @@ def pick_prompts(data: Path, tokenizer: Any, count: int, max_prompt_tokens: int)
             if len(found) >= count:
                 break
             try:
-                prompt = prompt_of(json.loads(line))
-                ids = prompt_ids(tokenizer, prompt) if prompt is not None else []
+                prompt = prompt_of(json.loads(line), method)
+                ids = prompt_ids(tokenizer, prompt) if prompt else []
             except Exception:  # the data was checked before training; a template refusal just skips it
                 continue
             if ids and len(ids) <= max_prompt_tokens:

@@ -106,14 +106,14 @@ class JobRunner:
             self._wake.clear()
 
     async def _tick(self) -> None:
-        jobs = self.store.all()
-        for record in jobs:
+        for record in await asyncio.to_thread(self.store.all):  # every job's record: file reads
             if record["status"] == "validating_files":
                 await self._validate(record)
             elif record["status"] == "running" and record["id"] in self.workers:
                 self._refresh(record)
         free = self.settings.max_concurrent - len(self.workers)
-        for record in [r for r in self.store.all() if r["status"] == "queued"][:max(free, 0)]:
+        queued = [r for r in await asyncio.to_thread(self.store.all) if r["status"] == "queued"]  # validated now too
+        for record in queued[:max(free, 0)]:
             await self._spawn(record)
 
     def _refresh(self, record: dict[str, Any]) -> None:

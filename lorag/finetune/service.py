@@ -14,13 +14,12 @@ import asyncio
 import csv
 import hashlib
 import io
-import shutil
 import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorag.adapters.checkpoints import checkpoint_dirs
+from lorag.adapters.checkpoints import checkpoint_dirs, copy_adapter
 from lorag.adapters.data import TrainingDataError, check_training_file
 from lorag.errors import LoragError, NotFoundError
 from lorag.finetune import canary
@@ -114,8 +113,7 @@ class FineTuningService:
                 copy_data(validation, staging / VALIDATION_DATA)
             if start_from is not None:
                 (staging / INIT_ADAPTER).mkdir()
-                for name in ("adapter_config.json", "adapter_model.safetensors"):
-                    shutil.copy2(Path(start_from) / name, staging / INIT_ADAPTER / name)
+                copy_adapter(Path(start_from), staging / INIT_ADAPTER)
 
         await asyncio.to_thread(self.store.create, record, fill)
         job_dir = self.store.dir_of(job_id)

@@ -121,7 +121,7 @@ def _canary_expectations(job: dict[str, Any], settings: Any, adapter_dir: Path, 
 
     tokenizer = load_tokenizer(settings)
     max_tokens = int(job["canary"]["max_tokens"])
-    prompts = pick_prompts(data, tokenizer, count, settings.max_length)
+    prompts = pick_prompts(data, settings.method, tokenizer, count, settings.max_length)
     base = AutoModelForCausalLM.from_pretrained(settings.model_path, dtype=torch.float32,
                                                 trust_remote_code=settings.trust_remote_code)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()

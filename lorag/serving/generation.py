@@ -61,6 +61,19 @@ class TextEngine(Protocol):
     def hold(self, adapter: AdapterVersion | None) -> Lease: ...
 
 
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]],
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """Messages (and the tools on offer, for templates that show them) through the chat template, as
+    the server asks the engine; the fine-tuning canary builds its prompts with it too."""
+    try:
+        text = tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
+                                             add_generation_prompt=True)
+    except Exception as err:  # jinja errors: the template refused these messages
+        raise LoragError(f"The model's chat template cannot render these messages: {err}",
+                         param="messages") from None
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
 class Generator:
     """Everything that needs the engine: prompts in tokens, budgets, and the raw deltas."""
 
@@ -68,15 +81,7 @@ class Generator:
         self.engine = engine
 
     def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
-        """Messages (and the tools on offer, for templates that show them) through the chat template."""
-        tokenizer = self.engine.tokenizer
-        try:
-            text = tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
-                                                 add_generation_prompt=True)
-        except Exception as err:  # jinja errors: the template refused these messages
-            raise LoragError(f"The model's chat template cannot render these messages: {err}",
-                             param="messages") from None
-        return list(tokenizer.encode(text, add_special_tokens=False))
+        return chat_prompt_ids(self.engine.tokenizer, messages, tools)
 
     def text_prompts(self, raw_prompts: list[str | list[int]]) -> list[list[int]]:
         tokenizer = self.engine.tokenizer
