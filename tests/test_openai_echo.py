@@ -184,3 +184,30 @@ def test_cors_preflight_is_answered_for_configured_origins(tmp_path: Path) -> No
             "origin": "https://evil.example", "access-control-request-method": "POST"})
     assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "https://app.example"
     assert "access-control-allow-origin" not in other.headers
+
+
+def test_a_fine_tuned_model_is_deleted_by_its_owner_only_through_models_delete(tmp_path: Path) -> None:
+    from lorag.adapters.validate import AdapterInfo
+    from lorag.config import ApiKey
+    from lorag.server.auth import key_id
+    from tests.echo_server import OTHER_TRAINER, TRAINER, trainer_keys
+
+    model = "ft:echo-base:lorag:birds:ftjob-abc"
+    with echo_server(echo_settings(tmp_path, server={"api_keys": trainer_keys()})) as server:
+        source = tmp_path / "adapter"
+        source.mkdir()
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            (source / name).write_text("{}")
+        info = AdapterInfo(8, 16, ("q_proj",), "echo-base")
+        server.pipeline.registry.register(model, source, info, owner=key_id(ApiKey(key=TRAINER).sha256))
+        server.pipeline.registry.register("plain", source, info)
+        owner, other = server.client(TRAINER), server.client(OTHER_TRAINER)
+        with pytest.raises(openai.NotFoundError) as hidden:
+            other.models.delete(model)
+        assert hidden.value.body["type"] == "not_found_error"  # type: ignore[index]
+        with pytest.raises(openai.PermissionDeniedError):
+            owner.models.delete("plain")  # an operator's adapter: `lorag adapters remove`
+        assert owner.models.delete(model).deleted
+        assert model not in {m.id for m in owner.models.list()}
+        with pytest.raises(openai.NotFoundError):
+            owner.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
