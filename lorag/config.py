@@ -19,6 +19,7 @@ from lorag.finetune.settings import FineTuningSettings
 from lorag.fleet.settings import FleetServer, FleetSettings, check_servers
 from lorag.knowledge.settings import KnowledgeSettings
 from lorag.lanes import LaneSettings
+from lorag.loop.settings import StoredCompletionsSettings
 from lorag.plugins.settings import PluginsSettings
 from lorag.schema import Strict
 from lorag.serving.settings import DomainSettings, RoutingSettings, check_domain_names
@@ -175,6 +176,7 @@ class Settings(Strict):
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     threads: LaneSettings = Field(default_factory=LaneSettings)
     fine_tuning: FineTuningSettings = Field(default_factory=FineTuningSettings)
+    stored_completions: StoredCompletionsSettings = Field(default_factory=StoredCompletionsSettings)
 
     @model_validator(mode="after")
     def _imported_model_by_name(self) -> Settings:

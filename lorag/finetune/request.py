@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lorag.errors import LoragError
 from lorag.finetune.naming import SUFFIX_PATTERN
+from lorag.loop.settings import check_metadata
 
 Auto = Literal["auto"]
 BASE_LEARNING_RATE = 2e-4  # lorag's LoRA learning rate; OpenAI's learning_rate_multiplier scales it
@@ -79,13 +80,7 @@ class CreateJob(BaseModel):
     @field_validator("metadata")
     @classmethod
     def _metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        if value is not None:
-            if len(value) > 16:
-                raise ValueError("at most 16 keys")
-            for key, item in value.items():
-                if len(key) > 64 or len(item) > 512:
-                    raise ValueError("keys up to 64 characters, values up to 512")
-        return value
+        return check_metadata(value)
 
     @model_validator(mode="after")
     def _supported(self) -> CreateJob:

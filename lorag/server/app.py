@@ -24,8 +24,12 @@ from lorag.config import Settings
 from lorag.finetune.files import FileStore
 from lorag.finetune.service import FineTuningService
 from lorag.logging import get_logger
+from lorag.loop.completions import CompletionStore
+from lorag.loop.database import loop_database
+from lorag.loop.feedback import FeedbackStore
 from lorag.server import (
     admin_api,
+    completions_api,
     files_api,
     fine_tuning_api,
     knowledge_api,
@@ -34,6 +38,7 @@ from lorag.server import (
     openai_api,
 )
 from lorag.server.errors import error_body, error_response, install_error_handlers
+from lorag.server.recorder import CompletionRecorder
 from lorag.serving.build import ServingEngine, build_engine, build_pipeline
 from lorag.serving.pipeline import Pipeline
 from lorag.serving.warmup import start_warmup
@@ -112,6 +117,9 @@ def create_app(settings: Settings, engine: ServingEngine | None = None) -> FastA
     adapters = AdapterService(settings, pipeline.registry, engine)
     files = FileStore(settings.state_path, settings.fine_tuning.max_file_bytes)
     fine_tuning = FineTuningService(settings, files, adapters, engine)
+    loop_db = loop_database(settings.state_path)
+    completions = CompletionStore(loop_db)
+    recorder = CompletionRecorder(settings, completions)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -139,6 +147,8 @@ def create_app(settings: Settings, engine: ServingEngine | None = None) -> FastA
             app.state.ready = False
             pipeline.knowledge.close()
             await engine.shutdown()
+            recorder.close()  # the queued writes first
+            loop_db.close()
             log.info("server_stopped")
 
     app = FastAPI(title="lorag", version=__version__, lifespan=lifespan)
@@ -149,6 +159,8 @@ def create_app(settings: Settings, engine: ServingEngine | None = None) -> FastA
     app.state.adapters = adapters
     app.state.files = files
     app.state.fine_tuning = fine_tuning
+    app.state.recorder = recorder
+    app.state.feedback = FeedbackStore(loop_db, completions)
     app.state.ready = False
     app.state.waiting = {"engine", "warmup"}  # what /ready waits for; the lifespan and warm-up clear it
     install_error_handlers(app)
@@ -159,6 +171,7 @@ def create_app(settings: Settings, engine: ServingEngine | None = None) -> FastA
     app.include_router(knowledge_api.router)
     app.include_router(files_api.router)
     app.include_router(fine_tuning_api.router)
+    app.include_router(completions_api.router)
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -20,7 +20,8 @@ from lorag.server.auth import Principal, require_key
 from lorag.server.errors import error_body
 from lorag.server.limits import admit, release_slot
 from lorag.server.metrics import forget_adapter, observe
-from lorag.serving.jobs import Choice, Delta, Job, new_request_id
+from lorag.server.recorder import CompletionRecorder, Keep
+from lorag.serving.jobs import Choice, Delta, Job, add_delta, new_request_id
 from lorag.serving.pipeline import Pipeline
 from lorag.serving.prompt import citation
 from lorag.serving.protocol import (
@@ -108,7 +109,12 @@ async def chat_completions(
     principal: Principal = Depends(require_key),
 ) -> Any:
     job = await pipeline.prepare_chat(body, request_id_for(request, "chatcmpl"), principal)
-    return await respond(request, pipeline, job, body, stream_chat, chat_response)
+    try:
+        keep = recorder_of(request).plan(job, body, principal)
+    except LoragError:
+        job.release()
+        raise
+    return await respond(request, pipeline, job, body, stream_chat, chat_response, keep)
 
 
 @router.post("/v1/completions")
@@ -122,21 +128,32 @@ async def completions(
     return await respond(request, pipeline, job, body, stream_completion, completion_response)
 
 
-async def respond(request: Request, pipeline: Pipeline, job: Job, body: Any, streamer: Any, builder: Any) -> Any:
-    """SSE when the client asked for a stream, one JSON response otherwise (the same text either way)."""
+async def respond(request: Request, pipeline: Pipeline, job: Job, body: Any, streamer: Any, builder: Any,
+                  keep: Keep | None = None) -> Any:
+    """SSE when the client asked for a stream, one JSON response otherwise (the same text either way).
+
+    `keep` (a stored chat completion) gets the response as sent, streamed or not, once it is whole.
+    """
     request.state.job = job  # admission gives its adapter lease back at the end (a 429, a stream never started)
     seen = observe(request, job)  # metrics: status, stage timings, tokens
     guard = admit(request, job)  # the key's token rate (429) and the generation deadline
     if body.stream:
-        chunks = seen.stream(guard.stream(streamer(pipeline, job, body)))
+        chunks = seen.stream(guard.stream(streamer(pipeline, job, body, keep)))
         return StreamingResponse(sse(chunks, on_end=lambda: release_slot(request)), media_type="text/event-stream",
                                  headers=_stream_headers(job))
     choices = seen.done(await guard.run(until_disconnected(request, pipeline.complete(job))))
     response = builder(job, body, choices, pipeline).model_dump(exclude_unset=True)
+    if keep is not None:
+        keep(response)
     return JSONResponse(response, headers={"x-request-id": job.request_id})
 
 
 # -- helpers --------------------------------------------------------------------
+
+
+def recorder_of(request: Request) -> CompletionRecorder:
+    recorder: CompletionRecorder = request.app.state.recorder
+    return recorder
 
 
 def request_id_for(request: Request, prefix: str) -> str:
@@ -251,9 +268,13 @@ def chat_response(job: Job, body: ChatCompletionRequest, choices: list[Choice], 
                           lorag=lorag_extras(job))
 
 
-async def stream_chat(pipeline: Pipeline, job: Job, body: ChatCompletionRequest) -> AsyncIterator[StreamChunk]:
+async def stream_chat(pipeline: Pipeline, job: Job, body: ChatCompletionRequest,
+                      keep: Keep | None = None) -> AsyncIterator[StreamChunk]:
     started: set[int] = set()
+    sent: dict[int, Choice] = {}  # what the stream carried, for `keep`
     async for delta in pipeline.generate(job):
+        if keep is not None:
+            add_delta(sent, delta)
         if delta.index not in started:
             started.add(delta.index)
             opening = ChatChunkChoice(index=delta.index, delta=ChatDelta(role="assistant", content=""),
@@ -261,6 +282,8 @@ async def stream_chat(pipeline: Pipeline, job: Job, body: ChatCompletionRequest)
             yield stream_chunk(job, body, CHAT_CHUNK, [opening])
         yield stream_chunk(job, body, CHAT_CHUNK, [_chat_delta(pipeline, job, body, delta)])
     yield stream_chunk(job, body, CHAT_CHUNK, [], last=True)
+    if keep is not None:  # the whole stream went out: keep it as the non-streamed response it equals
+        keep(chat_response(job, body, [sent[i] for i in sorted(sent)], pipeline).model_dump(exclude_unset=True))
 
 
 def _chat_delta(pipeline: Pipeline, job: Job, body: ChatCompletionRequest, delta: Delta) -> ChatChunkChoice:
@@ -305,7 +328,9 @@ def completion_response(job: Job, body: CompletionRequest, choices: list[Choice]
                           lorag=lorag_extras(job))
 
 
-async def stream_completion(pipeline: Pipeline, job: Job, body: CompletionRequest) -> AsyncIterator[StreamChunk]:
+async def stream_completion(pipeline: Pipeline, job: Job, body: CompletionRequest,
+                            keep: Keep | None = None) -> AsyncIterator[StreamChunk]:
+    """A text completion's stream (`keep` is for the shared signature: only chat completions are stored)."""
     tokenizer = pipeline.engine.tokenizer
     echoed: set[int] = set()
     offsets: dict[int, int] = {}

@@ -74,6 +74,7 @@ class Job:
     stream: bool
     hooks: RequestHooks
     messages: list[dict[str, Any]] | None = None  # chat only: what a retry extends
+    conversation: list[dict[str, Any]] | None = None  # chat only: the client's messages after the input hooks
     extras: dict[str, Any] = field(default_factory=dict)  # plugins' additions to the `lorag` field
     citations: list[Hit] = field(default_factory=list)  # the context chunks the prompt holds, numbered from 1
     tools: ToolPlan | None = None  # server- and client-side tools, when the request has any
@@ -115,6 +116,17 @@ class Job:
     def release(self) -> None:
         """Give the adapter lease back (idempotent): after the last token, or when the job is dropped."""
         self.lease.release()
+
+
+def add_delta(choices: dict[int, Choice], delta: Delta) -> None:
+    """Grow the choice a delta belongs to: a stream's pieces become the non-streamed answer."""
+    choice = choices.setdefault(delta.index, Choice(index=delta.index))
+    choice.text += delta.text
+    choice.token_ids.extend(delta.token_ids)
+    if delta.logprobs:
+        choice.logprobs.extend(delta.logprobs)
+    if delta.finish_reason:
+        choice.finish_reason = delta.finish_reason
 
 
 def message_dict(message: Any) -> dict[str, Any]:

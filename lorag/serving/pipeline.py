@@ -40,6 +40,7 @@ from lorag.serving.jobs import (
     Delta,
     Job,
     Target,
+    add_delta,
     last_user_text,
     message_dict,
     ms_since,
@@ -144,7 +145,8 @@ class Pipeline:
             job = Job(request_id, target, [fitted.tokens], params, request.n, request.stream, hooks,
                       messages=build_messages(domain.settings.system_prompt if domain else "", fitted.hits,
                                               fitted.examples, messages),
-                      extras=extras, citations=fitted.hits, tools=tools, requested_max_tokens=requested, lease=lease)
+                      extras=extras, citations=fitted.hits, tools=tools, requested_max_tokens=requested, lease=lease,
+                      conversation=messages)
         job.timings.update(timings)
         job.timings["prepare_ms"] = ms_since(started)
         return job
@@ -230,13 +232,7 @@ class Pipeline:
         choices: dict[int, Choice] = {}
         async with aclosing(self.generate(job)) as deltas:
             async for delta in deltas:
-                choice = choices.setdefault(delta.index, Choice(index=delta.index))
-                choice.text += delta.text
-                choice.token_ids.extend(delta.token_ids)
-                if delta.logprobs:
-                    choice.logprobs.extend(delta.logprobs)
-                if delta.finish_reason:
-                    choice.finish_reason = delta.finish_reason
+                add_delta(choices, delta)
         return [choices[i] for i in sorted(choices)]
 
 

@@ -130,6 +130,16 @@ class ChatCompletionRequest(SamplingFields):
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    # Stored completions (lorag.loop): None = the domain's default.
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_limits(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        from lorag.loop.settings import check_metadata
+
+        return check_metadata(value)
 
     @model_validator(mode="after")
     def _logprobs_pair(self) -> ChatCompletionRequest:

@@ -126,6 +126,9 @@ class DomainSettings(Strict):
     plugins: DomainPlugins | None = None
     tools: DomainTools = Field(default_factory=DomainTools)
     api_keys: list[str] | None = None
+    # Stored completions: whether a request that leaves `store` out is stored, and for how long.
+    store: bool = False
+    store_retention_days: int | None = Field(default=None, ge=1, le=3650)
 
     @field_validator("adapter")
     @classmethod

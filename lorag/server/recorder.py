@@ -1,0 +1,110 @@
+"""`store: true` on the request path: decide whether a chat completion is kept, and keep it off the loop.
+
+The record is made from the response exactly as it was sent (streamed or not, the same
+ChatCompletion) and from the job: the conversation after the input hooks, the rendered
+prompt with its context and sources. Writes run in one background thread, in the order
+the answers finished; a read through the API first waits for the writes already queued,
+so a client that lists right after its answer sees it. A failed write is logged, never
+turned into an error for a request that has already been answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from lorag.config import Settings
+from lorag.errors import LoragError
+from lorag.logging import get_logger
+from lorag.loop.completions import DAY_S, CompletionStore, StoredCompletion
+from lorag.serving.jobs import Job
+from lorag.serving.principal import Principal
+from lorag.serving.protocol import ChatCompletionRequest
+
+log = get_logger("lorag.loop")
+Keep = Callable[[dict[str, Any]], None]
+SWEEP_EVERY = 1000  # writes between two deletions of expired records
+
+
+def owner_of(principal: Principal) -> str:
+    """Who a stored record belongs to: the key (its id), as with files and fine-tuning jobs."""
+    return principal.limit_key
+
+
+def viewer_of(principal: Principal) -> str | None:
+    """Whose records a caller may see: its own; an admin's view is everyone's (None)."""
+    return None if principal.admin else owner_of(principal)
+
+
+class CompletionRecorder:
+    """Stores answered chat completions in the background; reads wait for the writes before them."""
+
+    def __init__(self, settings: Settings, store: CompletionStore) -> None:
+        self.settings = settings
+        self.store = store
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorag-store")
+        self._pending: set[asyncio.Future[None]] = set()
+        self._writes = 0
+
+    def plan(self, job: Job, body: ChatCompletionRequest, principal: Principal) -> Keep | None:
+        """What keeps this job's answer, or None when it is not stored; a 400 for metadata without store."""
+        domain = job.target.domain.settings if job.target.domain else None
+        store = body.store if body.store is not None else bool(domain and domain.store)
+        if body.metadata and not store:
+            raise LoragError("`metadata` is only allowed on a stored completion: set `store: true`.",
+                             param="metadata")
+        if not store:
+            return None
+        if not self.settings.stored_completions.enabled:
+            raise LoragError("Stored completions are off on this server ([stored_completions] enabled = false).",
+                             param="store")
+        days = (domain.store_retention_days if domain else None) or self.settings.stored_completions.retention_days
+        owner = owner_of(principal)
+
+        def keep(response: dict[str, Any]) -> None:
+            self.record(stored_record(job, body, response, owner, days))
+
+        return keep
+
+    def record(self, record: StoredCompletion) -> None:
+        """Queue one write (on the event loop's thread)."""
+        future = asyncio.get_running_loop().run_in_executor(self._writer, self._write, record)
+        self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
+
+    async def settled(self) -> None:
+        """Wait for every write queued so far (read-your-writes for the API)."""
+        if self._pending:
+            await asyncio.wait(list(self._pending))
+
+    async def run(self, work: Callable[..., Any], *args: Any) -> Any:
+        """A read or an edit of the store, after the queued writes, on the writer's thread."""
+        await self.settled()
+        return await asyncio.get_running_loop().run_in_executor(self._writer, work, *args)
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+
+    def _write(self, record: StoredCompletion) -> None:
+        try:
+            self.store.add(record)
+            self._writes += 1
+            if self._writes % SWEEP_EVERY == 1:
+                self.store.sweep()
+            log.debug("completion_stored", id=record.id, domain=record.domain, adapter=record.adapter)
+        except Exception as err:  # the answer is already sent: log it, never fail it
+            log.error("completion_store_failed", id=record.id, error=str(err))
+
+
+def stored_record(job: Job, body: ChatCompletionRequest, response: dict[str, Any], owner: str,
+                  retention_days: int) -> StoredCompletion:
+    """The record of one answered chat completion (what the model saw, and what was sent)."""
+    sent = {key: value for key, value in response.items() if key != "metadata"}
+    return StoredCompletion(
+        id=job.request_id, owner=owner, created=job.created, expires_at=job.created + retention_days * DAY_S,
+        model=body.model, domain=job.target.domain.name if job.target.domain else None,
+        adapter=job.target.adapter_ref, metadata=dict(body.metadata or {}),
+        messages=list(job.conversation or []), response=sent,
+        context={"prompt_messages": job.messages or []})  # the sources are in response["lorag"]["citations"]
