@@ -191,6 +191,30 @@ class FileStore:
         return self.commit(staged, filename=filename, purpose=purpose, owner=owner, expires_after_s=None,
                            purposes=allowed)
 
+    def replace_content(self, file_id: str, data: bytes) -> bool:
+        """A stored file's content replaced whole (write, fsync, rename; its size updated): how a deleted
+        stored completion leaves the training files made from it. False when the file is gone."""
+        folder = self.root / file_id
+        meta = self._read(file_id)
+        if meta is None:
+            return False
+        fresh = folder / ".content.new"
+        try:
+            with open(fresh, "wb") as handle:
+                _finish(handle, data)
+            os.replace(fresh, folder / "content")
+            meta["bytes"] = len(data)
+            with open(folder / ".meta.new", "w", encoding="utf-8") as handle:
+                json.dump(meta, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(folder / ".meta.new", folder / "meta.json")
+            fsync_path(folder)
+        except FileNotFoundError:  # deleted meanwhile
+            return False
+        log.info("file_rewritten", file_id=file_id, bytes=len(data))
+        return True
+
     def _new_partial(self) -> tuple[str, Path]:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         while True:

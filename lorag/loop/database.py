@@ -57,6 +57,11 @@ CREATE TABLE IF NOT EXISTS preferences (
     updated INTEGER NOT NULL,
     UNIQUE (pair, owner)
 );
+CREATE TABLE IF NOT EXISTS derived (
+    file_id TEXT NOT NULL,
+    completion_id TEXT NOT NULL,
+    PRIMARY KEY (completion_id, file_id)
+);
 """
 
 

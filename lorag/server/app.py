@@ -30,6 +30,7 @@ from lorag.loop.feedback import FeedbackStore
 from lorag.server import (
     admin_api,
     completions_api,
+    data_api,
     files_api,
     fine_tuning_api,
     knowledge_api,
@@ -172,6 +173,7 @@ def create_app(settings: Settings, engine: ServingEngine | None = None) -> FastA
     app.include_router(files_api.router)
     app.include_router(fine_tuning_api.router)
     app.include_router(completions_api.router)
+    app.include_router(data_api.router)
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Body, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from lorag.finetune.files import FileStore
+from lorag.loop.derived import files_from, forget, without_completion
 from lorag.loop.feedback import FeedbackStore
 from lorag.loop.settings import check_metadata
 from lorag.server.auth import Principal, require_key
@@ -96,9 +98,27 @@ async def update_completion(completion_id: str, request: Request, caller: Caller
 
 @router.delete("/v1/chat/completions/{completion_id}")
 async def delete_completion(completion_id: str, request: Request, caller: Caller) -> dict[str, Any]:
+    """Gone with its feedback, and out of every training file made from it (`lorag.derived_files`)."""
     store = recorder(request)
-    await store.run(store.store.delete, completion_id, viewer_of(caller))
-    return {"id": completion_id, "object": "chat.completion.deleted", "deleted": True}
+    files: FileStore = request.app.state.files
+
+    def delete() -> list[str]:
+        store.store.delete(completion_id, viewer_of(caller))
+        touched = []
+        for file_id in files_from(store.store.db, completion_id):
+            try:
+                content = files.root.joinpath(file_id, "content").read_bytes()
+            except FileNotFoundError:
+                continue  # the file was deleted since
+            kept, dropped = without_completion(content, completion_id)
+            if dropped and files.replace_content(file_id, kept):
+                touched.append(file_id)
+        forget(store.store.db, completion_id)
+        return touched
+
+    touched = await store.run(delete)
+    return {"id": completion_id, "object": "chat.completion.deleted", "deleted": True,
+            "lorag": {"derived_files": touched}}
 
 
 @router.get("/v1/chat/completions/{completion_id}/messages")
