@@ -38,6 +38,7 @@ WORKER_FILE = "worker.json"
 WORKER_LOG = "worker.log"
 TRAINING_DATA = "training.jsonl"
 VALIDATION_DATA = "validation.jsonl"
+PROMOTION_DATA = "promotion_eval.jsonl"
 INIT_ADAPTER = "init_adapter"
 RUN_DIR = "run"
 ACTIVE = ("validating_files", "queued", "running", "paused")
@@ -45,7 +46,8 @@ FINISHED = ("succeeded", "failed", "cancelled")
 # What the API shows of a record; the rest (owner, attempts, the training settings, ...) is lorag's.
 PUBLIC = ("id", "object", "created_at", "model", "organization_id", "status", "training_file", "validation_file",
           "hyperparameters", "method", "seed", "suffix", "metadata", "fine_tuned_model", "finished_at", "error",
-          "result_files", "trained_tokens", "estimated_finish", "integrations", "user_provided_suffix")
+          "result_files", "trained_tokens", "estimated_finish", "integrations", "user_provided_suffix",
+          "promote", "promotion")  # the last two are lorag's: the gate into a domain, and what it decided
 Level = Literal["info", "warn", "error"]
 
 

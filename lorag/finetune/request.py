@@ -56,6 +56,17 @@ class Method(BaseModel):
     reinforcement: dict[str, Any] | None = None
 
 
+class Promote(BaseModel):
+    """lorag's `promote` (the SDK's extra_body): gate the new adapter into a domain (lorag.improve.promotion)."""
+
+    model_config = ConfigDict(extra="forbid")
+    domain: str = Field(min_length=1)
+    eval_file: str | None = None  # held-out items; default: the job's validation_file
+    graders: list[str] | None = None  # some of the domain's graders; default: all of them
+    max_items: int = Field(default=200, ge=1, le=10_000)
+    max_tokens: int | None = Field(default=None, ge=1)
+
+
 class CreateJob(BaseModel):
     """The request body, as the SDK sends it."""
 
@@ -69,6 +80,7 @@ class CreateJob(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
     metadata: dict[str, str] | None = None
     integrations: list[dict[str, Any]] | None = None
+    promote: Promote | None = None
 
     @field_validator("suffix")
     @classmethod

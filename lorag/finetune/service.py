@@ -17,7 +17,7 @@ import io
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lorag.adapters.checkpoints import checkpoint_dirs, copy_adapter
 from lorag.adapters.data import TrainingDataError, check_training_file
@@ -26,6 +26,7 @@ from lorag.finetune import canary
 from lorag.finetune.jobs import (
     FINISHED,
     INIT_ADAPTER,
+    PROMOTION_DATA,
     RUN_DIR,
     TRAINING_DATA,
     VALIDATION_DATA,
@@ -61,6 +62,15 @@ RESULTS_PURPOSE = "fine-tune-results"
 METRIC_COLUMNS = ("step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy")
 
 
+class Gate(Protocol):
+    """What promotes a finished job's adapter into a domain (lorag.improve.promotion.Promoter)."""
+
+    def check(self, domain: str) -> str: ...
+
+    async def promote(self, job_id: str, adapter_dir: Path, spec: dict[str, Any], cases_path: Path,
+                      owner: str | None) -> Any: ...
+
+
 class JobStateError(LoragError):
     code = "invalid_job_state"
 
@@ -73,6 +83,7 @@ class FineTuningService:
         self.engine = engine
         self.store = JobStore(settings.state_path)
         self.runner = JobRunner(settings.fine_tuning, self.store, self._validate, self._finish, self._fail)
+        self.promoter: Gate | None = None  # set by the server (lorag.improve.promotion.Promoter)
 
     # -- create ----------------------------------------------------------------------------
 
@@ -83,6 +94,7 @@ class FineTuningService:
         validation = (self._data_file(request.validation_file, principal, "validation_file")
                       if request.validation_file else None)
         start_from = self._starting_adapter(request.model, principal)
+        promote = self._promotion(request, principal)
         job_id = new_id("ftjob")
         asked = request.asked.model_dump(exclude_none=True)
         shown = {key: asked.get(key, "auto") for key in ("batch_size", "learning_rate_multiplier", "n_epochs")}
@@ -105,6 +117,7 @@ class FineTuningService:
                        "gpu_memory_fraction": self.settings.fine_tuning.gpu_memory_fraction},
             "canary": {"prompts": self.settings.fine_tuning.canary_prompts,
                        "max_tokens": self.settings.fine_tuning.canary_max_tokens},
+            "promote": request.promote.model_dump() if request.promote else None, "promotion": None,
         }
 
         def fill(staging: Path) -> None:
@@ -114,6 +127,8 @@ class FineTuningService:
             if start_from is not None:
                 (staging / INIT_ADAPTER).mkdir()
                 copy_adapter(Path(start_from), staging / INIT_ADAPTER)
+            if promote is not None:
+                copy_data(promote, staging / PROMOTION_DATA)
 
         await asyncio.to_thread(self.store.create, record, fill)
         job_dir = self.store.dir_of(job_id)
@@ -124,6 +139,44 @@ class FineTuningService:
                  key_id=principal.key_id)
         self.runner.poke()
         return public(record)
+
+    def _promotion(self, request: Any, principal: Principal) -> Path | None:
+        """The held-out file a `promote` job is gated on (checked now: a job that cannot be promoted is a 400)."""
+        if request.promote is None:
+            return None
+        if self.promoter is None:
+            raise LoragError("promote: this server cannot promote jobs.", param="promote")
+        self.promoter.check(request.promote.domain)
+        eval_file = request.promote.eval_file or request.validation_file
+        if eval_file is None:
+            raise LoragError("promote needs held-out items: a validation_file, or promote.eval_file.",
+                             param="promote.eval_file")
+        return self._data_file(eval_file, principal, "promote.eval_file")
+
+    async def _promote(self, record: dict[str, Any], adapter_dir: Path) -> None:
+        """The gate (lorag.improve.promotion): its comparison in the events and the job's `promotion`."""
+        job_id, spec = record["id"], record["promote"]
+        job_dir = self.store.dir_of(job_id)
+        add_event(job_dir, f"Promotion into domain {spec['domain']!r}: comparing the new adapter with the current "
+                           "one on the held-out items.")
+        assert self.promoter is not None  # checked when the job was created
+        try:
+            verdict = await self.promoter.promote(job_id, adapter_dir, spec, job_dir / PROMOTION_DATA, record["owner"])
+        except LoragError as err:
+            add_event(job_dir, f"Promotion failed: {err.message}", level="error")
+            self.store.update(job_id, promotion={"promoted": False, "reason": err.message})
+            return
+        found = verdict.to_dict()
+        comparison = (f"{verdict.items} items, graders {', '.join(verdict.graders)}: new {verdict.candidate_score:.4f}, "
+                      f"current ({verdict.previous or 'no adapter'}) {verdict.previous_score:.4f}; {verdict.reason}")
+        if verdict.promoted:
+            add_event(job_dir, f"Promoted {verdict.adapter}@{verdict.candidate} in domain {verdict.domain}: "
+                               f"{comparison}. Roll back with `lorag adapters activate {verdict.adapter} "
+                               f"{verdict.previous}`." if verdict.previous else f"Promoted: {comparison}.")
+        else:
+            add_event(job_dir, f"Not promoted: {comparison}. {verdict.adapter}@{verdict.candidate} stays registered, "
+                               "inactive.", level="warn")
+        self.store.update(job_id, promotion=found)
 
     def _data_file(self, file_id: str, principal: Principal, param: str) -> Path:
         try:
@@ -228,6 +281,8 @@ class FineTuningService:
         if self.store.get(job_id)["status"] == "cancelled":  # cancelled while it was being registered
             await self._unregister(record)
             return
+        if record.get("promote") and not self.store.get(job_id).get("promotion"):
+            await self._promote(record, adapter_dir)
         self.store.update(job_id, status="succeeded", fine_tuned_model=model_id, finished_at=int(time.time()),
                           trained_tokens=trained.get("total_tokens"), result_files=[results["id"]],
                           estimated_finish=None, served=served)

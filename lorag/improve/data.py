@@ -124,7 +124,11 @@ async def build(request: DataRequest, sources: Sources, progress: Callable[[int,
     else:
         lines = await _distilled(request, completions, sources, progress)
     built = Built([], considered=len(request.prompts or completions))
+    by_id = {record.id: record for record in completions}
     for line in lines:
+        first = by_id.get(line.completions[0]) if line.completions else None
+        if first is not None and first.metadata:  # what graders read as {{item.*}} when this line is held out
+            line.extra.setdefault("metadata", first.metadata)
         scope = request.domain or _scope_of(line, completions) or request.model or ""
         record = await sources.guard(scope, line.record)
         if record is None:

@@ -23,6 +23,7 @@ from lorag.adapters.service import AdapterService
 from lorag.config import Settings
 from lorag.finetune.files import FileStore
 from lorag.finetune.service import FineTuningService
+from lorag.improve.promotion import Promoter
 from lorag.logging import get_logger
 from lorag.loop.completions import CompletionStore
 from lorag.loop.database import loop_database
@@ -118,6 +119,7 @@ def create_app(settings: Settings, engine: ServingEngine | None = None) -> FastA
     adapters = AdapterService(settings, pipeline.registry, engine)
     files = FileStore(settings.state_path, settings.fine_tuning.max_file_bytes)
     fine_tuning = FineTuningService(settings, files, adapters, engine)
+    fine_tuning.promoter = Promoter(pipeline, adapters)
     loop_db = loop_database(settings.state_path)
     completions = CompletionStore(loop_db)
     recorder = CompletionRecorder(settings, completions)
