@@ -14,11 +14,12 @@ MAX_LINES = 400
 LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (1, ("lorag.config", "lorag.cli_options", "lorag.errors", "lorag.logging", "lorag.paths", "lorag.schema",
          "lorag.knowledge.settings", "lorag.plugins.settings", "lorag.serving.settings", "lorag.models.names",
-         "lorag.fleet.settings", "lorag.lanes", "lorag.finetune.settings", "lorag.server.pagination")),
-    (2, ("lorag.adapters", "lorag.knowledge", "lorag.models", "lorag.plugins")),
+         "lorag.fleet.settings", "lorag.lanes", "lorag.finetune.settings", "lorag.server.pagination", "lorag.loop.settings",
+         "lorag.loop.grader_settings")),
+    (2, ("lorag.adapters", "lorag.knowledge", "lorag.models", "lorag.plugins", "lorag.loop")),
     (3, ("lorag.engine", "lorag.fleet")),
     (4, ("lorag.serving", "lorag.finetune")),
-    (5, ("lorag.server", "lorag.evaluation")),
+    (5, ("lorag.server", "lorag.evaluation", "lorag.improve")),
     (6, ("lorag.cli", "lorag.chat", "lorag.demo")),
 ]
 

@@ -176,7 +176,8 @@ def test_preference_and_best_of_n_files(echo: EchoServer) -> None:
     assert lines[0]["preferred_output"][0]["content"] == "It is Paris."
     assert lines[0]["non_preferred_output"][0]["content"] == "No idea."
     assert lines[0]["provenance"] == {"kind": "best_of_n", "completions": [one.id], "grader": "fact", "n": 4,
-                                      "scores": [1.0, 0.0]}
+                                      "scores": [1.0, 0.0],
+                                      "metadata": {"run": "data", "batch": "pref", "reference": "Paris"}}
 
 
 def test_distillation_with_lorag_itself_as_the_teacher_in_process_and_over_http(echo: EchoServer,

@@ -32,10 +32,12 @@ STRATEGIES_HELP = "Comma-separated, from: base, icl, rag, adapter, adapter+rag, 
               help="Most tokens per answer (default: each domain's own generation default).")
 @click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True,
               help="Requests in flight at once; the engine batches them (same greedy answers, loaded latencies).")
+@click.option("--grader", "grader_names", multiple=True, metavar="NAME",
+              help="Run only this grader of the domains' (repeatable; default: all of each domain's graders).")
 @config_options
 @click.option("--model", "engine_model", help="Base model path (default: model.path from lorag.toml).")
 def eval_command(data: Path, domain: str | None, strategies: str, out_dir: Path | None, max_tokens: int | None,
-                 concurrency: int, engine_model: str | None) -> None:
+                 concurrency: int, grader_names: tuple[str, ...], engine_model: str | None) -> None:
     """Answer every question of DATA (JSONL) under each strategy and report which wins.
 
     Each line: {"question", "answer", "sources"?, "schema"?, "domain"?, "subset"?, "format"?, "id"?}.
@@ -44,7 +46,13 @@ def eval_command(data: Path, domain: str | None, strategies: str, out_dir: Path 
     from lorag.cli_options import settings_from_flags
     from lorag.evaluation import report
     from lorag.evaluation.dataset import load_eval_set
-    from lorag.evaluation.runner import Evaluator, assign_domains, parse_strategies, plan_runs
+    from lorag.evaluation.runner import (
+        Evaluator,
+        assign_domains,
+        parse_strategies,
+        pick_graders,
+        plan_runs,
+    )
     from lorag.serving.local import LocalPipeline
 
     items = load_eval_set(data)
@@ -52,11 +60,12 @@ def eval_command(data: Path, domain: str | None, strategies: str, out_dir: Path 
     settings = settings_from_flags(model=engine_model)
     domains = assign_domains(items, domain, settings)
     plan = plan_runs(items, chosen, domains, settings)
+    graders = pick_graders(settings, items, domains, grader_names)
     out = out_dir or Path("lorag-eval") / f"{data.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     local = LocalPipeline(settings)
     try:
-        evaluator = Evaluator(local.pipeline, local.loop.run_until_complete, max_tokens, concurrency)
+        evaluator = Evaluator(local.pipeline, local.loop.run_until_complete, max_tokens, concurrency, graders)
         meta = {"data": str(data.resolve()), "items": len(items), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         with _progress(plan.requests) as step:
             run = evaluator.evaluate(plan, domains, progress=step, meta=meta)

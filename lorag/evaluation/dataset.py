@@ -55,6 +55,15 @@ class EvalItem:
     def name(self) -> str:
         return self.id or f"line {self.line}"
 
+    def fields(self) -> dict[str, Any]:
+        """What a grader's `{{item.X}}` may name: the line's fields that are set, `answers` (every
+        reference), `answer` and `reference` (the first one)."""
+        found: dict[str, Any] = {"question": self.question, "answer": self.answers[0],
+                                 "reference": self.answers[0], "answers": list(self.answers), "line": self.line}
+        optional = {"sources": list(self.sources), "schema": self.schema, "domain": self.domain, "id": self.id,
+                    "subset": self.subset, "format": self.format}
+        return found | {key: value for key, value in optional.items() if value}
+
 
 def load_eval_set(path: Path) -> list[EvalItem]:
     """Every item of `path`; EvalDataError lists every bad line."""

@@ -3,7 +3,8 @@
 - exact match and token F1: the SQuAD v1.1 evaluation script's normalisation (lower case,
   punctuation and the articles a/an/the removed, whitespace collapsed); an empty answer
   against an empty reference counts as a match (SQuAD v2's rule);
-- ROUGE-L: Google's `rouge-score` package, F-measure, its default tokenizer, no stemming;
+- ROUGE-L (and ROUGE-N for graders): Google's `rouge-score` package, F-measure, its default
+  tokenizer, no stemming;
 - BLEU: `sacrebleu` (corpus BLEU for a strategy, sentence BLEU per item), 0-100 like sacrebleu;
 - retrieval hit rate and MRR against the item's relevant sources, matched on a cited hit's
   full source or its file name;
@@ -66,17 +67,22 @@ def token_f1(prediction: str, references: Sequence[str]) -> float:
 # -- ROUGE-L, BLEU ------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=1)
-def _rouge_scorer() -> Any:
+@lru_cache(maxsize=8)
+def _rouge_scorer(kind: str) -> Any:
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return rouge_scorer.RougeScorer([kind], use_stemmer=False)
+
+
+def rouge(prediction: str, references: Sequence[str], kind: str = "rougeL") -> float:
+    """ROUGE F-measure of one kind ("rouge1".."rouge9" n-grams, "rougeL"), best over the references."""
+    scorer = _rouge_scorer(kind)
+    return max(float(scorer.score(ref, prediction)[kind].fmeasure) for ref in references)
 
 
 def rouge_l(prediction: str, references: Sequence[str]) -> float:
     """ROUGE-L F-measure (longest common subsequence of tokens), best over the references."""
-    scorer = _rouge_scorer()
-    return max(float(scorer.score(ref, prediction)["rougeL"].fmeasure) for ref in references)
+    return rouge(prediction, references, "rougeL")
 
 
 def _reference_streams(references: Sequence[Sequence[str]]) -> list[list[str | None]]:

@@ -32,6 +32,8 @@ JSON_FILE = "results.json"
 SUMMARY_CSV = "summary.csv"
 ITEMS_CSV = "items.csv"
 CHART_FILE = "quality_vs_latency.png"
+# A grader's column in the CSV files (and its key in the table): "grade.NAME".
+GRADE = "grade."
 # A strategy this much faster (or more) than the winner, and not clearly worse, is worth naming.
 CHEAPER_LATENCY = 0.8
 
@@ -61,15 +63,17 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 def table(summaries: Sequence[StrategySummary]) -> str:
     """Fixed-width columns, one row per strategy; '-' where a metric does not apply.
 
-    When some rows are a subset's (see `all_summaries`), a first column names the subset."""
+    When some rows are a subset's (see `all_summaries`), a first column names the subset; each of
+    the domains' graders adds a column (its mean, headed by its name) before the errors."""
     columns: list[tuple[str, str, str]] = list(COLUMNS)
     if any(s.subset is not None for s in summaries):
         columns.insert(0, ("subset", "subset", "s"))
+    columns[-1:-1] = [(name, GRADE + name, ".3f") for name in grader_names(summaries)]
     rows = [[header for header, _, _ in columns]]
     for summary in summaries:
         row = []
         for _, key, fmt in columns:
-            value = getattr(summary, key)
+            value = summary.grades.get(key.removeprefix(GRADE)) if key.startswith(GRADE) else getattr(summary, key)
             if key == "subset":
                 value = value or ALL
             row.append("-" if value is None else format(value, fmt))
@@ -83,6 +87,11 @@ def table(summaries: Sequence[StrategySummary]) -> str:
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def grader_names(rows: Sequence[StrategySummary | ItemResult]) -> list[str]:
+    """Every grader in these rows, in the order first met (domains may have different ones)."""
+    return list(dict.fromkeys(name for row in rows for name in row.grades))
 
 
 def all_summaries(run: EvalRun) -> list[StrategySummary]:
@@ -271,18 +280,25 @@ def write_json(run: EvalRun, path: Path, advice: str) -> None:
 
 
 def write_summary_csv(summaries: Sequence[StrategySummary], path: Path) -> None:
-    rows = [s.to_dict() for s in summaries]
+    rows = [_flat_grades(s.to_dict(), grader_names(summaries)) for s in summaries]
     _write_csv(path, list(rows[0]) if rows else [], rows)
 
 
 def write_items_csv(items: Sequence[ItemResult], path: Path) -> None:
     rows = []
+    names = grader_names(items)
     for result in items:
-        row = result.to_dict()
+        row = _flat_grades(result.to_dict(), names)
         row["references"] = " | ".join(result.references)
         row["cited_sources"] = " | ".join(result.cited_sources)
         rows.append(row)
     _write_csv(path, list(rows[0]) if rows else [], rows)
+
+
+def _flat_grades(row: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """A CSV row: one `grade.NAME` column per grader of the file (empty where it did not grade)."""
+    grades = row.pop("grades")
+    return row | {GRADE + name: grades.get(name) for name in names}
 
 
 def _write_csv(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorag.evaluation import metrics
 from lorag.evaluation.dataset import ALL, EvalItem
+
+if TYPE_CHECKING:
+    from lorag.evaluation.graders import Grader
 
 
 @dataclass
@@ -40,6 +43,7 @@ class ItemResult:
     cited_sources: list[str] = field(default_factory=list)
     error: str | None = None  # the request failed; the item scores 0
     subset: str | None = None  # the item's subset, if it has one
+    grades: dict[str, float | None] = field(default_factory=dict)  # the domain's graders (None: could not grade)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,6 +64,17 @@ def score(result: ItemResult, item: EvalItem, retrieves: bool) -> ItemResult:
         result.schema_valid = result.error is None and metrics.schema_valid(prediction, item.schema)
     if item.format is not None:
         result.format_ok = result.error is None and metrics.format_match(prediction, item.format)
+    return result
+
+
+def grade(result: ItemResult, item: EvalItem, graders: Sequence[Grader]) -> ItemResult:
+    """Fill in `result.grades`: each grader on the answer; a failed request scores 0, as in the metrics."""
+    from lorag.evaluation.graders import grade_all
+
+    if result.error is not None:
+        result.grades = {grader.name: 0.0 for grader in graders}
+    else:
+        result.grades = grade_all(graders, result.prediction, item.fields())
     return result
 
 
@@ -84,6 +99,8 @@ class StrategySummary:
     prompt_tokens_mean: float
     completion_tokens_mean: float
     subset: str | None = None  # None: all the items the strategy ran on
+    # grader -> mean over the items it graded (None: it graded none of them)
+    grades: dict[str, float | None] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -113,7 +130,14 @@ def summarise(strategy: str, results: Sequence[ItemResult], subset: str | None =
         prompt_tokens_mean=_mean([float(r.prompt_tokens) for r in results]),
         completion_tokens_mean=_mean([float(r.completion_tokens) for r in results]),
         subset=subset,
+        grades=_mean_grades(results),
     )
+
+
+def _mean_grades(results: Sequence[ItemResult]) -> dict[str, float | None]:
+    """Each grader's mean over the items it graded (items of a domain without it do not count)."""
+    names = dict.fromkeys(name for r in results for name in r.grades)
+    return {name: metrics.mean([r.grades.get(name) for r in results]) for name in names}
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lorag.errors import LoragError
 from lorag.evaluation.dataset import EvalItem
-from lorag.evaluation.results import EvalRun, ItemResult, score, summarise
+from lorag.evaluation.results import EvalRun, ItemResult, grade, score, summarise
 from lorag.logging import get_logger
 
 if TYPE_CHECKING:
     from lorag.config import Settings
+    from lorag.evaluation.graders import Grader
     from lorag.serving.pipeline import Pipeline
     from lorag.serving.settings import DomainSettings
 
@@ -144,17 +145,46 @@ def plan_runs(items: Sequence[EvalItem], strategies: Sequence[Strategy], domains
     return Plan(runs, notes)
 
 
+def pick_graders(settings: Settings, items: Sequence[EvalItem], domains: dict[int, str],
+                 names: Sequence[str] = ()) -> dict[str, list[Grader]]:
+    """domain -> the graders to run on its answers: all of the domain's, or only those `names`
+    (`--grader`). Refused before anything runs: a name no domain of the run has, and an item
+    without a field its graders' templates read."""
+    from lorag.evaluation.graders import domain_graders
+    from lorag.loop.grader_settings import item_fields
+
+    used = sorted(set(domains.values()))
+    chosen = {domain: domain_graders(settings, domain, set(names) if names else None) for domain in used}
+    found = {grader.name for graders in chosen.values() for grader in graders}
+    unknown = [name for name in dict.fromkeys(names) if name not in found]
+    if unknown:
+        have = sorted({spec.name for domain in used for spec in settings.domains[domain].graders})
+        raise EvalError(f"no grader named {', '.join(map(repr, unknown))} in the domains evaluated "
+                        f"(graders: {', '.join(have) or 'none are configured'})")
+    for item in items:
+        domain = domains[item.line]
+        for spec in settings.domains[domain].graders:
+            missing = sorted(item_fields(spec) - set(item.fields())) if spec.name in found else []
+            if missing:
+                raise EvalError(f"line {item.line}: grader '{spec.name}' of domain '{domain}' reads "
+                                f"{{{{item.{missing[0]}}}}}, which this item does not have")
+    return chosen
+
+
 class Evaluator:
     """Runs items under strategies on one in-process pipeline (an event loop of its own)."""
 
     def __init__(self, pipeline: Pipeline, run: Callable[[Any], Any], max_tokens: int | None,
-                 concurrency: int = 1) -> None:
+                 concurrency: int = 1, graders: Mapping[str, Sequence[Grader]] | None = None) -> None:
         self.pipeline = pipeline
         self.run = run  # runs a coroutine to completion on the pipeline's loop
         self.max_tokens = max_tokens  # None: each domain's own default
         # Requests in flight at once: the engine batches them (greedy answers do not change;
         # latencies are then those of a loaded server).
         self.concurrency = concurrency
+        # domain -> graders of its answers (pick_graders); run after each strategy's answers, off the
+        # pipeline's loop, since a judge model is a blocking HTTP call.
+        self.graders = graders or {}
 
     def evaluate(self, plan: Plan, domains: dict[int, str], progress: Progress | None = None,
                  meta: dict[str, Any] | None = None) -> EvalRun:
@@ -166,10 +196,13 @@ class Evaluator:
         for strategy, todo in plan.runs:
             self.answer(todo[0], strategy, domains[todo[0].line])  # warm-up, not measured
             mine = self.run(self._answer_all(todo, strategy, domains, progress))
+            by_line = {item.line: item for item in todo}
+            for result in mine:
+                grade(result, by_line[result.line], self.graders.get(result.domain, ()))
             summary = summarise(strategy.name, mine)
             log.info("eval.strategy", strategy=strategy.name, items=summary.items, f1=round(summary.f1, 4),
                      exact_match=round(summary.exact_match, 4), latency_ms_p50=summary.latency_ms_p50,
-                     errors=summary.errors)
+                     errors=summary.errors, grades=summary.grades)
             results += mine
             summaries.append(summary)
         duration = round(time.perf_counter() - started, 2)

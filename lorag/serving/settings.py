@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from lorag.loop.grader_settings import GraderSpec, check_grader_names
 from lorag.plugins.settings import NAME_RE, DomainPlugins
 from lorag.schema import Strict
 
@@ -129,6 +130,10 @@ class DomainSettings(Strict):
     # Stored completions: whether a request that leaves `store` out is stored, and for how long.
     store: bool = False
     store_retention_days: int | None = Field(default=None, ge=1, le=3650)
+    # How the domain's answers are scored (`lorag eval`, the loop): OpenAI's grader schema.
+    graders: list[GraderSpec] = Field(default_factory=list)
+
+    _grader_names = field_validator("graders")(check_grader_names)
 
     @field_validator("adapter")
     @classmethod
