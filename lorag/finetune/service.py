@@ -17,12 +17,13 @@ import io
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from lorag.adapters.checkpoints import checkpoint_dirs, copy_adapter
 from lorag.adapters.data import TrainingDataError, check_training_file
 from lorag.errors import LoragError, NotFoundError
 from lorag.finetune import canary
+from lorag.finetune.gate import Gate, held_out_file, run_gate
 from lorag.finetune.jobs import (
     FINISHED,
     INIT_ADAPTER,
@@ -60,15 +61,6 @@ if TYPE_CHECKING:
 log = get_logger("lorag.finetune")
 RESULTS_PURPOSE = "fine-tune-results"
 METRIC_COLUMNS = ("step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy")
-
-
-class Gate(Protocol):
-    """What promotes a finished job's adapter into a domain (lorag.improve.promotion.Promoter)."""
-
-    def check(self, domain: str) -> str: ...
-
-    async def promote(self, job_id: str, adapter_dir: Path, spec: dict[str, Any], cases_path: Path,
-                      owner: str | None) -> Any: ...
 
 
 class JobStateError(LoragError):
@@ -144,39 +136,7 @@ class FineTuningService:
         """The held-out file a `promote` job is gated on (checked now: a job that cannot be promoted is a 400)."""
         if request.promote is None:
             return None
-        if self.promoter is None:
-            raise LoragError("promote: this server cannot promote jobs.", param="promote")
-        self.promoter.check(request.promote.domain)
-        eval_file = request.promote.eval_file or request.validation_file
-        if eval_file is None:
-            raise LoragError("promote needs held-out items: a validation_file, or promote.eval_file.",
-                             param="promote.eval_file")
-        return self._data_file(eval_file, principal, "promote.eval_file")
-
-    async def _promote(self, record: dict[str, Any], adapter_dir: Path) -> None:
-        """The gate (lorag.improve.promotion): its comparison in the events and the job's `promotion`."""
-        job_id, spec = record["id"], record["promote"]
-        job_dir = self.store.dir_of(job_id)
-        add_event(job_dir, f"Promotion into domain {spec['domain']!r}: comparing the new adapter with the current "
-                           "one on the held-out items.")
-        assert self.promoter is not None  # checked when the job was created
-        try:
-            verdict = await self.promoter.promote(job_id, adapter_dir, spec, job_dir / PROMOTION_DATA, record["owner"])
-        except LoragError as err:
-            add_event(job_dir, f"Promotion failed: {err.message}", level="error")
-            self.store.update(job_id, promotion={"promoted": False, "reason": err.message})
-            return
-        found = verdict.to_dict()
-        comparison = (f"{verdict.items} items, graders {', '.join(verdict.graders)}: new {verdict.candidate_score:.4f}, "
-                      f"current ({verdict.previous or 'no adapter'}) {verdict.previous_score:.4f}; {verdict.reason}")
-        if verdict.promoted:
-            add_event(job_dir, f"Promoted {verdict.adapter}@{verdict.candidate} in domain {verdict.domain}: "
-                               f"{comparison}. Roll back with `lorag adapters activate {verdict.adapter} "
-                               f"{verdict.previous}`." if verdict.previous else f"Promoted: {comparison}.")
-        else:
-            add_event(job_dir, f"Not promoted: {comparison}. {verdict.adapter}@{verdict.candidate} stays registered, "
-                               "inactive.", level="warn")
-        self.store.update(job_id, promotion=found)
+        return self._data_file(held_out_file(self.promoter, request), principal, "promote.eval_file")
 
     def _data_file(self, file_id: str, principal: Principal, param: str) -> Path:
         try:
@@ -282,7 +242,7 @@ class FineTuningService:
             await self._unregister(record)
             return
         if record.get("promote") and not self.store.get(job_id).get("promotion"):
-            await self._promote(record, adapter_dir)
+            await run_gate(self.promoter, self.store, record, adapter_dir)
         self.store.update(job_id, status="succeeded", fine_tuned_model=model_id, finished_at=int(time.time()),
                           trained_tokens=trained.get("total_tokens"), result_files=[results["id"]],
                           estimated_finish=None, served=served)

@@ -174,16 +174,31 @@ def grading_item(record: StoredCompletion) -> dict[str, Any]:
     return {"question": last_user_text(record.messages), "answer": record.answer(), **record.metadata}
 
 
+def chosen_graders(domain: str, graders: list[Grader], name: str | None) -> list[Grader]:
+    """The grader named, or every one of the domain's (their mean scores a sample)."""
+    if not graders:
+        raise LoragError(f"The domain {domain!r} has no graders to score samples with: add "
+                         f"[[domains.{domain}.graders]] to lorag.toml.", param="grader")
+    if name is None:
+        return graders
+    picked = [g for g in graders if g.name == name]
+    if not picked:
+        raise LoragError(f"The domain {domain!r} has no grader {name!r} (it has {', '.join(g.name for g in graders)}).",
+                         param="grader")
+    return picked
+
+
+def mean_grade(graders: Sequence[Grader], answer: str, item: dict[str, Any]) -> float | None:
+    """The mean of the graders' normalised grades; None when none of them could grade the answer."""
+    grades = [g for g in (grader.grade(answer, item) for grader in graders) if g is not None]
+    return sum(grades) / len(grades) if grades else None
+
+
 async def _best_of_n(request: DataRequest, completions: list[StoredCompletion], sources: Sources,
                      progress: Callable[[int, int], None] | None) -> list[Line]:
-    graders = sources.graders(request.domain or "")
-    if not graders:
-        raise LoragError(f"The domain {request.domain!r} has no graders to score samples with: add "
-                         f"[[domains.{request.domain}.graders]] to lorag.toml.", param="grader")
-    grader = next((g for g in graders if g.name == request.grader), None) if request.grader else graders[0]
-    if grader is None:
-        raise LoragError(f"The domain {request.domain!r} has no grader {request.grader!r} "
-                         f"(it has {', '.join(g.name for g in graders)}).", param="grader")
+    domain = request.domain or ""
+    graders = chosen_graders(domain, sources.graders(domain), request.grader)
+    name = "+".join(g.name for g in graders)
     answerer = sources.answerer(None)
 
     async def sample(record: StoredCompletion) -> Line | None:
@@ -191,9 +206,9 @@ async def _best_of_n(request: DataRequest, completions: list[StoredCompletion], 
         answers = await answerer.answer(record.model, record.messages, n=request.n, temperature=request.temperature,
                                         max_tokens=request.max_tokens)
         item = grading_item(record)
-        scores = await asyncio.to_thread(lambda: [grader.grade(answer, item) for answer in answers])
+        scores = await asyncio.to_thread(lambda: [mean_grade(graders, answer, item) for answer in answers])
         return training_data.best_of_n(prompt, answers, scores, margin=request.margin, completion=record.id,
-                                       grader=grader.name)
+                                       grader=name)
 
     lines = await _each(completions, sample, progress)
     return [line for line in lines if line is not None]

@@ -24,6 +24,7 @@ from lorag.errors import LoragError, NotFoundError
 from lorag.evaluation.metrics import token_f1
 from lorag.evaluation.noise import MIN_ITEMS, paired_difference
 from lorag.improve.answers import PipelineAnswerer
+from lorag.improve.data import mean_grade
 from lorag.logging import get_logger
 from lorag.serving.jobs import last_user_text
 from lorag.serving.principal import ANONYMOUS_ADMIN
@@ -62,6 +63,7 @@ class Verdict:
     graders: list[str]
     promoted: bool
     reason: str
+    scores: dict[str, list[float]]  # per held-out item, in the file's order: "candidate", "previous"
 
     def to_dict(self) -> dict[str, Any]:
         found = asdict(self)
@@ -99,11 +101,11 @@ def read_cases(path: Path, limit: int) -> list[EvalCase]:
 
 
 def score_of(answer: str, case: EvalCase, graders: Sequence[Grader]) -> float:
-    """The mean of the graders' normalised scores (ungraded counts 0), or token F1 with no graders."""
+    """The mean of the graders' normalised scores (an answer they cannot grade scores 0), or token F1
+    against the reference when the domain has no graders."""
     if not graders:
         return token_f1(answer, [case.reference])
-    grades = [grader.grade(answer, case.fields) for grader in graders]
-    return sum(g or 0.0 for g in grades) / len(grades)
+    return mean_grade(graders, answer, case.fields) or 0.0
 
 
 def decide(candidate: list[float], previous: list[float]) -> tuple[bool, float, float, str]:
@@ -156,7 +158,9 @@ class Promoter:
         if promoted:
             await asyncio.to_thread(self.adapters.registry.activate, name, candidate)
         verdict = Verdict(domain, name, candidate, previous, len(cases), _mean(new_scores), _mean(old_scores),
-                          difference, margin, [g.name for g in graders] or ["token_f1"], promoted, reason)
+                          difference, margin, [g.name for g in graders] or ["token_f1"], promoted, reason,
+                          {"candidate": [round(x, 6) for x in new_scores],
+                           "previous": [round(x, 6) for x in old_scores]})
         log.info("loop.promotion", job=job_id, **verdict.to_dict())
         return verdict
 
