@@ -20,13 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from lorag.evaluation.dataset import ALL
+from lorag.evaluation.noise import MIN_ITEMS, paired_difference
 from lorag.evaluation.results import EvalRun, ItemResult, StrategySummary
 
-# Below this many shared items, no difference is called real.
-MIN_ITEMS = 5
 # Best F1 under this: no strategy answers well; say so instead of crowning one.
 POOR_F1 = 0.2
-Z_95 = 1.96
 
 JSON_FILE = "results.json"
 SUMMARY_CSV = "summary.csv"
@@ -134,12 +132,7 @@ def compare(run: EvalRun, best: StrategySummary, other: StrategySummary) -> Comp
     theirs = {r.line: r for r in run.results_for(other.strategy)}
     shared = sorted(mine.keys() & theirs.keys())
     diffs = [mine[line].f1 - theirs[line].f1 for line in shared]
-    mean = sum(diffs) / len(diffs) if diffs else 0.0
-    if len(diffs) > 1:
-        variance = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
-        margin = Z_95 * math.sqrt(variance / len(diffs))
-    else:
-        margin = math.inf
+    mean, margin = paired_difference(diffs)
     return Comparison(best, other, len(diffs), mean, margin)
 
 
