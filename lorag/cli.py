@@ -30,6 +30,8 @@ SUBCOMMANDS: dict[str, str] = {
     "keys": "lorag.server.keys_cli:keys_group",
     "fleet": "lorag.fleet.cli:fleet_group",
     "ft": "lorag.finetune.cli:ft_group",
+    "completions": "lorag.finetune.completions_cli:completions_group",
+    "data": "lorag.finetune.data_cli:data_group",
 }
 
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
+from click.testing import CliRunner
 
 from lorag.adapters.data import parse_example
 from lorag.adapters.preference import parse_preference
+from lorag.cli import cli
 from lorag.loop import training_data
 from lorag.loop.completions import StoredCompletion
 from lorag.loop.feedback import Preference, Rating
@@ -217,3 +220,25 @@ def test_bad_requests_are_one_clear_error_and_write_nothing(echo: EchoServer) ->
         assert http.post("/v1/training_data", json={"kind": "supervised"},
                          headers={"authorization": f"Bearer {USER_KEY}"}).status_code == 403
     assert len(echo.client(TRAINER).files.list().data) == before
+
+
+def test_lorag_data_build_through_the_cli(echo: EchoServer, tmp_path: Path) -> None:
+    client = echo.client(TRAINER)
+    made = [ask(client, "support", f"cli question {i}", batch="cli") for i in range(3)]
+    with api(echo) as http:
+        for completion in made:
+            http.post(f"/v1/chat/completions/{completion.id}/feedback", json={"thumbs": "up"}).raise_for_status()
+    output = tmp_path / "train.jsonl"
+    done = CliRunner().invoke(cli, ["data", "build", "supervised", "--server", echo.url, "--api-key", TRAINER,
+                                    "--metadata", "batch=cli", "--output", str(output)])
+    assert done.exit_code == 0, (done.output, done.exception)
+    assert "\n3 supervised lines from 3 stored completion(s): file-" in "\n" + done.stdout
+    assert [json.loads(line)["provenance"]["completions"] for line in output.read_text().splitlines()] == [
+        [c.id] for c in made]
+    refused = CliRunner().invoke(cli, ["data", "build", "supervised", "--server", echo.url, "--api-key", TRAINER,
+                                       "--metadata", "batch=none-such"])
+    assert refused.exit_code != 0 and "No supervised lines came out of 0 stored completion(s)" in str(
+        refused.exception)
+    bad = CliRunner().invoke(cli, ["data", "build", "distillation", "--server", echo.url, "--api-key", TRAINER,
+                                   "--teacher-url", "http://x"])
+    assert bad.exit_code == 2 and "--teacher" in bad.output
