@@ -186,3 +186,17 @@ def test_a_preference_needs_two_answers_to_the_same_prompt(echo: EchoServer, cli
     client.chat.completions.delete(two.id)  # deleting a completion takes its feedback with it
     with http(echo) as api:
         assert api.get(f"/v1/chat/completions/{one.id}/feedback").json()["preferences"] == []
+
+
+def test_a_reused_request_id_keeps_the_first_record_and_loses_no_other(echo: EchoServer) -> None:
+    client = echo.client()
+    first = ask(client, "first", store=True, extra_headers={"x-request-id": "reused-id"})
+    ask(client, "second", store=True, extra_headers={"x-request-id": "reused-id"})
+    other = ask(client, "another", store=True)
+    assert client.chat.completions.retrieve(first.id).choices[0].message.content == "echo: first"
+    assert client.chat.completions.retrieve(other.id).choices[0].message.content == "echo: another"
+    store = echo.app.state.recorder.store  # in one batch: the duplicate is left out, the rest is stored
+    one, two = store.get(first.id, None), store.get(other.id, None)
+    one.id, two.id = "batch-a", "batch-b"
+    assert store.add(one, store.get(first.id, None), two) == [first.id]
+    assert store.get("batch-a", None).answer() == store.get("batch-b", None).answer().replace("another", "first")

@@ -104,29 +104,39 @@ def _remember(key: str) -> Callable[[click.Context, click.Parameter, Any], None]
     return lambda ctx, _param, value: None if value is None else ctx.meta.update({key: value})
 
 
-def server_options(func: Any, *, envvar: bool = False) -> Any:
+FINE_TUNE_KEY = "API key with the fine_tune scope (or admin)"
+
+
+def server_options(func: Any, *, envvar: bool = False, key_help: str = FINE_TUNE_KEY) -> Any:
     """--server and --api-key, on the group (reading the environment too) and on every command."""
     func = click.option("--api-key", envvar=API_KEY_ENV if envvar else None, expose_value=False,
-                        callback=_remember(API_KEY_KEY),
-                        help=f"API key with the fine_tune scope (or admin) (default: ${API_KEY_ENV}).")(func)
+                        callback=_remember(API_KEY_KEY), help=f"{key_help} (default: ${API_KEY_ENV}).")(func)
     return click.option("--server", envvar=SERVER_ENV if envvar else None, expose_value=False,
                         callback=_remember(SERVER_KEY),
                         help=f"The lorag server's URL (default: ${SERVER_ENV}, else the configured address "
                              "if a server answers there).")(func)
 
 
-def pass_api(func: Callable[..., Any]) -> Callable[..., Any]:
-    """The command gets a FineTuningApi first: one passed in (`obj=`), or one built from the flags."""
-    @functools.wraps(func)
-    def with_api(*args: Any, **kwargs: Any) -> Any:
-        ctx = click.get_current_context()
-        api = ctx.find_object(FineTuningApi)
-        if api is None:
-            meta = ctx.meta
-            api = FineTuningApi(AdapterBackend(cli_settings(), meta.get(SERVER_KEY), meta.get(API_KEY_KEY), False))
-        return func(api, *args, **kwargs)
+def passing_api(key_help: str = FINE_TUNE_KEY) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A decorator: the command gets a FineTuningApi first (one passed in with `obj=`, or one built from
+    --server and --api-key, whose help says what key it needs)."""
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(func)
+        def with_api(*args: Any, **kwargs: Any) -> Any:
+            ctx = click.get_current_context()
+            api = ctx.find_object(FineTuningApi)
+            if api is None:
+                meta = ctx.meta
+                api = FineTuningApi(AdapterBackend(cli_settings(), meta.get(SERVER_KEY), meta.get(API_KEY_KEY),
+                                                   False))
+            return func(api, *args, **kwargs)
 
-    return server_options(config_options(with_api))
+        return server_options(config_options(with_api), key_help=key_help)
+
+    return decorate
+
+
+pass_api = passing_api()
 
 
 def one_line(message: str) -> str:

@@ -8,6 +8,7 @@ copy. Found and authenticated as `lorag ft` is (a key with the fine_tune scope).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from datetime import datetime
@@ -16,15 +17,17 @@ from typing import Any
 
 import click
 
+from lorag.cli_options import config_options
 from lorag.errors import LoragError
-from lorag.finetune.cli import FineTuningApi, pairs
-from lorag.finetune.completions_cli import pass_api
+from lorag.finetune.cli import FineTuningApi, pairs, pass_api, server_options
 
 KINDS = ("supervised", "preference", "best_of_n", "distillation")
 BUILD_TIMEOUT_S = 24 * 3600.0  # a long best-of-n or distillation run is still one request
 
 
 @click.group("data")
+@config_options
+@functools.partial(server_options, envvar=True)
 def data_group() -> None:
     """Training files from stored completions: supervised, preference, best-of-n, distillation."""
 

@@ -72,14 +72,29 @@ class CompletionStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def add(self, record: StoredCompletion) -> None:
+    def add(self, *records: StoredCompletion) -> list[str]:
+        """Store records in one transaction (a busy server's recorder writes what queued up at once).
+
+        An id already stored (a client that sent the same x-request-id twice) keeps its first record;
+        the ids left out are returned, and the rest of the batch is stored all the same.
+        """
         with self.db.transaction() as conn:
-            conn.execute(
-                "INSERT INTO completions (id, owner, created, expires_at, model, domain, adapter, prompt_hash, "
+            taken = {row[0] for row in conn.execute(
+                f"SELECT id FROM completions WHERE id IN ({','.join('?' * len(records))})",
+                [record.id for record in records])}
+            conn.executemany(
+                "INSERT OR IGNORE INTO completions (id, owner, created, expires_at, model, domain, adapter, prompt_hash, "
                 "metadata, messages, response, context) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (record.id, record.owner, record.created, record.expires_at, record.model, record.domain,
-                 record.adapter, record.prompt_hash, _dump(record.metadata), _dump(record.messages),
-                 _dump(record.response), _dump(record.context)))
+                [(record.id, record.owner, record.created, record.expires_at, record.model, record.domain,
+                  record.adapter, record.prompt_hash, _dump(record.metadata), _dump(record.messages),
+                  _dump(record.response), _dump(record.context)) for record in records])
+        seen: set[str] = set()
+        left_out = []
+        for record in records:
+            if record.id in taken or record.id in seen:
+                left_out.append(record.id)
+            seen.add(record.id)
+        return left_out
 
     def get(self, completion_id: str, owner: str | None) -> StoredCompletion:
         rows = self.db.rows(f"SELECT * FROM completions WHERE id = ? AND {_VISIBLE}", (completion_id, int(time.time())))

@@ -3,14 +3,17 @@
 The record is made from the response exactly as it was sent (streamed or not, the same
 ChatCompletion) and from the job: the conversation after the input hooks, the rendered
 prompt with its context and sources. Writes run in one background thread, in the order
-the answers finished; a read through the API first waits for the writes already queued,
-so a client that lists right after its answer sees it. A failed write is logged, never
-turned into an error for a request that has already been answered.
+the answers finished, and whatever queued up while it wrote goes in the next transaction
+(one commit per batch, not per answer: benchmarks/stored_completions.py). A read through
+the API first waits for the writes already queued, so a client that lists right after its
+answer sees it. A failed write is logged, never turned into an error for a request that
+has already been answered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -46,6 +49,9 @@ class CompletionRecorder:
         self.store = store
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorag-store")
         self._pending: set[asyncio.Future[None]] = set()
+        self._batch: list[StoredCompletion] = []
+        self._batch_lock = threading.Lock()
+        self._flush_queued = False  # a flush is queued that has not taken the batch yet
         self._writes = 0
 
     def plan(self, job: Job, body: ChatCompletionRequest, principal: Principal) -> Keep | None:
@@ -69,8 +75,13 @@ class CompletionRecorder:
         return keep
 
     def record(self, record: StoredCompletion) -> None:
-        """Queue one write (on the event loop's thread)."""
-        future = asyncio.get_running_loop().run_in_executor(self._writer, self._write, record)
+        """Queue one record (on the event loop's thread): it joins the next flush's batch."""
+        with self._batch_lock:
+            self._batch.append(record)
+            if self._flush_queued:
+                return
+            self._flush_queued = True
+        future = asyncio.get_running_loop().run_in_executor(self._writer, self._flush)
         self._pending.add(future)
         future.add_done_callback(self._pending.discard)
 
@@ -87,15 +98,21 @@ class CompletionRecorder:
     def close(self) -> None:
         self._writer.shutdown(wait=True)
 
-    def _write(self, record: StoredCompletion) -> None:
+    def _flush(self) -> None:
+        """Write every record queued so far, in one transaction (on the writer's thread)."""
+        with self._batch_lock:
+            batch, self._batch = self._batch, []
+            self._flush_queued = False
         try:
-            self.store.add(record)
-            self._writes += 1
-            if self._writes % SWEEP_EVERY == 1:
+            for duplicate in self.store.add(*batch):
+                log.warning("completion_store_duplicate", id=duplicate,
+                            reason="a completion with this id (the request's x-request-id) is already stored")
+            if self._writes // SWEEP_EVERY != (self._writes + len(batch)) // SWEEP_EVERY or not self._writes:
                 self.store.sweep()
-            log.debug("completion_stored", id=record.id, domain=record.domain, adapter=record.adapter)
-        except Exception as err:  # the answer is already sent: log it, never fail it
-            log.error("completion_store_failed", id=record.id, error=str(err))
+            self._writes += len(batch)
+            log.debug("completions_stored", count=len(batch), ids=[record.id for record in batch])
+        except Exception as err:  # the answers are already sent: log it, never fail them
+            log.error("completion_store_failed", ids=[record.id for record in batch], error=str(err))
 
 
 def stored_record(job: Job, body: ChatCompletionRequest, response: dict[str, Any], owner: str,
