@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from typing import Any
 
 import click
@@ -230,6 +231,42 @@ def drop_cmd(name: str, yes: bool) -> None:
     with knowledge_service() as service:
         service.drop(name)
     click.echo(f"dropped knowledge base {name!r}")
+
+
+@kb_group.command("import-llama-index")
+@click.argument("name")
+@click.option("--collection", required=True, help="The llama-index app's Chroma collection (ChromaVectorStore).")
+@click.option("--chroma-path", default=None, help="The Chroma directory (chromadb.PersistentClient) holding it.")
+@click.option("--chroma-host", default=None, help="Or the Chroma server holding it.")
+@click.option("--chroma-port", type=int, default=8000, show_default=True)
+@click.option("--description", default="", help="A line saying what the knowledge base holds.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@config_options
+def import_llama_index_cmd(
+    name: str, collection: str, chroma_path: str | None, chroma_host: str | None, chroma_port: int,
+    description: str, as_json: bool,
+) -> None:
+    """Import a llama-index ChromaVectorStore collection as the new knowledge base NAME, keeping its vectors.
+
+    The collection must have been embedded with this config's embedding model (e.g. through
+    lorag.knowledge.llama_embedding.LoragEmbedding); otherwise nothing is created.
+    """
+    with warnings.catch_warnings():  # llama-index's pydantic schema warning, not the user's concern
+        warnings.filterwarnings("ignore", module=r"pydantic\._internal")
+        from lorag.knowledge.llama_import import import_collection, open_collection
+
+    if (chroma_path is None) == (chroma_host is None):
+        raise LoragError("name the collection's store with one of --chroma-path or --chroma-host")
+    source = open_collection(collection, path=chroma_path, host=chroma_host, port=chroma_port)
+    with knowledge_service() as service:
+        report = import_collection(service, name, source, description=description)
+    if as_json:
+        echo_json(report.to_dict())
+    else:
+        click.echo(
+            f"{name}: imported {len(report.added)} documents, {report.chunks_written} chunks "
+            f"from Chroma collection {collection!r} ({report.seconds:.1f} s)"
+        )
 
 
 def _filters(pairs: tuple[str, ...], where: str | None) -> dict[str, Any] | None:

@@ -41,6 +41,7 @@ from lorag.knowledge.readers import (
     UnsupportedFile,
     read_bytes,
 )
+from lorag.knowledge.segments import ReadResult
 from lorag.knowledge.settings import IngestSettings
 from lorag.knowledge.source_files import Skipped, SourceFile
 from lorag.logging import get_logger
@@ -236,7 +237,7 @@ class Writer:
             report.unchanged.append(file.source)
             return "unchanged"
         try:
-            read = read_bytes(file.name, data)
+            read = self._read(file, data)
         except UnsupportedFile as err:
             return skip(str(err), "unsupported")
         except EmptyDocument as err:
@@ -248,6 +249,10 @@ class Writer:
         if not prepared.chunks:
             return skip("no text to index", "empty")
         return prepared
+
+    def _read(self, file: SourceFile, data: bytes) -> ReadResult:
+        """The file's titled segments (a writer of documents read elsewhere has them already)."""
+        return read_bytes(file.name, data)
 
     def _embed(self, group: _Group) -> None:
         """Embed the group's chunks that have no vector yet."""

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
 
+from lorag.knowledge.llama_metadata import page_of, section_of
 from lorag.knowledge.record_readers import read_corpus_record, read_csv, read_json, read_jsonl
 from lorag.knowledge.segments import (
     EmptyDocument,
@@ -99,10 +100,11 @@ def _read_with_plugin(reader: Any, name: str, data: bytes, segment_chars: int) -
         path = Path(tmp) / Path(name).name
         path.write_bytes(data)
         documents = instance.load_data(path)
-    segments = []
-    for document in documents:
-        meta = document.metadata or {}
-        segments.append(Segment(text=document.text, page=meta.get("page"), section=meta.get("section")))
+    # Citation fields as llama-index readers name them too (page_label, header_path): see llama_metadata.
+    segments = [
+        Segment(text=document.text, page=page_of(document.metadata or {}), section=section_of(document.metadata or {}))
+        for document in documents
+    ]
     title = next((str(d.metadata["title"]) for d in documents if (d.metadata or {}).get("title")), "")
     return title, segments
 

@@ -253,7 +253,12 @@ class KnowledgeService(KnowledgeSearch):
         sync_scope: Callable[[str], bool] | None = None,
         progress: ProgressFn | None = None,
         create: bool = False,
+        writer: Callable[..., Writer] = Writer,
+        chunker: Callable[[Any, Any], Chunker] = Chunker,
     ) -> IngestReport:
+        """Ingest `files` under the base's lock, after recovery and the embedding-model check; its
+        indexes are invalidated after. `writer` and `chunker` make the Writer and its Chunker
+        (lorag.knowledge.llama_write passes ones for documents that are already read)."""
         if create and not self.exists(name):
             self.create(name)
         with self._lock(name):
@@ -262,11 +267,11 @@ class KnowledgeService(KnowledgeSearch):
             info = self._info(name)
             self._check_model(info)
             chunks, manifest = self.store.collections(name)
-            writer = Writer(
-                name, chunks, Manifest(manifest), self.settings.ingest, self.embedder, Chunker(info, self.embedder)
+            made = writer(
+                name, chunks, Manifest(manifest), self.settings.ingest, self.embedder, chunker(info, self.embedder)
             )
             try:
-                writer.ingest(files, report, sync_scope=sync_scope, progress=progress)
+                made.ingest(files, report, sync_scope=sync_scope, progress=progress)
             finally:
                 if report.added or report.updated or report.removed:
                     self._changed(name)
