@@ -97,3 +97,17 @@ def test_no_import_cycles() -> None:
 def test_modules_stay_small(name: str) -> None:
     lines = len(modules()[name].read_text(encoding="utf-8").splitlines())
     assert lines <= MAX_LINES, f"{name}: {lines} lines (split it by job)"
+
+
+def test_every_llama_index_dependency_of_the_package_is_imported_by_it() -> None:
+    """`pip install lorag` pulls no llama-index package lorag does not use (tests and benchmarks: `dev`)."""
+    import tomllib
+
+    project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    names = [dep.split(">")[0].split("=")[0].split("<")[0].strip() for dep in project["dependencies"]]
+    modules = {name: "llama_index." + name.removeprefix("llama-index-").replace("-", ".", 1).replace("-", "_")
+               for name in names if name.startswith("llama-index-")}
+    assert "llama-index-core" in modules
+    source = "\n".join(path.read_text(encoding="utf-8") for path in PACKAGE.rglob("*.py"))
+    unused = [name for name, module in modules.items() if module not in source]
+    assert not unused, f"declared but never imported by lorag: {unused}"
