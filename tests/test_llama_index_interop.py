@@ -314,3 +314,26 @@ def test_retriever_from_config_owns_its_service(tmp_path: Path, embedder: Embedd
         node = retriever.retrieve("when does the ferry leave")[0].node
         assert node.metadata["source"] == "llama-index:ferry" and "Capri" in node.get_content()
     assert service.closed
+
+
+def test_a_query_engine_over_a_running_lorag_serve(server: Any, admin: Any) -> None:
+    """The same retriever against a real `lorag serve` process (the session's, its real engine): a base
+    made and filled over HTTP, then queried by llama-index's RetrieverQueryEngine with a mock LLM."""
+    from llama_index.core.llms import MockLLM
+    from llama_index.core.query_engine import RetrieverQueryEngine
+
+    from lorag.knowledge.llama_retriever import LoragRetriever
+    from tests.conftest import USER_KEY
+
+    note = ("kites.md", b"# Kites\n\nA kite flies best in a steady wind of 15 to 25 km/h.\n", "text/markdown")
+    made = admin.post("/v1/knowledge/serve-kites/documents", files=[("files", note)], data={"create": "true"})
+    assert made.status_code in (200, 201), made.text
+    try:
+        with LoragRetriever.remote(server.url, USER_KEY, "serve-kites", top_k=2) as retriever:
+            engine = RetrieverQueryEngine.from_args(retriever, llm=MockLLM())
+            answer = engine.query("What wind does a kite need?")
+        [hit] = answer.source_nodes
+        assert hit.node.metadata["kb"] == "serve-kites" and hit.node.metadata["source"] == "upload:kites.md"
+        assert "steady wind" in hit.node.get_content()
+    finally:
+        admin.delete("/v1/knowledge/serve-kites")
