@@ -52,8 +52,9 @@ def demo(ctx: click.Context, state_dir: str, port: int, tiny: bool, setup_only: 
         else:
             from lorag.demo.samples_real import print_samples
         print_samples(url, Path(shown(config)))
-        click.echo(f"\nNext: `lorag demo loop --state-dir {state_dir}` runs one round of the loop (store, grade, "
-                   "best-of-n pairs, DPO, gated promotion; about 10 minutes on 2 cores); docs/loop.md.")
+        if not tiny:
+            click.echo(f"\nNext: `lorag demo loop --state-dir {state_dir}` runs one round of the loop (store, grade, "
+                       "best-of-n pairs, DPO, gated promotion; 10-20 minutes on 2 cores); docs/loop.md.")
 
     serve_while(config, port, samples, exit_after=exit_after_samples, engine_wait="20-60 s" if tiny else "30-90 s")
 
