@@ -233,3 +233,29 @@ def test_ctrl_c_during_the_samples_stops_cleanly(first_setup: Setup) -> None:
 
 def ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def test_the_loop_round_holds_out_half_of_each_subset_and_reports_it(tmp_path: Path) -> None:
+    """`lorag demo loop`'s split and report (its server round is the promotion and training-data tests' flow)."""
+    import json as json_
+
+    from lorag.demo.loop import held_out_lines, loop_items, report
+    from lorag.improve.promotion import read_cases
+
+    traffic, held = loop_items()
+    assert {i["id"] for i in traffic}.isdisjoint({i["id"] for i in held}) and len(traffic) == len(held) == 15
+    assert loop_items() == (traffic, held)  # seeded
+    for subset in ("knowledge", "style", "mixed"):
+        assert sum(i["subset"] == subset for i in held) == 5
+    path = tmp_path / "held.jsonl"
+    path.write_text(held_out_lines(held))
+    cases = read_cases(path, limit=100)
+    assert [c.fields["question"] for c in cases] == [i["question"] for i in held]
+    assert all(json_.loads(line)["provenance"]["metadata"]["subset"] for line in path.read_text().splitlines())
+    lines: list[str] = []
+    verdict = {"graders": ["fact", "format"], "scores": {"candidate": [1.0] * 15, "previous": [0.5] * 15},
+               "promoted": True, "adapter": "legal-lora", "candidate": "ftjob-x", "previous": "v1", "reason": "ok"}
+    report(verdict, held, lines.append)
+    table = "\n".join(lines)
+    assert "knowledge      5    0.500    1.000   +0.500 ± 0.000" in table and "all           15" in table
+    assert "lorag adapters activate legal-lora v1" in table
