@@ -65,6 +65,11 @@ def eval_command(data: Path, domain: str | None, strategies: str, out_dir: Path 
 
     local = LocalPipeline(settings)
     try:
+        # What the server warms before it is ready (embedding model, knowledge bases, routing), here too:
+        # loaded by the first request instead, it can outlast the domain's retrieval timeout on a busy machine.
+        from lorag.serving.warmup import warm_up
+
+        warm_up(local.pipeline.knowledge, local.pipeline.domains, local.pipeline.router)
         evaluator = Evaluator(local.pipeline, local.loop.run_until_complete, max_tokens, concurrency, graders)
         meta = {"data": str(data.resolve()), "items": len(items), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         with _progress(plan.requests) as step:
