@@ -3,8 +3,9 @@
 1. half of the legal eval items (a seeded split) are asked with `store: true`, their reference
    answers in the completions' metadata; the other half is held out and never trained on;
 2. POST /v1/training_data builds preference pairs by best-of-n: 4 samples per stored prompt,
-   scored by the domain's graders (the fact: token F1 against the reference; the format:
-   "Short answer:"), the best against the worst;
+   scored by the domain's graders (the fact: token F1 against the reference; the format: the
+   "Why:" line), the best against the worst, each pair starting with the prompt the model was
+   given (system prompt and retrieved context: what the adapter serves with);
 3. a DPO fine-tuning job continues the domain's adapter on those pairs, with `promote` into the
    domain: the gate compares the new version with the current one on the held-out half;
 4. the before/after per subset is printed with its noise bound, and how to roll back.
@@ -78,7 +79,7 @@ def run_round(url: str, echo: Any = click.echo) -> dict[str, Any]:
     echo("2. Best-of-4 samples per stored prompt, graded by the fact and the format, into preference pairs ...")
     with httpx.Client(base_url=url, timeout=3600) as http:
         built = http.post("/v1/training_data", json={
-            "kind": "best_of_n", "domain": DOMAIN, "n": 4, "temperature": 1.0, "margin": 0.1,
+            "kind": "best_of_n", "domain": DOMAIN, "n": 4, "temperature": 1.0, "margin": 0.1, "prompt": "rendered",
             "metadata": {"loop": run}, "filename": f"{run}-pairs"})
     if built.status_code != 200:
         raise click.ClickException(f"building the pairs failed: {built.json()['error']['message']}")

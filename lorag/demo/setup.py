@@ -257,7 +257,11 @@ def train_adapter(settings: Settings, kind: DemoKind, domain: DemoDomain, data: 
     except NotFoundError:
         entry = None
     if entry is not None and Path(entry.path).is_dir():
-        if registry.resolve(domain.adapter).version != version:
+        current = registry.resolve(domain.adapter)
+        if current.version != version and current.owner is not None:  # promoted by `lorag demo loop`: it stays
+            echo(f"  adapter        {current.ref} serves (promoted by the loop; the demo's own is {entry.ref})")
+            return current.ref
+        if current.version != version:
             registry.activate(domain.adapter, version)
         echo(f"  adapter        reused {entry.ref} (same data, settings and base model)")
         return entry.ref
