@@ -2,7 +2,8 @@
 query latency.
 
     python benchmarks/retrieval.py                                  # everything
-    python benchmarks/retrieval.py --skip-ingest --skip-latency     # quality only
+    python benchmarks/retrieval.py --skip-ingest --skip-latency     # quality (and llama-index) only
+    python benchmarks/retrieval.py --skip-ingest --skip-latency --llama-quick   # no timing at all
     python benchmarks/retrieval.py --sets scifact --sweep --skip-ingest --skip-latency
 
 1. Quality: the BEIR-layout sets in ../shared/data/retrieval/ (SciFact, Cranfield, CISI;
@@ -13,7 +14,12 @@ query latency.
    published anchors (SciFact: all-MiniLM-L6-v2 0.645, BM25 0.665). On SciFact the fusion
    grid (RRF and convex combinations) is also scored on the *train* qrels, which is where
    the default fusion was chosen. Targets: hybrid >= max(vector, keyword) - 0.005 on every
-   set; hybrid >= vector + 0.02 on SciFact.
+   set; hybrid >= vector + 0.02 on SciFact. Beside them, in the same run (--skip-llama-index
+   leaves it out, --llama-quick scores quality only): llama-index's own VectorStoreIndex over
+   ChromaVectorStore, BM25Retriever and QueryFusionRetriever in its three modes, built from
+   lorag's stored chunks and vectors (nothing re-embedded) with lorag's query embedding;
+   nDCG@10 and p50 ms per configuration, 50 chunks per retriever on both sides. Targets:
+   hybrid >= llama-index's best fusion on every set, +0.01 on average, at no more latency.
 2. Ingestion: chunks/s of `KnowledgeService.ingest_files` (read, split, embed, write to
    Chroma, manifest commits) against the embedding model's raw `encode` of the very same
    chunk texts with the same batch size, in rounds (the first one warms the process up: a
@@ -50,12 +56,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lorag.config import load_settings  # noqa: E402
-from lorag.knowledge.corpus import expand_corpora  # noqa: E402
+from lorag.knowledge.corpus import document_ref, expand_corpora  # noqa: E402
 from lorag.knowledge.embeddings import get_embedder  # noqa: E402
 from lorag.knowledge.evaluate import QueryRun, Runs, collect, document_refs  # noqa: E402
 from lorag.knowledge.fusion import Fusion  # noqa: E402
-from lorag.knowledge.judged import load_files  # noqa: E402
+from lorag.knowledge.judged import JudgedSet, load_files  # noqa: E402
 from lorag.knowledge.manifest import DocRecord, Manifest, chunk_id_for, doc_id_for  # noqa: E402
+from lorag.knowledge.metrics import mean_scores  # noqa: E402
 from lorag.knowledge.service import KnowledgeService  # noqa: E402
 from lorag.knowledge.source_files import SourceFile, collect_paths  # noqa: E402
 
@@ -299,7 +306,8 @@ def ingest_set(service: KnowledgeService, name: str, directory: Path, as_ingeste
 
 
 def bench_set(
-    service: KnowledgeService, name: str, directory: Path, depth: int, sweep: bool, as_ingested: bool
+    service: KnowledgeService, name: str, directory: Path, depth: int, sweep: bool, as_ingested: bool,
+    llama: str = "off", llama_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Per mode nDCG@10 / recall@100 / MRR@10 on the test qrels, and every fusion of the grid."""
     result: dict[str, Any] = ingest_set(service, name, directory, as_ingested)
@@ -319,6 +327,9 @@ def bench_set(
         "candidates": width,
         "ndcg@10": round(truncated(runs, width).score(judged.qrels, "hybrid", default)["ndcg@10"], 4),
     }
+    if llama != "off":
+        assert llama_dir is not None
+        result["llama_index"] = compare_set(service, name, judged, runs, llama_dir, width, llama == "quick")
     if sweep:
         result["sweep"] = {f.describe(): round(runs.score(judged.qrels, "hybrid", f)["ndcg@10"], 4) for f in fusion_grid()}
     if name == "scifact" and (directory / "qrels" / "train.tsv").exists():
@@ -395,8 +406,11 @@ def print_set(name: str, row: dict[str, Any]) -> None:
 
 
 def bench_quality(
-    base_state: Path, data: Path, sets: list[str], depth: int, sweep: bool, as_ingested: bool = False
+    base_state: Path, data: Path, sets: list[str], depth: int, sweep: bool, as_ingested: bool = False,
+    llama: str = "off",
 ) -> dict[str, Any]:
+    """Every set's figures; with `llama` ("full": timed, "quick": quality only) also
+    llama-index's retrievers over the same chunks, and their average over the sets."""
     results: dict[str, Any] = {}
     for name in sets:
         directory = data / name
@@ -405,11 +419,265 @@ def bench_quality(
             continue
         service = open_service(base_state / name)
         try:
-            results[name] = bench_set(service, name, directory, depth, sweep, as_ingested)
+            results[name] = bench_set(service, name, directory, depth, sweep, as_ingested,
+                                      llama, base_state / name / "llama-index")
         finally:
             service.close()
         print_set(name, results[name])
+        if "llama_index" in results[name]:
+            print_comparison(name, results[name]["llama_index"])
+    compared = {name: row["llama_index"] for name, row in results.items() if "llama_index" in row}
+    if compared:
+        results["llama_index_average"] = comparison_average(compared)
+        print_average(results["llama_index_average"])
     return results
+
+
+# ---------------------------------------------------------------------------- 4. llama-index baseline
+
+# QueryFusionRetriever's modes, each over llama-index's own vector and BM25 retrievers.
+LLAMA_FUSIONS = ("reciprocal_rerank", "relative_score", "dist_based_score")
+LORAG_MODES = ("vector", "keyword", "hybrid")
+COMPARED = (*(f"lorag {m}" for m in LORAG_MODES), "llama vector", "llama bm25", *(f"llama {m}" for m in LLAMA_FUSIONS))
+_PAGE = 5000
+
+
+def llama_embedding(embedder: Any) -> Any:
+    """A llama-index BaseEmbedding over lorag's embedder, so that llama-index's query path runs
+    the very model, precision and code lorag's does (latency compares retrieval, not models):
+    lorag.knowledge.llama_embedding's where there is one, else a minimal one here."""
+    try:
+        from lorag.knowledge.llama_embedding import LoragEmbedding as Shipped
+
+        return Shipped(embedder=embedder)
+    except ImportError:
+        pass
+    from llama_index.core.embeddings import BaseEmbedding
+    from pydantic import PrivateAttr
+
+    class LoragEmbedding(BaseEmbedding):  # type: ignore[misc]
+        _embedder: Any = PrivateAttr()
+
+        def __init__(self, embedder: Any) -> None:
+            super().__init__(model_name=embedder.name)
+            self._embedder = embedder
+
+        def _get_query_embedding(self, query: str) -> list[float]:
+            return [float(x) for x in self._embedder.encode_query(query)]
+
+        async def _aget_query_embedding(self, query: str) -> list[float]:
+            return self._get_query_embedding(query)
+
+        def _get_text_embedding(self, text: str) -> list[float]:
+            return [float(x) for x in self._embedder.encode_documents([text])[0]]
+
+    return LoragEmbedding(embedder)
+
+
+def stored_chunks(service: KnowledgeService, kb: str) -> tuple[list[str], list[str], np.ndarray]:
+    """lorag's own chunks of a base: ids, texts and stored vectors (nothing is embedded again)."""
+    chunks, _ = service.store.collections(kb)
+    ids: list[str] = []
+    texts: list[str] = []
+    vectors: list[np.ndarray] = []
+    for offset in range(0, int(chunks.count()), _PAGE):
+        page = chunks.get(include=["documents", "embeddings"], limit=_PAGE, offset=offset)
+        ids += page["ids"]
+        texts += [d or "" for d in page["documents"]]
+        vectors.append(np.asarray(page["embeddings"], dtype=np.float32))
+    return ids, texts, np.concatenate(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
+
+
+def llama_nodes(ids: list[str], texts: list[str], vectors: np.ndarray) -> list[Any]:
+    """TextNodes of lorag's chunks; the chunk id is metadata hidden from BM25 and the embedding,
+    only so that two chunks of equal text keep apart in QueryFusionRetriever (it merges by hash)."""
+    from llama_index.core.schema import TextNode
+
+    return [
+        TextNode(id_=cid, text=text, embedding=vector.tolist(), metadata={"chunk": cid},
+                 excluded_embed_metadata_keys=["chunk"], excluded_llm_metadata_keys=["chunk"])
+        for cid, text, vector in zip(ids, texts, vectors, strict=True)
+    ]
+
+
+def llama_vector_index(nodes: list[Any], directory: Path, name: str, embed: Any) -> Any:
+    """VectorStoreIndex over a ChromaVectorStore (Chroma's defaults, as llama-index's guide
+    makes one), kept in `directory` and rebuilt only when lorag's chunks changed."""
+    import hashlib
+
+    import chromadb
+    from chromadb.config import Settings as ChromaClientSettings
+    from llama_index.core import StorageContext, VectorStoreIndex
+    from llama_index.vector_stores.chroma import ChromaVectorStore
+
+    digest = hashlib.sha256("\n".join(sorted(n.node_id for n in nodes)).encode()).hexdigest()[:16]
+    client = chromadb.PersistentClient(path=str(directory), settings=ChromaClientSettings(anonymized_telemetry=False))
+    collection = client.get_or_create_collection(name)
+    if (collection.metadata or {}).get("chunks") == digest and collection.count() == len(nodes):
+        return VectorStoreIndex.from_vector_store(ChromaVectorStore(chroma_collection=collection), embed_model=embed)
+    client.delete_collection(name)
+    collection = client.create_collection(name, metadata={"chunks": digest})
+    store = ChromaVectorStore(chroma_collection=collection)
+    return VectorStoreIndex(nodes, storage_context=StorageContext.from_defaults(vector_store=store), embed_model=embed)
+
+
+def llama_retrievers(service: KnowledgeService, kb: str, directory: Path, depth: int) -> dict[str, Any]:
+    """llama-index's stock retrievers over lorag's chunks: vector, BM25 and QueryFusionRetriever
+    in each mode (one query, no LLM: num_queries=1; sync, its quickest path)."""
+    from llama_index.core.llms import MockLLM
+    from llama_index.core.retrievers import QueryFusionRetriever
+    from llama_index.retrievers.bm25 import BM25Retriever
+
+    nodes = llama_nodes(*stored_chunks(service, kb))
+    index = llama_vector_index(nodes, directory, kb, llama_embedding(service.embedder))
+    vector = index.as_retriever(similarity_top_k=depth)
+    bm25 = BM25Retriever.from_defaults(nodes=nodes, similarity_top_k=depth)
+    found: dict[str, Any] = {"llama vector": vector, "llama bm25": bm25}
+    for mode in LLAMA_FUSIONS:
+        found[f"llama {mode}"] = QueryFusionRetriever(
+            [vector, bm25], llm=MockLLM(), mode=mode, similarity_top_k=depth, num_queries=1, use_async=False
+        )
+    return found
+
+
+def llama_fused(fusion: Any, lists: tuple[list[Any], list[Any]]) -> list[Any]:
+    """QueryFusionRetriever's own fusion of given lists (what its retrieve would return)."""
+    from llama_index.core.schema import NodeWithScore
+
+    results = {("q", i): [NodeWithScore(node=n.node, score=n.score) for n in nodes] for i, nodes in enumerate(lists)}
+    if fusion.mode == "reciprocal_rerank":
+        fused: list[Any] = fusion._reciprocal_rerank_fusion(results)
+    else:
+        fused = fusion._relative_score_fusion(results, dist_based=fusion.mode == "dist_based_score")
+    return fused[: fusion.similarity_top_k]
+
+
+def compare_callers(service: KnowledgeService, kb: str, llama: dict[str, Any], depth: int) -> dict[str, Callable[[str], list[str]]]:
+    """Each configuration as one call: a query in, chunk ids best first out (what gets timed)."""
+    def lorag(mode: str) -> Callable[[str], list[str]]:
+        return lambda text: [hit.chunk_id for hit in service.query(kb, text, top_k=depth, mode=mode)]
+
+    def llama_call(retriever: Any) -> Callable[[str], list[str]]:
+        return lambda text: [n.node.node_id for n in retriever.retrieve(text)]
+
+    callers = {f"lorag {m}": lorag(m) for m in LORAG_MODES}
+    callers.update({label: llama_call(retriever) for label, retriever in llama.items()})
+    return callers
+
+
+def timed_runs(callers: dict[str, Callable[[str], list[str]]], queries: list[tuple[str, str]],
+               warm: int = 10) -> tuple[dict[str, dict[str, list[str]]], dict[str, list[float]]]:
+    """Every configuration on every query, interleaved (the first one rotating) so that a shared
+    machine's drift hits all alike; the first `warm` queries run once untimed first."""
+    labels = list(callers)
+    for _, text in queries[:warm]:
+        for label in labels:
+            callers[label](text)
+    chunks: dict[str, dict[str, list[str]]] = {label: {} for label in labels}
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    for n, (qid, text) in enumerate(queries):
+        for label in labels[n % len(labels):] + labels[: n % len(labels)]:
+            start = time.perf_counter()
+            chunks[label][qid] = callers[label](text)
+            times[label].append((time.perf_counter() - start) * 1000)
+    return chunks, times
+
+
+def quick_runs(runs: Runs, llama: dict[str, Any], queries: list[tuple[str, str]], depth: int) -> dict[str, dict[str, list[str]]]:
+    """Quality only: lorag's modes from its evaluation lists (cut to `depth`), llama-index's two
+    retrievers once per query and its three fusions applied to those very lists."""
+    cut = truncated(runs, depth)
+    default = Fusion.from_settings_dict({})
+    chunks: dict[str, dict[str, list[str]]] = {label: {} for label in COMPARED}
+    for run in cut.runs:
+        chunks["lorag vector"][run.qid] = [c for c, _ in run.vector]
+        chunks["lorag keyword"][run.qid] = [c for c, _ in run.keyword]
+        chunks["lorag hybrid"][run.qid] = [c.id for c, _ in cut.fused(run, default)][:depth]
+    for qid, text in queries:
+        lists = (llama["llama vector"].retrieve(text), llama["llama bm25"].retrieve(text))
+        chunks["llama vector"][qid] = [n.node.node_id for n in lists[0]]
+        chunks["llama bm25"][qid] = [n.node.node_id for n in lists[1]]
+        for mode in LLAMA_FUSIONS:
+            chunks[f"llama {mode}"][qid] = [n.node.node_id for n in llama_fused(llama[f"llama {mode}"], lists)]
+    return chunks
+
+
+def chunk_refs(service: KnowledgeService, kb: str) -> dict[str, str]:
+    """Each chunk's document as the qrels name it (a document ranks at its best chunk)."""
+    index = service.keyword_index(kb)
+    return {cid: document_ref(meta) for cid, meta in zip(index.ids, index.metadatas, strict=True)}
+
+
+def compare_set(service: KnowledgeService, name: str, judged: JudgedSet, runs: Runs, directory: Path,
+                depth: int, quick: bool) -> dict[str, Any]:
+    """nDCG@10 (and p50 ms unless quick) of lorag's three modes and llama-index's five configurations."""
+    llama = llama_retrievers(service, name, directory, depth)
+    queries = list(judged.queries.items())
+    if quick:
+        chunks, times = quick_runs(runs, llama, queries, depth), {}
+    else:
+        chunks, times = timed_runs(compare_callers(service, name, llama, depth), queries)
+    refs = chunk_refs(service, name)
+    row: dict[str, Any] = {"depth": depth, "quick": quick}
+    for label in COMPARED:
+        rankings = {qid: list(dict.fromkeys(refs[c] for c in ids if c in refs)) for qid, ids in chunks[label].items()}
+        cell = {"ndcg@10": round(mean_scores(rankings, judged.qrels)["ndcg@10"], 4)}
+        if label in times:
+            cell["p50_ms"] = round(statistics.median(times[label]), 2)
+        row[label] = cell
+    return row
+
+
+def print_comparison(name: str, row: dict[str, Any]) -> None:
+    timed = not row["quick"]
+    print(f"  lorag vs llama-index ({row['depth']} chunks per retriever, documents at their best chunk"
+          f"{'' if timed else ', quality only'}):")
+    print(f"    {'configuration':<28}{'nDCG@10':>9}{'p50 ms':>9}" if timed else f"    {'configuration':<28}{'nDCG@10':>9}")
+    for label in COMPARED:
+        cell = row[label]
+        print(f"    {label:<28}{cell['ndcg@10']:>9.4f}" + (f"{cell['p50_ms']:>9.2f}" if timed else ""))
+    for line in goal_lines(row):
+        print(f"    {line}")
+
+
+def best_llama_fusion(row: dict[str, Any]) -> str:
+    return max((f"llama {m}" for m in LLAMA_FUSIONS), key=lambda label: row[label]["ndcg@10"])
+
+
+def goal_lines(row: dict[str, Any]) -> list[str]:
+    """The issue's targets for one set: hybrid >= llama-index's best fusion (at no more latency)
+    and >= its own better part."""
+    hybrid = row["lorag hybrid"]["ndcg@10"]
+    best = best_llama_fusion(row)
+    parts = max(row["lorag vector"]["ndcg@10"], row["lorag keyword"]["ndcg@10"])
+    lines = [f"hybrid >= best llama-index fusion ({best}): {hybrid:.4f} vs {row[best]['ndcg@10']:.4f} "
+             f"{'ok' if hybrid >= row[best]['ndcg@10'] else 'MISSED'}",
+             f"hybrid >= max(vector, keyword): {hybrid:.4f} vs {parts:.4f} {'ok' if hybrid >= parts else 'MISSED'}"]
+    if "p50_ms" in row[best]:
+        ms, theirs = row["lorag hybrid"]["p50_ms"], row[best]["p50_ms"]
+        lines.append(f"hybrid p50 <= {best} p50: {ms:.2f} vs {theirs:.2f} ms {'ok' if ms <= theirs else 'MISSED'}")
+    return lines
+
+
+def comparison_average(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The mean over sets of each configuration's nDCG@10 (and of its p50 ms)."""
+    average: dict[str, Any] = {"sets": list(rows)}
+    for label in COMPARED:
+        cells = [row[label] for row in rows.values()]
+        average[label] = {key: round(statistics.mean(c[key] for c in cells), 4) for key in cells[0]}
+    return average
+
+
+def print_average(average: dict[str, Any]) -> None:
+    timed = "p50_ms" in average["lorag hybrid"]
+    print(f"\naverage over {', '.join(average['sets'])}:")
+    for label in COMPARED:
+        cell = average[label]
+        print(f"    {label:<28}{cell['ndcg@10']:>9.4f}" + (f"{cell['p50_ms']:>9.2f}" if timed else ""))
+    best = max((f"llama {m}" for m in LLAMA_FUSIONS), key=lambda label: average[label]["ndcg@10"])
+    margin = average["lorag hybrid"]["ndcg@10"] - average[best]["ndcg@10"]
+    print(f"    hybrid - best llama-index fusion on average ({best}): {margin:+.4f} (target >= +0.01) "
+          f"{'ok' if margin >= 0.01 - 1e-9 else 'MISSED'}")
 
 
 def main() -> None:
@@ -432,6 +700,15 @@ def main() -> None:
     parser.add_argument(
         "--as-ingested", action="store_true",
         help="Judged sets: score the cached bases as they are, without ingesting the rest of the corpus.",
+    )
+    parser.add_argument(
+        "--skip-llama-index", action="store_true",
+        help="Judged sets: do not run llama-index's retrievers (vector, BM25, QueryFusionRetriever) beside lorag's.",
+    )
+    parser.add_argument(
+        "--llama-quick", action="store_true",
+        help="Judged sets: compare with llama-index on quality only (each retriever once per query, its "
+             "fusions applied to those lists; no latency).",
     )
     parser.add_argument("--skip-ingest", action="store_true")
     parser.add_argument("--skip-latency", action="store_true")
@@ -462,7 +739,8 @@ def main() -> None:
         if args.data.is_dir():
             print(f"retrieval quality on {args.data} ...", flush=True)
             sets = [s for s in args.sets.split(",") if s]
-            results["quality"] = bench_quality(args.cache, args.data, sets, args.depth, args.sweep, args.as_ingested)
+            llama = "off" if args.skip_llama_index else ("quick" if args.llama_quick else "full")
+            results["quality"] = bench_quality(args.cache, args.data, sets, args.depth, args.sweep, args.as_ingested, llama)
         else:
             print(f"retrieval quality: {args.data} is missing, skipped (the judged sets live in ../shared/data/retrieval/)", flush=True)
     with tempfile.TemporaryDirectory(prefix="lorag-bench-") as tmp:

@@ -94,6 +94,11 @@ def test_convex_fusion_normalises_scores_and_looks_up_missing_bm25() -> None:
     minmax = {c.id: s for c, s in fuse(vector, keyword, Fusion(method="convex", norm="minmax").with_alpha(0.8), exact.get)}
     assert minmax["a"] == pytest.approx(0.8 * 1.0 + 0.2 * 0.0)
     assert minmax["c"] == pytest.approx(0.8 * 0.0 + 0.2 * 1.0)
+    # dist: llama-index's dist_based_score, each list from mean - 3 std to mean + 3 std (equal weights: its sum).
+    dist = {c.id: s for c, s in fuse(vector, keyword, Fusion(method="convex", norm="dist"), exact.get)}
+    v_lo, v_span, k_lo, k_span = 0.7 - 3 * 0.2, 6 * 0.2, 15.0 - 3 * 5.0, 6 * 5.0
+    assert dist["a"] == pytest.approx(0.5 * (0.9 - v_lo) / v_span + 0.5 * (10.0 - k_lo) / k_span)
+    assert dist["c"] == pytest.approx(0.5 * (0.5 - v_lo) / v_span + 0.5 * (20.0 - k_lo) / k_span)
     # One list empty: the other decides alone.
     only = fuse(vector, [], Fusion(method="convex", norm="zscore"))
     assert [c.id for c, _ in only] == ["a", "b"]

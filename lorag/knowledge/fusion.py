@@ -8,7 +8,8 @@ Two families, both measured on judged sets (docs/knowledge.md, benchmarks/retrie
 * `convex`: w_v * norm(cosine) + w_k * norm(BM25) with w_v + w_k = 1 (Bruch et al., 2022).
   Normalisations: `minmax` over each retriever's list, `zscore`, and `tmm` (theoretical
   min-max: cosine from -1, BM25 from 0, up to the list's best), which does not depend on
-  how deep the lists go. A chunk found by one retriever only gets its exact BM25 score
+  how deep the lists go; and `dist`, llama-index's `dist_based_score` (each list scaled from its
+  mean - 3 standard deviations to its mean + 3). A chunk found by one retriever only gets its exact BM25 score
   when the caller can look it up (bm25s scores every chunk anyway), and the lowest
   cosine of the vector list otherwise (its true cosine is at most that).
 """
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from lorag.knowledge.settings import RetrievalSettings
 
 METHODS = ("rrf", "convex")
-NORMS = ("minmax", "zscore", "tmm")
+NORMS = ("minmax", "zscore", "tmm", "dist")
 FUSION_KEYS = ("fusion", "fusion_norm", "rrf_k", "vector_weight", "keyword_weight")
 Scored = list[tuple["Candidate", float]]
 
@@ -37,7 +38,7 @@ class Fusion:
     """How a base's two lists become one; stored per base by `lorag kb tune`."""
 
     method: Literal["rrf", "convex"] = "convex"
-    norm: Literal["minmax", "zscore", "tmm"] = "tmm"
+    norm: Literal["minmax", "zscore", "tmm", "dist"] = "tmm"
     rrf_k: int = 60
     vector_weight: float = 1.0
     keyword_weight: float = 1.0
@@ -170,9 +171,11 @@ def _affine(values: list[float], norm: str, theoretical_min: float) -> tuple[flo
     """(lo, scale, clip) so that norm(x) = (x - lo) * scale, clipped to [0, 1] if clip."""
     if not values:
         return 0.0, 0.0, False
-    if norm == "zscore":
+    if norm in ("zscore", "dist"):
         mean = sum(values) / len(values)
         std = math.sqrt(sum((x - mean) ** 2 for x in values) / len(values))
+        if norm == "dist":  # llama-index's QueryFusionRetriever(mode="dist_based_score")
+            return mean - 3 * std, (1.0 / (6 * std) if std > 1e-12 else 0.0), False
         return mean, (1.0 / std if std > 1e-12 else 0.0), False
     lo = min(values) if norm == "minmax" else theoretical_min
     hi = max(values)

@@ -80,7 +80,7 @@ class RetrievalSettings(Strict):
     # vector share 0.85) scored best of 100 fusions on SciFact's train queries
     # (benchmarks/retrieval.py); the weights belong to the fusion: rrf wants about 1/1.
     fusion: Literal["rrf", "convex"] = "convex"
-    fusion_norm: Literal["minmax", "zscore", "tmm"] = "tmm"
+    fusion_norm: Literal["minmax", "zscore", "tmm", "dist"] = "tmm"
     rrf_k: int = Field(default=60, ge=1)
     vector_weight: float = Field(default=0.85, ge=0)
     keyword_weight: float = Field(default=0.15, ge=0)
