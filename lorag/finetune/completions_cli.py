@@ -19,7 +19,7 @@ from urllib.parse import quote
 import click
 
 from lorag.cli_options import config_options
-from lorag.finetune.cli import FineTuningApi, pairs, passing_api, server_options, table
+from lorag.finetune.cli_client import FineTuningApi, pairs, passing_api, server_options, table
 
 LIST_PATH = "/v1/chat/completions"
 ANSWER_CHARS = 60  # of the answer, in `list`

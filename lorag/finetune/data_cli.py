@@ -19,7 +19,7 @@ import click
 
 from lorag.cli_options import config_options
 from lorag.errors import LoragError
-from lorag.finetune.cli import FineTuningApi, pairs, pass_api, server_options
+from lorag.finetune.cli_client import FineTuningApi, pairs, pass_api, server_options
 
 KINDS = ("supervised", "preference", "best_of_n", "distillation")
 BUILD_TIMEOUT_S = 24 * 3600.0  # a long best-of-n or distillation run is still one request
