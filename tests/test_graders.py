@@ -59,6 +59,11 @@ def test_string_check_operations() -> None:
     assert check("ilike").grade("a month", ITEM) == 0.0
     assert check("eq", reference="Q: {{ item.question }}").grade("Q: How long is the notice?", ITEM) == 1.0
     assert check("eq").pass_threshold == 1.0
+    two_lines = r"Short answer: [^\n]+\nWhy: [^\n]+"  # lorag's `matches`: eval's format rule (fullmatch)
+    assert check("matches", two_lines).grade("Short answer: No.\nWhy: It is unlawful.\n", ITEM) == 1.0
+    assert check("matches", two_lines).grade("Short answer: No.\nWhy: It is unlawful.\nAlso this.", ITEM) == 0.0
+    with pytest.raises(ValidationError, match="not a regular expression"):
+        check("matches", "Short answer: [")
 
 
 def test_templates_render_the_sample_and_item_fields_and_name_what_is_missing() -> None:

@@ -4,7 +4,7 @@
    answers in the completions' metadata; the other half is held out and never trained on;
 2. POST /v1/training_data builds preference pairs by best-of-n: 4 samples per stored prompt,
    scored by the domain's graders (the fact: token F1 against the reference; the format: the
-   "Why:" line), the best against the worst, each pair starting with the prompt the model was
+   whole answer is "Short answer: ...", then "Why: ..."), the best against the worst, each pair starting with the prompt the model was
    given (system prompt and retrieved context: what the adapter serves with);
 3. a DPO fine-tuning job continues the domain's adapter on those pairs, with `promote` into the
    domain: the gate compares the new version with the current one on the held-out half;

@@ -81,6 +81,7 @@ _OPERATIONS: dict[str, Callable[[str, str], bool]] = {
     "ne": lambda got, want: got != want,
     "like": lambda got, want: want in got,
     "ilike": lambda got, want: want.casefold() in got.casefold(),
+    "matches": lambda got, want: metrics.format_match(got, want),  # lorag's: `lorag eval`'s format rule
 }
 
 

@@ -64,10 +64,21 @@ class StringCheckSpec(_Grader):
     type: Literal["string_check"]
     input: str
     reference: str
-    # eq / ne: equal / not equal; like: input contains reference; ilike: the same, ignoring case.
-    operation: Literal["eq", "ne", "like", "ilike"]
+    # eq / ne: equal / not equal; like: input contains reference; ilike: the same, ignoring case;
+    # matches (lorag's, not OpenAI's): the whole input, stripped, matches the regular expression
+    # `reference` (`lorag eval`'s format check: a two-line answer format, a JSON shape, ...).
+    operation: Literal["eq", "ne", "like", "ilike", "matches"]
 
     _templates = field_validator("input", "reference")(check_template)
+
+    @model_validator(mode="after")
+    def _pattern_compiles(self) -> StringCheckSpec:
+        if self.operation == "matches" and PLACEHOLDER.search(self.reference) is None:
+            try:
+                re.compile(self.reference)
+            except re.error as err:
+                raise ValueError(f"reference is not a regular expression: {err}") from None
+        return self
 
 
 class TextSimilaritySpec(_Grader):
