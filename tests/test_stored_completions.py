@@ -196,7 +196,7 @@ def test_a_reused_request_id_keeps_the_first_record_and_loses_no_other(echo: Ech
     assert client.chat.completions.retrieve(first.id).choices[0].message.content == "echo: first"
     assert client.chat.completions.retrieve(other.id).choices[0].message.content == "echo: another"
     store = echo.app.state.recorder.store  # in one batch: the duplicate is left out, the rest is stored
-    one, two = store.get(first.id, None), store.get(other.id, None)
-    one.id, two.id = "batch-a", "batch-b"
-    assert store.add(one, store.get(first.id, None), two) == [first.id]
+    one, two, clash = store.get(first.id, None), store.get(other.id, None), store.get(other.id, None)
+    one.id, two.id, clash.id = "batch-a", "batch-b", first.id  # clash: another answer under a taken id
+    assert store.add(one, clash, two) == [first.id]
     assert store.get("batch-a", None).answer() == store.get("batch-b", None).answer().replace("another", "first")

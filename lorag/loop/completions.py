@@ -78,22 +78,24 @@ class CompletionStore:
         An id already stored (a client that sent the same x-request-id twice) keeps its first record;
         the ids left out are returned, and the rest of the batch is stored all the same.
         """
+        rows = [(record.id, record.owner, record.created, record.expires_at, record.model, record.domain,
+                 record.adapter, record.prompt_hash, _dump(record.metadata), _dump(record.messages),
+                 _dump(record.response), _dump(record.context)) for record in records]
         with self.db.transaction() as conn:
-            taken = {row[0] for row in conn.execute(
-                f"SELECT id FROM completions WHERE id IN ({','.join('?' * len(records))})",
-                [record.id for record in records])}
-            conn.executemany(
+            written = conn.executemany(
                 "INSERT OR IGNORE INTO completions (id, owner, created, expires_at, model, domain, adapter, prompt_hash, "
-                "metadata, messages, response, context) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                [(record.id, record.owner, record.created, record.expires_at, record.model, record.domain,
-                  record.adapter, record.prompt_hash, _dump(record.metadata), _dump(record.messages),
-                  _dump(record.response), _dump(record.context)) for record in records])
-        seen: set[str] = set()
+                "metadata, messages, response, context) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows).rowcount
+            if written == len(records):
+                return []
+            # The rare case: which were left out. The first record of an id won; it is ours if its response is.
+            stored = dict(conn.execute(f"SELECT id, response FROM completions WHERE id IN ({','.join('?' * len(rows))})",
+                                       [row[0] for row in rows]).fetchall())
+        kept: set[str] = set()
         left_out = []
-        for record in records:
-            if record.id in taken or record.id in seen:
-                left_out.append(record.id)
-            seen.add(record.id)
+        for row in rows:
+            if row[0] in kept or stored.get(row[0]) != row[10]:
+                left_out.append(row[0])
+            kept.add(row[0])
         return left_out
 
     def get(self, completion_id: str, owner: str | None) -> StoredCompletion:

@@ -31,7 +31,6 @@ CREATE TABLE IF NOT EXISTS completions (
     context TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS completions_by_owner ON completions(owner, seq);
-CREATE INDEX IF NOT EXISTS completions_by_prompt ON completions(prompt_hash);
 CREATE INDEX IF NOT EXISTS completions_by_expiry ON completions(expires_at);
 CREATE TABLE IF NOT EXISTS ratings (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
