@@ -196,6 +196,26 @@ def tiny_corpus(data: Path) -> str:
     return "\n".join(texts)
 
 
+# The legal domain's graders for `lorag demo loop` (docs/loop.md): does an answer hold the reference's
+# facts, and is it the adapter's whole two-line format? Written here, not in data/domains.toml: every
+# .toml under data/ is in the tiny tokenizer's corpus, and the tiny demo's tests pin its answers.
+LOOP_GRADERS = """
+[[domains.legal.graders]]
+type = "text_similarity"
+name = "fact"
+input = "{{sample.output_text}}"
+reference = "{{item.reference}}"
+evaluation_metric = "token_f1"
+
+[[domains.legal.graders]]
+type = "string_check"
+name = "format"
+input = "{{sample.output_text}}"
+reference = 'Short answer: [^\\n]+\\nWhy: [^\\n]+'  # the whole answer (lorag's `matches`: eval's format rule)
+operation = "matches"
+"""
+
+
 def write_config(state_dir: Path, kind: DemoKind, model: Path, port: int, data: Path, echo: Echo) -> Path:
     """lorag.toml: engine and server settings, then the domain profiles of the kind's domains.toml."""
     config = state_dir / "lorag.toml"
@@ -221,7 +241,7 @@ port = {port}
 chunk_size = 96
 chunk_overlap = 0
 
-{kind.domains_toml(data).read_text(encoding="utf-8")}"""
+{kind.domains_toml(data).read_text(encoding="utf-8")}{LOOP_GRADERS if kind is REAL else ""}"""
     if config.exists() and config.read_text(encoding="utf-8") == text:
         echo(f"  config         reused {shown(config)}")
     else:
