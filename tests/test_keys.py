@@ -274,10 +274,10 @@ def keyed_server(models: Models, tmp_path_factory: pytest.TempPathFactory) -> It
 
 def required_scope(method: str, path: str) -> str:
     """What each route needs: admin for /admin and knowledge writes, the knowledge scope to read bases,
-    the fine_tune scope for files and fine-tuning."""
+    the fine_tune scope for files, fine-tuning and training files made from stored completions."""
     if path.startswith("/admin"):
         return "admin"
-    if path.startswith(("/v1/files", "/v1/fine_tuning")):
+    if path.startswith(("/v1/files", "/v1/fine_tuning", "/v1/training_data")):
         return "fine_tune"
     if path.startswith("/v1/knowledge"):
         return "knowledge" if method == "get" or path.endswith("/query") else "admin"
