@@ -19,7 +19,7 @@ from lorag.loop.derived import files_from, forget, without_completion
 from lorag.loop.feedback import FeedbackStore
 from lorag.loop.settings import check_metadata
 from lorag.server.auth import Principal, require_key
-from lorag.server.pagination import check_limit, cursor_page
+from lorag.server.pagination import check_limit, cursor_page, metadata_filter, page_of
 from lorag.server.recorder import CompletionRecorder, owner_of, viewer_of
 
 router = APIRouter()
@@ -62,22 +62,14 @@ class PreferenceBody(BaseModel):
     comment: str | None = None
 
 
-def metadata_filter(request: Request) -> dict[str, str]:
-    """`metadata[key]=value` query parameters, as the openai SDK sends a metadata filter."""
-    return {key[len("metadata["):-1]: value for key, value in request.query_params.items()
-            if key.startswith("metadata[") and key.endswith("]")}
-
-
 @router.get("/v1/chat/completions")
 async def list_completions(request: Request, caller: Caller, after: str | None = None, limit: int = 20,
                            model: str | None = None, order: Literal["asc", "desc"] = "asc") -> dict[str, Any]:
     store = recorder(request)
     records, more = await store.run(lambda: store.store.page(
-        viewer_of(caller), model=model, metadata=metadata_filter(request), order=order, after=after,
-        limit=check_limit(limit, MAX_PAGE)))
-    data = [record.to_openai() for record in records]
-    return {"object": "list", "data": data, "has_more": more,
-            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+        viewer_of(caller), model=model, metadata=metadata_filter(request.query_params.items()), order=order,
+        after=after, limit=check_limit(limit, MAX_PAGE)))
+    return page_of([record.to_openai() for record in records], more)
 
 
 @router.get("/v1/chat/completions/{completion_id}")

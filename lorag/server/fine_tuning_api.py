@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Request
 from lorag.errors import LoragError
 from lorag.finetune.service import FineTuningService
 from lorag.server.auth import Principal, require_fine_tune
-from lorag.server.pagination import check_limit, cursor_page
+from lorag.server.pagination import check_limit, cursor_page, metadata_filter
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs")
 MAX_PAGE = 100
@@ -42,8 +42,7 @@ async def list_jobs(request: Request, after: str | None = None, limit: int = 20,
                     service: FineTuningService = Depends(get_service),
                     principal: Principal = Depends(require_fine_tune)) -> dict[str, Any]:
     """Newest first; `metadata[key]=value` (any number of them) keeps only jobs with those values."""
-    metadata = {key[len("metadata["):-1]: value for key, value in request.query_params.items()
-                if key.startswith("metadata[") and key.endswith("]")}
+    metadata = metadata_filter(request.query_params.items())
     jobs = await asyncio.to_thread(service.list_jobs, principal, metadata)  # reads every job's record
     return cursor_page(jobs, after=after, limit=check_limit(limit, MAX_PAGE))
 

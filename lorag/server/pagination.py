@@ -6,7 +6,7 @@ after the id the client names (`after`), so pages stay consistent while new item
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from lorag.errors import LoragError, NotFoundError
@@ -17,6 +17,18 @@ def check_limit(limit: int, maximum: int) -> int:
     if not 1 <= limit <= maximum:
         raise LoragError(f"limit must be between 1 and {maximum}; got {limit}.", param="limit", code="invalid_value")
     return limit
+
+
+def metadata_filter(query: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """`metadata[key]=value` query parameters (how the openai SDK sends a metadata filter) as a dict."""
+    return {key[len("metadata["):-1]: value for key, value in query
+            if key.startswith("metadata[") and key.endswith("]")}
+
+
+def page_of(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
+    """OpenAI's list page around `data` (items with an "id"), in the order given."""
+    return {"object": "list", "data": data, "has_more": has_more,
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
 
 
 def cursor_page(items: Sequence[dict[str, Any]], *, after: str | None, limit: int) -> dict[str, Any]:
@@ -34,6 +46,4 @@ def cursor_page(items: Sequence[dict[str, Any]], *, after: str | None, limit: in
         else:
             raise NotFoundError(f"No item with id {after!r} to page after: pass the last_id of a previous page.",
                                 param="after", code="cursor_not_found")
-    data = list(items[start:start + limit])
-    return {"object": "list", "data": data, "has_more": start + limit < len(items),
-            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+    return page_of(list(items[start:start + limit]), start + limit < len(items))
