@@ -150,7 +150,7 @@ def _scope_of(line: Line, completions: Sequence[StoredCompletion]) -> str | None
     return None if first is None else first.domain or first.model
 
 
-async def _each(items: Sequence[Any], work: Callable[[Any], Awaitable[Any]],
+async def each(items: Sequence[Any], work: Callable[[Any], Awaitable[Any]],
                 progress: Callable[[int, int], None] | None) -> list[Any]:
     """`work` on every item, CONCURRENCY at a time, results in the items' order."""
     gate = asyncio.Semaphore(CONCURRENCY)
@@ -210,7 +210,7 @@ async def _best_of_n(request: DataRequest, completions: list[StoredCompletion], 
         return training_data.best_of_n(prompt, answers, scores, margin=request.margin, completion=record.id,
                                        grader=name)
 
-    lines = await _each(completions, sample, progress)
+    lines = await each(completions, sample, progress)
     return [line for line in lines if line is not None]
 
 
@@ -234,5 +234,5 @@ async def _distilled(request: DataRequest, completions: list[StoredCompletion], 
                                              teacher={"model": teacher.model, "endpoint": where,
                                                       "options": teacher.options or {}})
 
-    lines = await _each(prompts, ask, progress)
+    lines = await each(prompts, ask, progress)
     return [line for line in lines if line is not None]

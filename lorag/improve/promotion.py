@@ -24,7 +24,7 @@ from lorag.errors import LoragError, NotFoundError
 from lorag.evaluation.metrics import token_f1
 from lorag.evaluation.noise import MIN_ITEMS, paired_difference
 from lorag.improve.answers import PipelineAnswerer
-from lorag.improve.data import mean_grade
+from lorag.improve.data import each, mean_grade
 from lorag.logging import get_logger
 from lorag.serving.jobs import last_user_text
 from lorag.serving.principal import ANONYMOUS_ADMIN
@@ -182,8 +182,9 @@ class Promoter:
     async def _scores(self, domain: str, adapter: str, cases: list[EvalCase], graders: Sequence[Grader],
                       max_tokens: int | None) -> list[float]:
         answerer = PipelineAnswerer(self.pipeline, ANONYMOUS_ADMIN)
-        answers = await asyncio.gather(*(answerer.answer(domain, case.messages, temperature=0.0, max_tokens=max_tokens,
-                                                         options={"adapter": adapter}) for case in cases))
+        answers = await each(cases, lambda case: answerer.answer(domain, case.messages, temperature=0.0,
+                                                                 max_tokens=max_tokens, options={"adapter": adapter}),
+                             None)
         return await asyncio.to_thread(lambda: [score_of(a[0], case, graders) for a, case in zip(answers, cases,
                                                                                                   strict=True)])
 
