@@ -7,9 +7,11 @@ take the threads that input hooks or retrieval need (the loop's default executor
 cpu + 4 of them, and `asyncio.wait_for(asyncio.to_thread(...))` leaves a timed-out call
 running in one of them).
 
-A call waits for a free place in its lane, runs in a daemon thread (a call that never returns
-never holds the process up at exit), and gives its place back when the function returns —
-not when the caller stops waiting. So a call abandoned on timeout keeps its place until it
+A call waits for a free place in its lane, runs in one of the lane's daemon threads (a call that
+never returns never holds the process up at exit), and gives its place back when the function
+returns — not when the caller stops waiting. Threads are kept for the next call (starting one
+blocks the event loop until the new thread first holds the GIL: about a quarter of the loop's
+time under load, benchmarks/stored_completions.py) and end after IDLE_S without work. So a call abandoned on timeout keeps its place until it
 really ends, and a lane full of stuck calls makes later calls wait (and time out) instead of
 piling up threads. Lanes are process-wide and not tied to an event loop: `lorag chat`, the
 server and the tests each run their own loops.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import queue
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -30,6 +33,7 @@ from pydantic import Field
 from lorag.schema import Strict
 
 T = TypeVar("T")
+IDLE_S = 60.0  # a lane thread with no work for this long ends
 
 
 class LaneSettings(Strict):
@@ -51,6 +55,7 @@ class Lane:
         self._lock = threading.Lock()
         self._busy = 0
         self._waiting: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = deque()
+        self._idle: list[_Worker] = []  # threads waiting for work, the last to finish on top
 
     @property
     def busy(self) -> int:
@@ -73,20 +78,39 @@ class Lane:
             result: asyncio.Future[T] = loop.create_future()
             context = contextvars.copy_context()
 
-            def work() -> None:
+            def work(worker: _Worker) -> None:
                 try:
                     outcome: tuple[Any, BaseException | None] = (context.run(function, *args), None)
                 except BaseException as err:  # noqa: BLE001 - handed to the caller as is
                     outcome = (None, err)
-                self._release()  # first: the place is free by the time the caller has the result
+                with self._lock:  # idle before the place is free: the next call finds this thread
+                    self._idle.append(worker)
+                self._release()  # before settling: the place is free by the time the caller has the result
                 _settle(loop, result, *outcome)
 
             try:
-                threading.Thread(target=work, name=f"lorag-{self.name}", daemon=True).start()
+                self._dispatch(work)
             except BaseException:
                 self._release()
                 raise
             return await result
+
+    def _dispatch(self, work: Callable[[_Worker], None]) -> None:
+        """Hand a call to an idle thread of the lane, or start one (at most `size` are ever busy)."""
+        with self._lock:
+            worker = self._idle.pop() if self._idle else None
+        if worker is not None:
+            worker.inbox.put(work)
+        else:
+            _Worker(self, work)
+
+    def _retire(self, worker: _Worker) -> bool:
+        """Whether an idle thread may end: not if a call was just handed to it."""
+        with self._lock:
+            if worker in self._idle:
+                self._idle.remove(worker)
+                return True
+            return False
 
     async def _acquire(self, loop: asyncio.AbstractEventLoop) -> None:
         with self._lock:
@@ -123,6 +147,25 @@ class Lane:
             self._release()
         else:
             waiter.set_result(None)
+
+
+class _Worker:
+    """One daemon thread of a lane: runs the calls handed to it until it has been idle IDLE_S."""
+
+    def __init__(self, lane: Lane, first: Callable[[_Worker], None]) -> None:
+        self.lane = lane
+        self.inbox: queue.SimpleQueue[Callable[[_Worker], None]] = queue.SimpleQueue()
+        threading.Thread(target=self._loop, args=(first,), name=f"lorag-{lane.name}", daemon=True).start()
+
+    def _loop(self, work: Callable[[_Worker], None]) -> None:
+        while True:
+            work(self)  # puts this worker back on the lane's idle list when the call returns
+            try:
+                work = self.inbox.get(timeout=IDLE_S)
+            except queue.Empty:
+                if self.lane._retire(self):
+                    return
+                work = self.inbox.get()  # a call was handed over just as the wait ended
 
 
 def _settle(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], value: Any,

@@ -34,7 +34,16 @@ def test_a_lane_runs_at_most_its_size_and_the_rest_in_order() -> None:
         return list(await asyncio.gather(*tasks))
 
     assert asyncio.run(main()) == [0, 10, 20, 30, 40]
-    assert started[2:] == [2, 3, 4] and lane.busy == 0 and lane.queued == 0
+    assert sorted(started) == [0, 1, 2, 3, 4] and lane.busy == 0 and lane.queued == 0
+
+    one_at_a_time = Lane("test", 1)  # with one place, the waiting calls run in the order they came
+    order: list[int] = []
+
+    async def queue_up() -> None:
+        await asyncio.gather(*(one_at_a_time.run(order.append, n) for n in range(5)))
+
+    asyncio.run(queue_up())
+    assert order == [0, 1, 2, 3, 4]
 
 
 def test_a_timed_out_call_keeps_its_place_until_it_really_returns() -> None:
@@ -64,6 +73,26 @@ def test_a_lane_serves_one_event_loop_after_another_with_the_callers_context() -
 
     assert asyncio.run(main("first")) == "first"
     assert asyncio.run(main("second")) == "second"
+
+
+def test_a_lane_keeps_its_threads_for_the_next_calls_and_never_runs_more_than_its_size() -> None:
+    lane = Lane("reused", 2)
+
+    async def main() -> tuple[set[int], set[int]]:
+        one_by_one = {await lane.run(threading.get_ident) for _ in range(5)}
+        barrier = threading.Barrier(2, timeout=60)  # two calls at once need two threads
+
+        def together() -> int:
+            barrier.wait()
+            return threading.get_ident()
+
+        at_once = set(await asyncio.gather(*(lane.run(together) for _ in range(2))))
+        return one_by_one, at_once | {await lane.run(threading.get_ident) for _ in range(5)}
+
+    one_by_one, after = asyncio.run(main())
+    assert len(one_by_one) == 1  # one thread served every call in turn
+    assert len(after) == 2 and one_by_one < after  # the second thread joined it, and no third
+    assert sum(thread.name == "lorag-reused" for thread in threading.enumerate()) <= 2
 
 
 def test_errors_come_back_to_the_caller() -> None:

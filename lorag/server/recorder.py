@@ -3,10 +3,11 @@
 The record is made from the response exactly as it was sent (streamed or not, the same
 ChatCompletion) and from the job: the conversation after the input hooks, the rendered
 prompt with its context and sources. Writes run in one background thread, in the order
-the answers finished, and whatever queued up while it wrote goes in the next transaction
-(one commit per batch, not per answer: benchmarks/stored_completions.py). A read through
-the API first waits for the writes already queued, so a client that lists right after its
-answer sees it. A failed write is logged, never turned into an error for a request that
+the answers finished: a record waits up to FLUSH_AFTER_S for others, and all of them go in
+one transaction (one commit and a few GIL hand-overs per batch, not per answer: each
+hand-over stalls the event loop; benchmarks/stored_completions.py). A read through the API
+first writes what is queued and waits for it, so a client that lists right after its answer
+sees it; shutting down writes it too. A failed write is logged, never turned into an error for a request that
 has already been answered.
 """
 
@@ -29,6 +30,7 @@ from lorag.serving.protocol import ChatCompletionRequest
 log = get_logger("lorag.loop")
 Keep = Callable[[dict[str, Any]], None]
 SWEEP_EVERY = 1000  # writes between two deletions of expired records
+FLUSH_AFTER_S = 0.05  # how long a record waits for others to share its transaction
 
 
 def owner_of(principal: Principal) -> str:
@@ -51,7 +53,8 @@ class CompletionRecorder:
         self._pending: set[asyncio.Future[None]] = set()
         self._batch: list[StoredCompletion] = []
         self._batch_lock = threading.Lock()
-        self._flush_queued = False  # a flush is queued that has not taken the batch yet
+        self._flush_queued = False  # a flush is planned (timer or writer) that has not taken the batch yet
+        self._timer: asyncio.TimerHandle | None = None
         self._writes = 0
 
     def plan(self, job: Job, body: ChatCompletionRequest, principal: Principal) -> Keep | None:
@@ -81,12 +84,21 @@ class CompletionRecorder:
             if self._flush_queued:
                 return
             self._flush_queued = True
+        self._timer = asyncio.get_running_loop().call_later(FLUSH_AFTER_S, self._submit)
+
+    def _submit(self) -> None:
+        """Hand the planned flush to the writer thread now (on the event loop's thread)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         future = asyncio.get_running_loop().run_in_executor(self._writer, self._flush)
         self._pending.add(future)
         future.add_done_callback(self._pending.discard)
 
     async def settled(self) -> None:
-        """Wait for every write queued so far (read-your-writes for the API)."""
+        """Write what is queued now and wait for every write so far (read-your-writes for the API)."""
+        if self._timer is not None:
+            self._submit()
         if self._pending:
             await asyncio.wait(list(self._pending))
 
@@ -96,7 +108,10 @@ class CompletionRecorder:
         return await asyncio.get_running_loop().run_in_executor(self._writer, work, *args)
 
     def close(self) -> None:
+        """Finish the writes, the queued batch included (its timer dies with the event loop)."""
         self._writer.shutdown(wait=True)
+        if self._batch:
+            self._flush()
 
     def _flush(self) -> None:
         """Write every record queued so far, in one transaction (on the writer's thread)."""
