@@ -94,16 +94,54 @@ def test_convex_fusion_normalises_scores_and_looks_up_missing_bm25() -> None:
     minmax = {c.id: s for c, s in fuse(vector, keyword, Fusion(method="convex", norm="minmax").with_alpha(0.8), exact.get)}
     assert minmax["a"] == pytest.approx(0.8 * 1.0 + 0.2 * 0.0)
     assert minmax["c"] == pytest.approx(0.8 * 0.0 + 0.2 * 1.0)
-    # dist: llama-index's dist_based_score, each list from mean - 3 std to mean + 3 std (equal weights: its sum).
+    # dist: llama-index's dist_based_score, each list from mean - 3 std to mean + 3 std; a list a chunk is not in adds 0.
     dist = {c.id: s for c, s in fuse(vector, keyword, Fusion(method="convex", norm="dist"), exact.get)}
     v_lo, v_span, k_lo, k_span = 0.7 - 3 * 0.2, 6 * 0.2, 15.0 - 3 * 5.0, 6 * 5.0
     assert dist["a"] == pytest.approx(0.5 * (0.9 - v_lo) / v_span + 0.5 * (10.0 - k_lo) / k_span)
-    assert dist["c"] == pytest.approx(0.5 * (0.5 - v_lo) / v_span + 0.5 * (20.0 - k_lo) / k_span)
+    assert dist["c"] == pytest.approx(0.5 * (20.0 - k_lo) / k_span)
     # One list empty: the other decides alone.
     only = fuse(vector, [], Fusion(method="convex", norm="zscore"))
     assert [c.id for c, _ in only] == ["a", "b"]
     rrf = fuse(vector, keyword, Fusion(method="rrf", rrf_k=60))
     assert rrf[0][0].id == "a" and rrf[0][1] == pytest.approx((1 / 61 + 1 / 62) / (2 / 61))
+
+
+class _Fixed:
+    """A llama-index retriever that returns given (id, score) pairs."""
+
+    @staticmethod
+    def make(pairs: list[tuple[str, float]]) -> Any:
+        from llama_index.core.retrievers import BaseRetriever
+        from llama_index.core.schema import NodeWithScore, TextNode
+
+        class Fixed(BaseRetriever):
+            def _retrieve(self, query_bundle: Any) -> list[NodeWithScore]:
+                return [NodeWithScore(node=TextNode(id_=chunk, text=f"text of {chunk}"), score=score)
+                        for chunk, score in pairs]
+
+        return Fixed()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_default_fusion_is_llama_indexs_dist_based_score(seed: int) -> None:
+    """lorag's default hybrid ranks and scores lorag's two lists as llama-index's QueryFusionRetriever does."""
+    from llama_index.core.llms import MockLLM
+    from llama_index.core.retrievers import QueryFusionRetriever
+
+    from lorag.knowledge.settings import RetrievalSettings
+
+    rng = random.Random(seed)
+    chunks = [f"c{i}" for i in range(40)]
+    vector = sorted(((c, rng.uniform(-0.2, 0.9)) for c in rng.sample(chunks, 25)), key=lambda pair: -pair[1])
+    keyword = sorted(((c, rng.uniform(0.5, 30.0)) for c in rng.sample(chunks, 25)), key=lambda pair: -pair[1])
+    weights = [0.5, 0.5] if seed < 3 else [0.7, 0.3]
+    fusion = Fusion.from_settings(RetrievalSettings(vector_weight=weights[0], keyword_weight=weights[1]))
+    ours = fuse(_ranked(vector), _ranked(keyword), fusion)
+    theirs = QueryFusionRetriever([_Fixed.make(vector), _Fixed.make(keyword)], llm=MockLLM(), mode="dist_based_score",
+                                  retriever_weights=weights, similarity_top_k=50, num_queries=1,
+                                  use_async=False).retrieve("any question")
+    assert [c.id for c, _ in ours] == [n.node.node_id for n in theirs]
+    assert [score for _, score in ours] == pytest.approx([n.score for n in theirs])
 
 
 def test_fusion_settings_round_trip_and_refuse_nonsense() -> None:

@@ -1,6 +1,9 @@
 """Hybrid fusion: one ranked list from a vector list and a keyword list of the same base.
 
-Two families, both measured on judged sets (docs/knowledge.md, benchmarks/retrieval.py):
+Two families, both measured on judged sets (docs/knowledge.md, benchmarks/retrieval.py). The
+default is llama-index's own: `QueryFusionRetriever(mode="dist_based_score")` with equal weights,
+computed on lorag's lists. lorag's `tmm` was not ahead of it on held-out judged sets (+0.0004
+nDCG@10 on average, within noise), so lorag does not keep a fusion of its own by default.
 
 * `rrf`: weighted reciprocal rank fusion, sum_i w_i / (rrf_k + rank_i), divided by its
   maximum so 1.0 means "first in both lists". Uses ranks only, so it cannot tell a
@@ -8,10 +11,12 @@ Two families, both measured on judged sets (docs/knowledge.md, benchmarks/retrie
 * `convex`: w_v * norm(cosine) + w_k * norm(BM25) with w_v + w_k = 1 (Bruch et al., 2022).
   Normalisations: `minmax` over each retriever's list, `zscore`, and `tmm` (theoretical
   min-max: cosine from -1, BM25 from 0, up to the list's best), which does not depend on
-  how deep the lists go; and `dist`, llama-index's `dist_based_score` (each list scaled from its
-  mean - 3 standard deviations to its mean + 3). A chunk found by one retriever only gets its exact BM25 score
-  when the caller can look it up (bm25s scores every chunk anyway), and the lowest
+  how deep the lists go. For these, a chunk found by one retriever only gets its exact BM25
+  score when the caller can look it up (bm25s scores every chunk anyway), and the lowest
   cosine of the vector list otherwise (its true cosine is at most that).
+* `dist` (convex too, the default): llama-index's `dist_based_score`, exactly: each list scaled
+  from its mean - 3 standard deviations to its mean + 3, weighted, summed; a chunk adds nothing
+  for a list it is not in (tests/test_knowledge_eval.py checks it against llama-index itself).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ class Fusion:
     """How a base's two lists become one; stored per base by `lorag kb tune`."""
 
     method: Literal["rrf", "convex"] = "convex"
-    norm: Literal["minmax", "zscore", "tmm", "dist"] = "tmm"
+    norm: Literal["minmax", "zscore", "tmm", "dist"] = "dist"
     rrf_k: int = 60
     vector_weight: float = 1.0
     keyword_weight: float = 1.0
@@ -107,6 +112,8 @@ def fuse(
     """Best-first (candidate, fused score) over the union of both lists (each best-first)."""
     if fusion.method == "rrf":
         return rrf([(fusion.vector_weight, vector), (fusion.keyword_weight, keyword)], fusion.rrf_k)
+    if fusion.norm == "dist":
+        return dist_based(vector, keyword, fusion)
     return convex(vector, keyword, fusion, keyword_score)
 
 
@@ -125,6 +132,29 @@ def rrf(ranked_lists: list[tuple[float, list[Candidate]]], rrf_k: int) -> Scored
             fused[key] = (previous[0] if previous else candidate, (previous[1] if previous else 0.0) + gain)
     ordered = sorted(fused.values(), key=_order)
     return [(candidate, score / best) for candidate, score in ordered]
+
+
+def dist_based(vector: list[Candidate], keyword: list[Candidate], fusion: Fusion) -> Scored:
+    """llama-index's dist_based_score: sum over lists of weight * (x - (mean - 3 std)) / (6 std).
+
+    A list whose scores are all equal scales them to 1 (0 when they are not positive), as
+    llama-index does. When one list is empty the other decides alone, at full weight (so
+    score thresholds mean the same with one retriever as with two).
+    """
+    alpha = fusion.alpha if vector and keyword else 1.0
+    fused: dict[tuple[str, str], tuple[Candidate, float]] = {}
+    for weight, ranked in ((alpha, vector), (1 - alpha, keyword)):  # keyword last: its candidates carry payloads
+        if not ranked:
+            continue
+        scores = [candidate.score for candidate in ranked]
+        mean = sum(scores) / len(scores)
+        std = math.sqrt(sum((x - mean) ** 2 for x in scores) / len(scores))
+        lo, hi = mean - 3 * std, mean + 3 * std
+        for candidate in ranked:
+            scaled = (candidate.score - lo) / (hi - lo) if hi != lo else (1.0 if hi > 0 else 0.0)
+            previous = fused.get(candidate.key())
+            fused[candidate.key()] = (candidate, (previous[1] if previous else 0.0) + weight * scaled)
+    return sorted(fused.values(), key=_order)
 
 
 def convex(
@@ -171,11 +201,9 @@ def _affine(values: list[float], norm: str, theoretical_min: float) -> tuple[flo
     """(lo, scale, clip) so that norm(x) = (x - lo) * scale, clipped to [0, 1] if clip."""
     if not values:
         return 0.0, 0.0, False
-    if norm in ("zscore", "dist"):
+    if norm == "zscore":
         mean = sum(values) / len(values)
         std = math.sqrt(sum((x - mean) ** 2 for x in values) / len(values))
-        if norm == "dist":  # llama-index's QueryFusionRetriever(mode="dist_based_score")
-            return mean - 3 * std, (1.0 / (6 * std) if std > 1e-12 else 0.0), False
         return mean, (1.0 / std if std > 1e-12 else 0.0), False
     lo = min(values) if norm == "minmax" else theoretical_min
     hi = max(values)

@@ -76,14 +76,16 @@ class RetrievalSettings(Strict):
     score_threshold: float | None = None
     # Hybrid fusion (lorag.knowledge.fusion): "convex" = w_v*norm(cosine) + w_k*norm(BM25),
     # "rrf" = sum_i w_i / (rrf_k + rank_i). `lorag kb tune` stores a base's own values,
-    # which then override these for that base. The default (convex, theoretical min-max,
-    # vector share 0.85) scored best of 100 fusions on SciFact's train queries
-    # (benchmarks/retrieval.py); the weights belong to the fusion: rrf wants about 1/1.
+    # which then override these for that base. The default is llama-index's
+    # QueryFusionRetriever(mode="dist_based_score") with equal weights: lorag's own best
+    # (convex "tmm", vector share 0.85, best of 100 fusions on SciFact's train queries) was
+    # not ahead of it on held-out judged sets (docs/knowledge.md, benchmarks/retrieval.py).
+    # The weights belong to the fusion: tmm wants 0.85/0.15, rrf about 1/1.
     fusion: Literal["rrf", "convex"] = "convex"
-    fusion_norm: Literal["minmax", "zscore", "tmm", "dist"] = "tmm"
+    fusion_norm: Literal["minmax", "zscore", "tmm", "dist"] = "dist"
     rrf_k: int = Field(default=60, ge=1)
-    vector_weight: float = Field(default=0.85, ge=0)
-    keyword_weight: float = Field(default=0.15, ge=0)
+    vector_weight: float = Field(default=0.5, ge=0)
+    keyword_weight: float = Field(default=0.5, ge=0)
     # Each retriever contributes this many candidates (at least top_k) to the fusion.
     candidates: int = Field(default=50, ge=1, le=10000)
     # Cross-encoder (sentence-transformers CrossEncoder) model directory; off when empty.
