@@ -1,17 +1,21 @@
 """Fleet benchmark: lorag's remote backend against the raw vLLM servers it fronts.
 
     .venv/bin/python benchmarks/fleet.py [--requests 96] [--tokens 32] [--rounds 6] [--workdir DIR]
+    .venv/bin/python benchmarks/fleet.py --only overhead [--plugins off pii]
 
 1. Overhead (baseline: the raw server): one vLLM OpenAI server (tiny random model, LoRA on),
    loaded with streamed chat completions at concurrency 16 over the base model and 3 adapters,
    directly and through `lorag serve` with `[engine] backend = "remote"` in front of that same
-   server, alternating per round. The server gets a LoRA slot per adapter plus lorag's null
-   adapter. vLLM's CPU backend binds its model worker to its own cores (one of the two here):
-   the benchmark keeps everything else (the server's API process and engine core, lorag, the
-   load) off them, as a CPU deployment should, so neither side's figure depends on where the
-   kernel happens to place a process. Prints per round tokens/s, TTFT and CPU seconds per 1k
-   tokens of the server's API process and of lorag, then medians of the per-round ratios
-   lorag / raw. Targets: throughput >= 0.95x, TTFT <= 1.10x.
+   server, alternating per round; lorag once with plugins off and once with the PII plugin on
+   (`--plugins`), each side of a round in a rotating order. The server gets a LoRA slot per
+   adapter plus lorag's null adapter. vLLM's CPU backend binds its model worker to its own
+   cores (one of the two here): the benchmark keeps everything else (the server's API process
+   and engine core, lorag, the load) off them, as a CPU deployment should, so neither side's
+   figure depends on where the kernel happens to place a process. Prints per round tokens/s,
+   TTFT and CPU seconds per 1k tokens of the server's API process and of lorag, then medians
+   of the per-round ratios lorag / raw: throughput, TTFT, and lorag's CPU per 1k tokens over
+   that of the raw server's API process in the same round. Targets: throughput >= 0.95x, TTFT
+   <= 1.10x, CPU <= 0.2x with plugins off and <= 0.5x with PII on.
 2. Routing (baseline: round-robin): two vLLM servers with --max-loras 2 (+1 for lorag's null
    adapter) and 4 adapters (--adapters), uniformly mixed, concurrency 16, through lorag with
    `routing = "round_robin"` and with `"least_loaded"` (adapter homes within a slack), the
@@ -33,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -54,8 +59,11 @@ RANK = 8
 BASE = "base"
 
 
+PLUGINS = {"off": "[]", "pii": '["pii"]'}  # lorag's [plugins] default, per --plugins choice
+
+
 def lorag_config(workdir: Path, model: Path, servers: list[VllmServer], adapters: dict[str, Path], port: int,
-                 routing: str, args: argparse.Namespace) -> Path:
+                 routing: str, args: argparse.Namespace, plugins: str = "off") -> Path:
     preload = "".join(f'[adapters.preload.{n}]\npath = "{p}"\n' for n, p in adapters.items())
     entries = "".join(f'[[engine.servers]]\nurl = "{s.url}"\nname = "vllm-{i}"\n' for i, s in enumerate(servers))
     config = workdir / f"lorag-{port}.toml"
@@ -76,7 +84,7 @@ stream_interval = {args.stream_interval}
 [server]
 port = {port}
 [plugins]
-default = []
+default = {PLUGINS[plugins]}
 {preload}""")
     return config
 
@@ -131,44 +139,75 @@ def overhead(args: argparse.Namespace, model: Path, adapters: dict[str, Path], w
     chosen = dict(list(adapters.items())[:3])  # the base model and 3 adapters
     server = start_vllm_servers(model, BASE, workdir / "one", [free_port()], max_loras=len(chosen) + 1,
                                 max_lora_rank=RANK)[0]
+    sides = ["vllm", *(f"lorag-{p}" for p in args.plugins)]
+    rows: dict[str, list[Row]] = {side: [] for side in sides}
     try:
         worker = model_cores(server)
         rest = keep_off(worker, server)
         print(f"  model worker on cores {sorted(worker) or 'any'}; API process, engine core, lorag and the "
               f"load on {sorted(rest) or 'any'}", flush=True)
-        port = free_port()
-        lorag, url = start_lorag(lorag_config(workdir / "one", model, [server], chosen, port, "least_loaded", args),
-                                 port, workdir / "one" / "lorag.log")
-        rows: dict[str, list[tuple[float, float, float, float]]] = {"vllm": [], "lorag": []}
-        tokens = args.requests * args.tokens
+        lorags: dict[str, tuple[subprocess.Popen, str]] = {}
         try:
+            for plugins in args.plugins:
+                port = free_port()
+                config = lorag_config(workdir / "one", model, [server], chosen, port, "least_loaded", args, plugins)
+                lorags[f"lorag-{plugins}"] = start_lorag(config, port, workdir / "one" / f"lorag-{plugins}.log")
             for round_ in range(args.rounds):
-                for side in (["vllm", "lorag"] if round_ % 2 == 0 else ["lorag", "vllm"]):
-                    target = server.url if side == "vllm" else url
-                    # The same adapters on the same server: lorag loaded them there as name@v1.
-                    models = [BASE, *(f"{n}@v1" for n in chosen)]
-                    api_before, lorag_before = cpu_seconds(server.process.pid), cpu_seconds(lorag.pid)
-                    tps, ttft = run_load(target, models, args)
-                    api_cpu = 1000 * (cpu_seconds(server.process.pid) - api_before) / tokens
-                    lorag_cpu = 1000 * (cpu_seconds(lorag.pid) - lorag_before) / tokens
-                    rows[side].append((tps, ttft, api_cpu, lorag_cpu))
-                    print(f"  round {round_ + 1:<2} {side:<6} {tps:8.1f} tok/s  ttft {ttft:7.1f} ms  CPU s per 1k "
-                          f"tokens: server API {api_cpu:.3f}, lorag {lorag_cpu:.3f}  load average {loadavg()}",
-                          flush=True)
+                shift = round_ % len(sides)
+                for side in sides[shift:] + sides[:shift]:
+                    lorag = lorags.get(side)
+                    row = measure(server, lorag[0].pid if lorag else None, lorag[1] if lorag else server.url,
+                                  [BASE, *(f"{n}@v1" for n in chosen)], args)  # lorag loaded them as name@v1
+                    rows[side].append(row)
+                    print(f"  round {round_ + 1:<2} {side:<9} {row.tps:8.1f} tok/s  ttft {row.ttft:7.1f} ms  CPU s per "
+                          f"1k tokens: server API {row.api_cpu:.3f}, lorag {row.lorag_cpu:.3f}  "
+                          f"load average {loadavg()}", flush=True)
         finally:
-            stop_process(lorag)
+            for process, _ in lorags.values():
+                stop_process(process)
     finally:
         server.stop()
-    raw, via = rows["vllm"], rows["lorag"]
-    print(f"  median      vllm {statistics.median(r[0] for r in raw):8.1f} tok/s ttft "
-          f"{statistics.median(r[1] for r in raw):7.1f} ms | lorag {statistics.median(r[0] for r in via):8.1f} tok/s "
-          f"ttft {statistics.median(r[1] for r in via):7.1f} ms; lorag's own CPU "
-          f"{statistics.median(r[3] for r in via):.3f} s per 1k tokens (the server's API process: "
-          f"{statistics.median(r[2] for r in raw):.3f})", flush=True)
-    throughput = statistics.median(b[0] / a[0] for a, b in zip(raw, via, strict=True))
-    ttft = statistics.median(b[1] / a[1] for a, b in zip(raw, via, strict=True))
-    print(f"  ratio lorag/vllm (median of {len(raw)} rounds): throughput {throughput:.3f}x (target >= 0.95), "
-          f"TTFT {ttft:.3f}x (target <= 1.10)", flush=True)
+    report_overhead(rows)
+
+
+@dataclass
+class Row:
+    """One side of one round: throughput, median TTFT, and CPU seconds per 1k streamed tokens."""
+
+    tps: float
+    ttft: float
+    api_cpu: float  # the vLLM server's API process
+    lorag_cpu: float  # lorag's process (0 on the raw side)
+
+
+def measure(server: VllmServer, lorag_pid: int | None, url: str, models: list[str], args: argparse.Namespace) -> Row:
+    """One load on `url`, with the CPU the server's API process and lorag (when in front) spent on it."""
+    tokens = args.requests * args.tokens
+    api_before = cpu_seconds(server.process.pid)
+    lorag_before = cpu_seconds(lorag_pid) if lorag_pid else 0.0
+    tps, ttft = run_load(url, models, args)
+    api_cpu = 1000 * (cpu_seconds(server.process.pid) - api_before) / tokens
+    lorag_cpu = 1000 * (cpu_seconds(lorag_pid) - lorag_before) / tokens if lorag_pid else 0.0
+    return Row(tps, ttft, api_cpu, lorag_cpu)
+
+
+def report_overhead(rows: dict[str, list[Row]]) -> None:
+    """Medians per side, then per-round ratios against the raw server (medians of the ratios)."""
+    raw = rows.pop("vllm")
+    print(f"  median  vllm      {statistics.median(r.tps for r in raw):8.1f} tok/s  ttft "
+          f"{statistics.median(r.ttft for r in raw):7.1f} ms  server API CPU "
+          f"{statistics.median(r.api_cpu for r in raw):.3f} s per 1k tokens", flush=True)
+    targets = {"lorag-off": 0.2, "lorag-pii": 0.5}
+    for side, via in rows.items():
+        pairs = list(zip(raw, via, strict=True))
+        print(f"  median  {side:<9} {statistics.median(r.tps for r in via):8.1f} tok/s  ttft "
+              f"{statistics.median(r.ttft for r in via):7.1f} ms  lorag CPU {statistics.median(r.lorag_cpu for r in via):.3f}"
+              f" s per 1k tokens (server API behind it {statistics.median(r.api_cpu for r in via):.3f})", flush=True)
+        print(f"  ratio   {side}/vllm (median of {len(pairs)} rounds): throughput "
+              f"{statistics.median(b.tps / a.tps for a, b in pairs):.3f}x (target >= 0.95), TTFT "
+              f"{statistics.median(b.ttft / a.ttft for a, b in pairs):.3f}x (target <= 1.10), CPU per 1k tokens "
+              f"lorag / vLLM API {statistics.median(b.lorag_cpu / a.api_cpu for a, b in pairs):.3f}x "
+              f"(target <= {targets.get(side, 1.0)})", flush=True)
 
 
 def routing(args: argparse.Namespace, model: Path, adapters: dict[str, Path], workdir: Path) -> None:
@@ -217,6 +256,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--adapters", type=int, default=4, help="for routing: more than max_loras per server")
     parser.add_argument("--only", choices=["overhead", "routing"])
+    parser.add_argument("--plugins", nargs="+", choices=sorted(PLUGINS), default=["off", "pii"],
+                        help="overhead: lorag's plugins, one lorag per choice (pii: the PII plugin on)")
     parser.add_argument("--null", choices=["auto", "on", "off"], default="auto",
                         help="lorag's engine.base_via_null_adapter (remote: auto = on)")
     parser.add_argument("--stream-interval", type=int, default=1, help="lorag's engine.fleet.stream_interval")

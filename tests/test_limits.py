@@ -280,6 +280,41 @@ def test_deadline_stops_a_stream_and_closes_it() -> None:
     assert 2 <= len(got) < 10 and closed == [True]
 
 
+def test_stream_deadline_never_cancels_the_consumer_between_chunks() -> None:
+    """The deadline passes while the consumer works on a chunk: the consumer's own awaits go on,
+    and the next wait for a chunk ends the stream; a cancel of the consumer stays a cancel."""
+
+    async def endless() -> AsyncIterator[int]:
+        i = 0
+        while True:
+            await asyncio.sleep(0.01)
+            yield i
+            i += 1
+
+    async def busy_consumer() -> list[int]:
+        got: list[int] = []
+        with pytest.raises(GenerationTimeout):
+            async for item in Guard(time.monotonic() + 0.05, 0.05).stream(endless()):
+                got.append(item)
+                time.sleep(0.1)  # past the deadline, outside the wait for a chunk
+                await asyncio.sleep(0.01)  # a suspension the timer fires in: not cancelled here
+        return got
+
+    async def cancelled_consumer() -> None:
+        async def consume() -> None:
+            async for _ in Guard(time.monotonic() + 60, 60).stream(endless()):
+                pass
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    assert asyncio.run(busy_consumer()) == [0]
+    asyncio.run(cancelled_consumer())
+
+
 def test_deadline_cancels_a_non_streamed_generation() -> None:
     cancelled: list[bool] = []
 

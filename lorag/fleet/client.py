@@ -18,6 +18,7 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 import aiohttp
+import orjson
 
 from lorag.fleet.settings import FleetServer
 from lorag.logging import get_logger
@@ -172,8 +173,16 @@ def _event(line: bytes) -> dict[str, Any] | None:
     data = line[5:].strip()
     if data == b"[DONE]":
         return None
-    chunk: dict[str, Any] = json.loads(data)
-    return chunk
+    return _loads(data)
+
+
+def _loads(data: bytes) -> Any:
+    """orjson (every token's chunk passes here); the standard library for what it refuses
+    (non-standard NaN/Infinity, lone surrogate escapes), which Python's own servers may write."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
 
 
 def _describe(err: BaseException) -> str:

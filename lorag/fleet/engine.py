@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from lorag.errors import EngineUnavailable, LoragError
 from lorag.fleet.client import ServerError
 from lorag.fleet.control import FleetControl
-from lorag.fleet.translate import RemoteCompletion, RemoteOutput, chunk_output, completion_body
+from lorag.fleet.translate import RemoteCompletion, RemoteOutput, completion_body, hold
 from lorag.logging import get_logger
 
 if TYPE_CHECKING:
@@ -93,8 +93,7 @@ class RemoteEngine(FleetControl):
                         held: dict[int, RemoteCompletion] = {}
                         async with aclosing(self.clients[state.name].stream_completion(body)) as chunks:
                             async for chunk in chunks:
-                                for part in chunk_output(chunk).outputs:
-                                    held.setdefault(part.index, RemoteCompletion(part.index)).extend(part)
+                                hold(held, chunk)
                                 if any(part.text or part.finished() for part in held.values()):
                                     sent = True
                                     yield RemoteOutput(list(held.values()))
@@ -121,8 +120,7 @@ class RemoteEngine(FleetControl):
         choices: dict[int, RemoteCompletion] = {}
         async with aclosing(self.clients[state.name].stream_completion(body)) as chunks:
             async for chunk in chunks:
-                for part in chunk_output(chunk).outputs:
-                    choices.setdefault(part.index, RemoteCompletion(part.index)).extend(part)
+                hold(choices, chunk)
         self.mark_succeeded(state)
         return RemoteOutput([choices[i] for i in sorted(choices)], finished=True)
 

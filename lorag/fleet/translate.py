@@ -75,16 +75,25 @@ class RemoteOutput:
 
 def chunk_output(chunk: dict[str, Any]) -> RemoteOutput:
     """One server-sent chunk of a completions stream as a RequestOutput-like delta."""
-    outputs = []
-    for choice in chunk.get("choices") or []:
-        outputs.append(RemoteCompletion(
-            index=int(choice.get("index", 0)),
-            text=choice.get("text") or "",
-            token_ids=list(choice.get("token_ids") or []),
-            logprobs=_logprobs(choice.get("logprobs")),
-            finish_reason=choice.get("finish_reason"),
-        ))
-    return RemoteOutput(outputs)
+    return RemoteOutput([_completion(choice) for choice in chunk.get("choices") or ()])
+
+
+def hold(held: dict[int, RemoteCompletion], chunk: dict[str, Any]) -> None:
+    """Add a chunk's choices to what is held per choice: the first part of a choice is kept as is
+    (one object per token on the streaming path), later ones are appended to it."""
+    for choice in chunk.get("choices") or ():
+        part = _completion(choice)
+        earlier = held.get(part.index)
+        if earlier is None:
+            held[part.index] = part
+        else:
+            earlier.extend(part)
+
+
+def _completion(choice: dict[str, Any]) -> RemoteCompletion:
+    logprobs = choice.get("logprobs")
+    return RemoteCompletion(int(choice.get("index", 0)), choice.get("text") or "", choice.get("token_ids") or [],
+                            _logprobs(logprobs) if logprobs else None, choice.get("finish_reason"))
 
 
 def _logprobs(raw: dict[str, Any] | None) -> list[dict[int, TokenLogprob]] | None:

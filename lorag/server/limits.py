@@ -215,21 +215,65 @@ class Guard:
                 self.settle()
             return
         iterator = aiter(chunks)
+        deadline = StreamDeadline(_loop_time(self.deadline))
         try:
             while True:
                 try:
-                    async with asyncio.timeout_at(_loop_time(self.deadline)):
-                        chunk = await anext(iterator)
+                    chunk = await deadline.next(iterator)
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
                     raise self._expired() from None
                 yield chunk
         finally:
+            deadline.stop()
             closer = getattr(iterator, "aclose", None)
             if closer is not None:
                 await closer()
             self.settle()
+
+
+class StreamDeadline:
+    """One timer for a whole stream that cancels the task only while it waits for the next chunk.
+
+    asyncio.timeout around each wait would do the same, but sets and cancels a timer per token:
+    more than the rest of lorag's own work for a token on the fleet's streaming path.
+    """
+
+    def __init__(self, when: float) -> None:
+        self.expired = False
+        self._waiting: asyncio.Task[Any] | None = None  # the task inside next(), if any
+        self._cancelled = False  # this deadline cancelled that task (and must take it back)
+        self._timer = asyncio.get_running_loop().call_at(when, self._expire)
+
+    def _expire(self) -> None:
+        self.expired = True
+        if self._waiting is not None:
+            self._cancelled = True
+            self._waiting.cancel()
+
+    async def next(self, iterator: AsyncIterator[T]) -> T:
+        """The iterator's next item; TimeoutError once the deadline passed (as asyncio.timeout)."""
+        if self.expired:
+            raise TimeoutError
+        task = asyncio.current_task()
+        assert task is not None
+        before = task.cancelling()
+        self._waiting = task
+        try:
+            return await anext(iterator)
+        except asyncio.CancelledError:
+            if self._cancelled and task.uncancel() <= before:
+                raise TimeoutError from None
+            raise
+        finally:
+            self._waiting = None
+            if self._cancelled and task.cancelling() > before:  # it expired as the item came: take it back
+                task.uncancel()
+            self._cancelled = False
+
+    def stop(self) -> None:
+        self._timer.cancel()
 
 
 def admit(request: Request, job: Any) -> Guard:

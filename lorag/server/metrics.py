@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
@@ -33,9 +33,9 @@ from lorag.errors import LoragError
 from lorag.fleet.control import fleet_status
 from lorag.logging import get_logger
 from lorag.server.auth import Principal, require_admin
-from lorag.serving.protocol import StreamChunk
 
 log = get_logger("lorag.metrics")
+T = TypeVar("T")
 router = APIRouter()
 NONE = "none"  # label of a request that failed before it had a domain or adapter, and of the base model
 UNMATCHED = "unmatched"  # endpoint label of paths no route serves (scanners must not add series)
@@ -114,7 +114,7 @@ class Observation:
         self.finish("200")
         return choices
 
-    async def stream(self, chunks: AsyncIterator[StreamChunk]) -> AsyncIterator[StreamChunk]:
+    async def stream(self, chunks: AsyncIterator[T]) -> AsyncIterator[T]:
         """Pass chunks through; record when the stream ends, with the status its error carried."""
         status = "200"
         try:

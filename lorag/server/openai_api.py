@@ -7,7 +7,6 @@ extras (adapter, timings) travel in a `lorag` field that those clients ignore.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
@@ -21,6 +20,14 @@ from lorag.server.errors import error_body
 from lorag.server.limits import admit, release_slot
 from lorag.server.metrics import forget_adapter, observe
 from lorag.server.recorder import CompletionRecorder, Keep
+from lorag.server.stream_events import (
+    ChoiceEvents,
+    chat_choice,
+    event,
+    json_event,
+    opening_choice,
+    text_choice,
+)
 from lorag.serving.jobs import Choice, Delta, Job, add_delta, new_request_id
 from lorag.serving.pipeline import Pipeline
 from lorag.serving.prompt import citation
@@ -181,20 +188,21 @@ def _stream_headers(job: Job) -> dict[str, str]:
     return {"x-request-id": job.request_id, "cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
-async def sse(chunks: AsyncIterator[StreamChunk], on_end: Callable[[], None] | None = None) -> AsyncIterator[str]:
-    """Server-sent events; an error mid-stream becomes an error event, then [DONE]. `on_end`
-    runs once [DONE] is written (a client that leaves earlier: admission's exit cleans up)."""
+async def sse(events: AsyncIterator[bytes], on_end: Callable[[], None] | None = None) -> AsyncIterator[bytes]:
+    """Server-sent events (written by the streamers); an error mid-stream becomes an error event,
+    then [DONE]. `on_end` runs once [DONE] is written (a client that leaves earlier: admission's
+    exit cleans up)."""
     try:
-        async for chunk in chunks:
-            yield f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"
+        async for data in events:
+            yield data
     except LoragError as err:
-        yield f"data: {json.dumps(error_body(err.message, err.error_type, err.param, err.code))}\n\n"
+        yield json_event(error_body(err.message, err.error_type, err.param, err.code))
     except Exception as err:  # never a stack trace to the client
         from lorag.server.errors import log_unexpected
 
         log_unexpected(err)
-        yield f"data: {json.dumps(error_body('Internal error while generating.', 'server_error', None, None))}\n\n"
-    yield "data: [DONE]\n\n"
+        yield json_event(error_body('Internal error while generating.', 'server_error', None, None))
+    yield b"data: [DONE]\n\n"
     if on_end is not None:
         on_end()
 
@@ -215,6 +223,11 @@ def stream_chunk(job: Job, body: Any, kind: ChunkKind, choices: list[Any], last:
         extra["lorag"] = lorag_extras(job)
     return StreamChunk(id=job.request_id, object=kind, created=job.created, model=body.model,
                        choices=choices, **extra)
+
+
+def choice_events(job: Job, body: Any, kind: ChunkKind) -> ChoiceEvents:
+    """The writer of a stream's per-token events: the same chunks as `stream_chunk`, without a model each."""
+    return ChoiceEvents(job.request_id, kind, job.created, body.model, body.include_usage)
 
 
 def lorag_extras(job: Job) -> dict[str, Any]:
@@ -269,7 +282,8 @@ def chat_response(job: Job, body: ChatCompletionRequest, choices: list[Choice], 
 
 
 async def stream_chat(pipeline: Pipeline, job: Job, body: ChatCompletionRequest,
-                      keep: Keep | None = None) -> AsyncIterator[StreamChunk]:
+                      keep: Keep | None = None) -> AsyncIterator[bytes]:
+    events = choice_events(job, body, CHAT_CHUNK)
     started: set[int] = set()
     sent: dict[int, Choice] = {}  # what the stream carried, for `keep`
     async for delta in pipeline.generate(job):
@@ -277,24 +291,26 @@ async def stream_chat(pipeline: Pipeline, job: Job, body: ChatCompletionRequest,
             add_delta(sent, delta)
         if delta.index not in started:
             started.add(delta.index)
-            opening = ChatChunkChoice(index=delta.index, delta=ChatDelta(role="assistant", content=""),
-                                      logprobs=None, finish_reason=None)
-            yield stream_chunk(job, body, CHAT_CHUNK, [opening])
-        yield stream_chunk(job, body, CHAT_CHUNK, [_chat_delta(pipeline, job, body, delta)])
-    yield stream_chunk(job, body, CHAT_CHUNK, [], last=True)
+            yield events.event(opening_choice(delta.index))
+        yield _chat_event(pipeline, job, body, events, delta)
+    yield event(stream_chunk(job, body, CHAT_CHUNK, [], last=True))
     if keep is not None:  # the whole stream went out: keep it as the non-streamed response it equals
         keep(chat_response(job, body, [sent[i] for i in sorted(sent)], pipeline).model_dump(exclude_unset=True))
 
 
-def _chat_delta(pipeline: Pipeline, job: Job, body: ChatCompletionRequest, delta: Delta) -> ChatChunkChoice:
-    logprobs = None
-    if body.logprobs and delta.logprobs:
-        logprobs = chat_logprobs(pipeline.engine.tokenizer, delta.token_ids, delta.logprobs, body.top_logprobs or 0)
-    content = ChatDelta(content=delta.text) if delta.text or not delta.finish_reason else ChatDelta()
+def _chat_event(pipeline: Pipeline, job: Job, body: ChatCompletionRequest, events: ChoiceEvents,
+                delta: Delta) -> bytes:
+    """One delta's event: without logprobs (nearly every one) from plain values, else through pydantic."""
     calls = job.tool_calls.get(delta.index) if delta.finish_reason == "tool_calls" else None
-    if calls:
-        content.tool_calls = [{"index": i, **call.to_openai()} for i, call in enumerate(calls)]
-    return ChatChunkChoice(index=delta.index, delta=content, logprobs=logprobs, finish_reason=delta.finish_reason)
+    openai_calls = [{"index": i, **call.to_openai()} for i, call in enumerate(calls)] if calls else None
+    if not (body.logprobs and delta.logprobs):
+        return events.event(chat_choice(delta.index, delta.text, delta.finish_reason, openai_calls))
+    logprobs = chat_logprobs(pipeline.engine.tokenizer, delta.token_ids, delta.logprobs, body.top_logprobs or 0)
+    content = ChatDelta(content=delta.text) if delta.text or not delta.finish_reason else ChatDelta()
+    if openai_calls:
+        content.tool_calls = openai_calls
+    choice = ChatChunkChoice(index=delta.index, delta=content, logprobs=logprobs, finish_reason=delta.finish_reason)
+    return event(stream_chunk(job, body, CHAT_CHUNK, [choice]))
 
 
 # -- text completions -----------------------------------------------------------
@@ -329,9 +345,10 @@ def completion_response(job: Job, body: CompletionRequest, choices: list[Choice]
 
 
 async def stream_completion(pipeline: Pipeline, job: Job, body: CompletionRequest,
-                            keep: Keep | None = None) -> AsyncIterator[StreamChunk]:
+                            keep: Keep | None = None) -> AsyncIterator[bytes]:
     """A text completion's stream (`keep` is for the shared signature: only chat completions are stored)."""
     tokenizer = pipeline.engine.tokenizer
+    events = choice_events(job, body, TEXT_CHUNK)
     echoed: set[int] = set()
     offsets: dict[int, int] = {}
     async for delta in pipeline.generate(job):
@@ -339,10 +356,12 @@ async def stream_completion(pipeline: Pipeline, job: Job, body: CompletionReques
         if body.echo and delta.index not in echoed:
             echoed.add(delta.index)
             text = tokenizer.decode(job.prompts[delta.index // job.n]) + text
-        logprobs = None
-        if body.logprobs is not None and delta.logprobs:
-            logprobs = completion_logprobs(tokenizer, delta.token_ids, delta.logprobs, offsets.get(delta.index, 0))
-        offsets[delta.index] = offsets.get(delta.index, 0) + len(text)
+        offset = offsets.get(delta.index, 0)
+        offsets[delta.index] = offset + len(text)
+        if body.logprobs is None or not delta.logprobs:
+            yield events.event(text_choice(delta.index, text, delta.finish_reason))
+            continue
+        logprobs = completion_logprobs(tokenizer, delta.token_ids, delta.logprobs, offset)
         choice = TextChoice(index=delta.index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason)
-        yield stream_chunk(job, body, TEXT_CHUNK, [choice])
-    yield stream_chunk(job, body, TEXT_CHUNK, [], last=True)
+        yield event(stream_chunk(job, body, TEXT_CHUNK, [choice]))
+    yield event(stream_chunk(job, body, TEXT_CHUNK, [], last=True))
