@@ -12,9 +12,13 @@ LOCK_VENV := .venv-lock
 STATE ?= .lorag
 PORT ?= 8000
 
-.PHONY: install test demo lint bench lock clean
+.PHONY: install system test demo lint bench lock clean
 
-install: $(VENV)/.installed-$(EXTRA)
+install: system $(VENV)/.installed-$(EXTRA)
+
+# Debian packages the tests start as real servers (redis-server); installed when missing.
+system:
+	bash scripts/system_packages.sh
 
 $(VENV)/.installed-$(EXTRA): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

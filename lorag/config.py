@@ -125,9 +125,23 @@ class LimitsSettings(Strict):
 
     max_messages: int = Field(default=1024, ge=0, description="Messages in one chat request.")
     max_concurrent_per_key: int = Field(default=64, ge=0, description="Requests one key may have in flight.")
+    requests_per_min_per_key: int = Field(default=0, ge=0, description="Requests one key may start in any 60 s.")
     tokens_per_s_per_key: float = Field(default=0, ge=0, description="Token bucket refill per second.")
     token_burst_per_key: int = Field(default=0, ge=0, description="Token bucket size (0: 10 s of refill).")
     generation_timeout_s: float = Field(default=600, ge=0, description="One request's generation, at most.")
+    backend: Literal["memory", "redis"] = Field(
+        default="memory", description="Where the counts live: this process, or Redis, shared by every replica.")
+    redis_url: str = Field(default="", description="redis://host:port/db or unix:///path/redis.sock (backend redis).")
+    redis_timeout_s: float = Field(default=0.25, gt=0, description="Connect and answer timeout of one decision.")
+    replicas: int = Field(
+        default=1, ge=1,
+        description="lorag replicas sharing the limits: while Redis is unreachable, each enforces 1/replicas of them.")
+
+    @model_validator(mode="after")
+    def _redis_needs_a_url(self) -> LimitsSettings:
+        if self.backend == "redis" and not self.redis_url:
+            raise ValueError("server.limits.backend = \"redis\" needs server.limits.redis_url")
+        return self
 
 
 class ServerSettings(Strict):

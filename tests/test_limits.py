@@ -19,7 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lorag.config import LimitsSettings
 from lorag.errors import LoragError
-from lorag.server.limits import GenerationTimeout, Guard, Limiter, RateLimited, TokenBucket
+from lorag.server.deadline import GenerationTimeout, Guard
+from lorag.server.limits import Limiter, RateLimited, TokenBucket
 from tests.conftest import ADMIN_KEY, USER_KEY, Models, Server, start_server
 
 OTHER_KEY = "sk-other-test-key"
@@ -255,7 +256,15 @@ def test_limiter_counts_slots_per_key() -> None:
     limiter.check_messages("not a dict")  # the body's own validation answers that
     with pytest.raises(LoragError, match="Too many messages"):
         limiter.check_messages({"messages": [{}, {}, {}]})
-    Limiter(LimitsSettings(max_concurrent_per_key=0, tokens_per_s_per_key=0)).charge("a", 10**9)  # 0 = off
+    asyncio.run(Limiter(LimitsSettings(max_concurrent_per_key=0, tokens_per_s_per_key=0)).spend("a", 10**9))  # 0 = off
+
+
+def test_the_request_window_admits_per_minute_per_key_and_says_when_to_retry() -> None:
+    limiter = Limiter(LimitsSettings(requests_per_min_per_key=2))
+    assert limiter.count_request("a", 2, now=0) == 0 and limiter.count_request("a", 2, now=10) == 0
+    assert limiter.count_request("a", 2, now=30) == pytest.approx(30)  # the first leaves the window at 60
+    assert limiter.count_request("b", 2, now=30) == 0  # another key's minute
+    assert limiter.count_request("a", 2, now=60) == 0
 
 
 def test_deadline_stops_a_stream_and_closes_it() -> None:

@@ -152,6 +152,7 @@ def create_app(settings: Settings, engine: ServingEngine | None = None) -> FastA
             await engine.shutdown()
             recorder.close()  # the queued writes first
             loop_db.close()
+            await app.state.limiter.close()
             log.info("server_stopped")
 
     app = FastAPI(title="lorag", version=__version__, lifespan=lifespan)

@@ -1,4 +1,4 @@
-"""Per-key limits: messages per request, requests in flight, a token rate, a generation deadline.
+"""Per-key limits: messages per request, requests per minute and in flight, a token rate.
 
 Several teams share one engine, so no key may take all of it. Two doors:
 - `admission`, a dependency of the OpenAI routes, runs before the pipeline: a key
@@ -6,8 +6,10 @@ Several teams share one engine, so no key may take all of it. Two doors:
   tokenizing, retrieval or generation. Its slot is held until the response's
   last byte (FastAPI closes a yield dependency after the response, streams too).
 - `admit`, called once a job exists (its prompt is tokenized), charges the key's
-  token bucket with prompt + max_tokens and starts the generation deadline; when the
-  answer is over, what retries and tool steps used beyond that is charged too.
+  token bucket with prompt + max_tokens and starts the generation deadline
+  (lorag.server.deadline); when the answer is over, what retries and tool steps used
+  beyond that is charged too.
+The counts live in this process, or in Redis when replicas share them (lorag.server.shared_limits).
 Keys are told apart by identity (Principal.key_id, from the key's hash), not by name.
 Refusals are 429s in OpenAI's shape (code `rate_limit_exceeded`) with `Retry-After`.
 """
@@ -15,11 +17,14 @@ Refusals are 429s in OpenAI's shape (code `rate_limit_exceeded`) with `Retry-Aft
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
+import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 
@@ -27,10 +32,15 @@ from lorag.config import LimitsSettings
 from lorag.errors import LoragError
 from lorag.logging import get_logger
 from lorag.server.auth import Principal, require_key
+from lorag.server.deadline import Guard
+from lorag.server.shared_limits import SharedCounts, SharedLimitsDown
 
 log = get_logger("lorag.limits")
-T = TypeVar("T")
 BURST_SECONDS = 10  # default bucket size: this many seconds of refill
+RETRY_S = 1.0  # after Redis failed, how long replicas count alone before asking it again
+LEASE_MARGIN_S = 60.0  # a shared slot's lease beyond the generation deadline
+NO_DEADLINE_LEASE_S = 3600.0
+LOCAL = object()  # Limiter._decide: count here
 
 
 class RateLimited(LoragError):
@@ -42,12 +52,6 @@ class RateLimited(LoragError):
         self.error_type = kind  # OpenAI's types for 429s: "requests" or "tokens"
         self.retry_after_s = max(1, math.ceil(retry_after_s))
         self.headers = {"retry-after": str(self.retry_after_s)}
-
-
-class GenerationTimeout(LoragError):
-    status_code = 504
-    error_type = "server_error"
-    code = "generation_timeout"
 
 
 @dataclass
@@ -71,16 +75,34 @@ class TokenBucket:
         return (need - self.level) / self.rate
 
 
-class Limiter:
-    """The limits' state: per key (its identity, Principal.key_id), requests in flight and a
-    token bucket. Keyed by identity, not display name: unnamed keys, or every `--api-key` key,
-    would otherwise share one bucket."""
+@dataclass
+class Slot:
+    """One admitted request's concurrency slot: counted here (member None) or in Redis."""
 
-    def __init__(self, settings: LimitsSettings) -> None:
+    key: str
+    member: str | None = None
+
+
+class Limiter:
+    """The limits' state: per key (its identity, Principal.key_id), requests per minute, requests in
+    flight and a token bucket. Keyed by identity, not display name: unnamed keys, or every
+    `--api-key` key, would otherwise share one bucket.
+
+    With `backend = "redis"` the counts live in Redis (lorag.server.shared_limits) and every replica
+    shares them. While Redis cannot be reached, each replica counts here, against 1/`replicas`
+    of every limit (never unlimited), and tries Redis again after RETRY_S.
+    """
+
+    def __init__(self, settings: LimitsSettings, shared: SharedCounts | None = None) -> None:
         self.settings = settings
-        self.in_flight: dict[str, int] = {}
+        self.shared = shared
+        self.in_flight: dict[str, int] = {}  # this replica's requests in flight, for metrics and local slots
+        self.windows: dict[str, deque[float]] = {}
         self.buckets: dict[str, TokenBucket] = {}
         self.names: dict[str, str] = {}  # key id -> display name, for metrics
+        self._down = False
+        self._retry_at = 0.0
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def check_messages(self, body: Any) -> None:
         limit = self.settings.max_messages
@@ -89,15 +111,86 @@ class Limiter:
             raise LoragError(f"Too many messages: {len(messages)}; at most {limit} per request "
                              "(server.limits.max_messages).", param="messages", code="too_many_messages")
 
-    def acquire(self, key: str) -> None:
-        """Take one of `key`'s concurrency slots, or refuse with a 429."""
+    # -- the server's entry points: shared when configured, local otherwise ----------------
+
+    async def enter(self, key: str) -> Slot:
+        """Admission: one of the key's requests per minute, then one of its slots (429 otherwise)."""
+        per_minute = self.settings.requests_per_min_per_key
+        if per_minute:
+            member = uuid.uuid4().hex
+            waited = await self._decide(lambda shared: shared.request(key, per_minute, member))
+            if waited is LOCAL:
+                waited = self.count_request(key, self._local_count(per_minute), time.monotonic())
+            if waited:
+                log.info("rate_limited", key=key, limit="requests", per_minute=per_minute)
+                raise RateLimited(f"Request rate limit for this API key: {per_minute} requests per minute "
+                                  "(server.limits.requests_per_min_per_key).", retry_after_s=waited, kind="requests")
         limit = self.settings.max_concurrent_per_key
+        if not limit:
+            self.in_flight[key] = self.in_flight.get(key, 0) + 1
+            return Slot(key)
+        member = uuid.uuid4().hex
+        taken = await self._decide(lambda shared: shared.acquire(key, limit, member, self._lease_s()))
+        if taken is LOCAL:
+            self.acquire(key, self._local_count(limit))
+            return Slot(key)
+        if not taken:
+            self._refuse_slot(key, limit)
+        self.in_flight[key] = self.in_flight.get(key, 0) + 1
+        return Slot(key, member)
+
+    def leave(self, slot: Slot) -> None:
+        """Give a slot back (any thread of the event loop; Redis's part runs as a task)."""
+        self.release(slot.key)
+        if slot.member is not None and self.shared is not None:
+            self._background(self.shared.release(slot.key, slot.member))
+
+    async def spend(self, key: str, tokens: int) -> None:
+        """Take `tokens` from `key`'s bucket, or refuse with a 429 saying when to retry."""
+        rate = self.settings.tokens_per_s_per_key
+        if not rate:
+            return
+        capacity = self.settings.token_burst_per_key or rate * BURST_SECONDS
+        waited = await self._decide(lambda shared: shared.take(key, tokens, rate, capacity))
+        if waited is LOCAL:
+            waited = self.take_tokens(key, tokens, self._local(rate), self._local(capacity))
+        if waited:
+            log.info("rate_limited", key=key, limit="tokens", tokens=tokens, retry_after_s=round(waited, 2))
+            raise RateLimited(f"Token rate limit for this API key: this request needs {tokens} tokens "
+                              f"(prompt + max_tokens); {rate:g} tokens/s are allowed "
+                              "(server.limits.tokens_per_s_per_key).", retry_after_s=waited, kind="tokens")
+
+    def settle(self, key: str, reserved: int, used: int) -> None:
+        """After the answer: what retries and tool steps used beyond the reservation is charged too
+        (the bucket may go into debt); an answer that used less is not refunded (max_tokens was held)."""
+        if used <= reserved:
+            return
+        bucket = self.buckets.get(key)
+        if bucket is not None:
+            bucket.level -= used - reserved
+        if self.shared is not None and self.settings.tokens_per_s_per_key:
+            shared = self.shared
+            self._background(shared.settle(key, used - reserved))
+        log.info("tokens_settled", key=key, reserved=reserved, used=used)
+
+    def deadline(self) -> float | None:
+        timeout = self.settings.generation_timeout_s
+        return time.monotonic() + timeout if timeout else None
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
+        if self.shared is not None:
+            await self.shared.close()
+
+    # -- local counting: the memory backend, and the fallback while Redis is down -----------
+
+    def acquire(self, key: str, limit: int | None = None) -> None:
+        """Take one of `key`'s concurrency slots here, or refuse with a 429."""
+        limit = self.settings.max_concurrent_per_key if limit is None else limit
         count = self.in_flight.get(key, 0)
         if limit and count >= limit:
-            log.info("rate_limited", key=key, limit="concurrency", in_flight=count)
-            raise RateLimited(f"Too many concurrent requests for this API key: {limit} are in flight "
-                              "(server.limits.max_concurrent_per_key). Retry when one finishes.",
-                              retry_after_s=1, kind="requests")
+            self._refuse_slot(key, limit)
         self.in_flight[key] = count + 1
 
     def release(self, key: str) -> None:
@@ -107,43 +200,83 @@ class Limiter:
         else:
             self.in_flight.pop(key, None)
 
-    def charge(self, key: str, tokens: int) -> None:
-        """Take `tokens` from `key`'s bucket, or refuse with a 429 saying when to retry."""
-        rate = self.settings.tokens_per_s_per_key
-        if not rate:
-            return
+    def count_request(self, key: str, per_minute: int, now: float) -> float:
+        """Admit one request into `key`'s last minute: 0, or the seconds until one would be admitted."""
+        window = self.windows.setdefault(key, deque())
+        while window and window[0] <= now - 60:
+            window.popleft()
+        if len(window) < per_minute:
+            window.append(now)
+            return 0.0
+        return window[0] + 60 - now
+
+    def take_tokens(self, key: str, tokens: int, rate: float, capacity: float) -> float:
+        """Charge `key`'s local bucket: 0, or the seconds until it would let `tokens` pass."""
         now = time.monotonic()
         bucket = self.buckets.get(key)
         if bucket is None:
-            capacity = self.settings.token_burst_per_key or rate * BURST_SECONDS
             bucket = self.buckets[key] = TokenBucket(rate, capacity, capacity, now)
-        wait_s = bucket.take(tokens, now)
-        if wait_s:
-            log.info("rate_limited", key=key, limit="tokens", tokens=tokens, retry_after_s=round(wait_s, 2))
-            raise RateLimited(f"Token rate limit for this API key: this request needs {tokens} tokens "
-                              f"(prompt + max_tokens); {rate:g} tokens/s are allowed "
-                              "(server.limits.tokens_per_s_per_key).", retry_after_s=wait_s, kind="tokens")
+        bucket.rate, bucket.capacity = rate, capacity  # the share changes when Redis goes or comes back
+        return bucket.take(tokens, now)
 
-    def settle(self, key: str, reserved: int, used: int) -> None:
-        """After the answer: what retries and tool steps used beyond the reservation is charged too
-        (the bucket may go into debt); an answer that used less is not refunded (max_tokens was held)."""
-        bucket = self.buckets.get(key)
-        if bucket is not None and used > reserved:
-            bucket.level -= used - reserved
-            log.info("tokens_settled", key=key, reserved=reserved, used=used)
+    # -- helpers ------------------------------------------------------------------------------
 
-    def deadline(self) -> float | None:
+    def _refuse_slot(self, key: str, limit: int) -> None:
+        log.info("rate_limited", key=key, limit="concurrency", in_flight=self.in_flight.get(key, 0))
+        raise RateLimited(f"Too many concurrent requests for this API key: {limit} are in flight "
+                          "(server.limits.max_concurrent_per_key). Retry when one finishes.",
+                          retry_after_s=1, kind="requests")
+
+    def _local(self, budget: float) -> float:
+        """A limit as this replica enforces it alone: all of it, or 1/replicas while Redis is down."""
+        return budget if self.shared is None else budget / self.settings.replicas
+
+    def _local_count(self, budget: int) -> int:
+        """The same for a count: at least 1, never 0 (0 would mean unlimited)."""
+        return budget if self.shared is None else max(1, budget // self.settings.replicas)
+
+    def _lease_s(self) -> float:
+        """How long a shared slot outlives a replica killed while holding it."""
         timeout = self.settings.generation_timeout_s
-        return time.monotonic() + timeout if timeout else None
+        return timeout + LEASE_MARGIN_S if timeout else NO_DEADLINE_LEASE_S
+
+    async def _decide(self, work: Callable[[SharedCounts], Awaitable[Any]]) -> Any:
+        """Redis's answer, or LOCAL: no shared backend, or Redis is down (the caller counts here)."""
+        if self.shared is None or time.monotonic() < self._retry_at:
+            return LOCAL
+        try:
+            answer = await work(self.shared)
+        except SharedLimitsDown as err:
+            self._retry_at = time.monotonic() + RETRY_S
+            if not self._down:
+                self._down = True
+                log.warning("limits_backend_down", url=self.shared.url, error=str(err),
+                            policy=f"each replica enforces 1/{self.settings.replicas} of every limit")
+            return LOCAL
+        if self._down:
+            self._down = False
+            log.info("limits_backend_back", url=self.shared.url)
+        return answer
+
+    def _background(self, work: Awaitable[None]) -> None:
+        async def run() -> None:
+            with contextlib.suppress(SharedLimitsDown):  # a slot's lease frees it; a lost debt is small
+                await work
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
 
 def install(app: FastAPI) -> None:
-    app.state.limiter = Limiter(app.state.settings.server.limits)
+    settings: LimitsSettings = app.state.settings.server.limits
+    shared = SharedCounts(settings.redis_url, settings.redis_timeout_s) if settings.backend == "redis" else None
+    app.state.limiter = Limiter(settings, shared)
 
 
 async def admission(request: Request, principal: Principal = Depends(require_key)) -> AsyncIterator[None]:
-    """Router dependency: the body's message count, then one of the key's concurrency slots,
-    held until the response has been sent (or the client went away)."""
+    """Router dependency: the body's message count, then the key's request rate and one of its
+    concurrency slots, held until the response has been sent (or the client went away)."""
     limiter: Limiter = request.app.state.limiter
     if request.method == "POST" and request.headers.get("content-type", "").startswith("application/json"):
         try:
@@ -153,7 +286,7 @@ async def admission(request: Request, principal: Principal = Depends(require_key
         limiter.check_messages(body)
     key = principal.limit_key
     limiter.names[key] = principal.name
-    limiter.acquire(key)
+    request.state.limit_slot = await limiter.enter(key)
     request.state.limit_key = key
     try:
         yield
@@ -168,127 +301,21 @@ def release_slot(request: Request) -> None:
     """Give the request's concurrency slot back, once. A stream gives it back right after its
     last event is written: FastAPI exits the dependency only later, and a client that read
     [DONE] and sent its next request at once would meet its own finished stream's slot."""
-    key = getattr(request.state, "limit_key", None)
-    if key is not None:
-        request.state.limit_key = None
+    slot = getattr(request.state, "limit_slot", None)
+    if slot is not None:
+        request.state.limit_slot = None
         limiter: Limiter = request.app.state.limiter
-        limiter.release(key)
+        limiter.leave(slot)
 
 
-class Guard:
-    """The generation deadline of one job, for a streamed or a non-streamed answer.
-
-    Past it the engine request is aborted (cancelling the work closes the engine's
-    stream, which aborts it) and the client gets a 504, or an error event in a stream.
-    """
-
-    def __init__(self, deadline: float | None, timeout_s: float,
-                 settle: Callable[[], None] | None = None) -> None:
-        self.deadline = deadline
-        self.timeout_s = timeout_s
-        self.settle = settle or (lambda: None)  # runs once the answer is over, however it ended
-
-    def _expired(self) -> GenerationTimeout:
-        log.warning("generation_timeout", timeout_s=self.timeout_s)
-        return GenerationTimeout(f"Generation took longer than {self.timeout_s:g} s "
-                                 "(server.limits.generation_timeout_s) and was stopped.")
-
-    async def run(self, work: Awaitable[T]) -> T:
-        try:
-            if self.deadline is None:
-                return await work
-            async with asyncio.timeout_at(_loop_time(self.deadline)):
-                return await work
-        except TimeoutError:
-            raise self._expired() from None
-        finally:
-            self.settle()
-
-    async def stream(self, chunks: AsyncIterator[T]) -> AsyncIterator[T]:
-        """The deadline applies to each wait for the next chunk, never across a `yield`
-        (a timeout there would cancel whoever consumes this generator)."""
-        if self.deadline is None:
-            try:
-                async for chunk in chunks:
-                    yield chunk
-            finally:
-                self.settle()
-            return
-        iterator = aiter(chunks)
-        deadline = StreamDeadline(_loop_time(self.deadline))
-        try:
-            while True:
-                try:
-                    chunk = await deadline.next(iterator)
-                except StopAsyncIteration:
-                    return
-                except TimeoutError:
-                    raise self._expired() from None
-                yield chunk
-        finally:
-            deadline.stop()
-            closer = getattr(iterator, "aclose", None)
-            if closer is not None:
-                await closer()
-            self.settle()
-
-
-class StreamDeadline:
-    """One timer for a whole stream that cancels the task only while it waits for the next chunk.
-
-    asyncio.timeout around each wait would do the same, but sets and cancels a timer per token:
-    more than the rest of lorag's own work for a token on the fleet's streaming path.
-    """
-
-    def __init__(self, when: float) -> None:
-        self.expired = False
-        self._waiting: asyncio.Task[Any] | None = None  # the task inside next(), if any
-        self._cancelled = False  # this deadline cancelled that task (and must take it back)
-        self._timer = asyncio.get_running_loop().call_at(when, self._expire)
-
-    def _expire(self) -> None:
-        self.expired = True
-        if self._waiting is not None:
-            self._cancelled = True
-            self._waiting.cancel()
-
-    async def next(self, iterator: AsyncIterator[T]) -> T:
-        """The iterator's next item; TimeoutError once the deadline passed (as asyncio.timeout)."""
-        if self.expired:
-            raise TimeoutError
-        task = asyncio.current_task()
-        assert task is not None
-        before = task.cancelling()
-        self._waiting = task
-        try:
-            return await anext(iterator)
-        except asyncio.CancelledError:
-            if self._cancelled and task.uncancel() <= before:
-                raise TimeoutError from None
-            raise
-        finally:
-            self._waiting = None
-            if self._cancelled and task.cancelling() > before:  # it expired as the item came: take it back
-                task.uncancel()
-            self._cancelled = False
-
-    def stop(self) -> None:
-        self._timer.cancel()
-
-
-def admit(request: Request, job: Any) -> Guard:
+async def admit(request: Request, job: Any) -> Guard:
     """Charge the key's token bucket for `job` (429 when empty) and start its deadline."""
     limiter: Limiter = request.app.state.limiter
     key = getattr(request.state, "limit_key", None) or "anonymous"
     reserved = job.reserved_tokens()
-    limiter.charge(key, reserved)
+    await limiter.spend(key, reserved)
 
     def settle() -> None:
         limiter.settle(key, reserved, job.prompt_tokens + job.completion_tokens)
 
     return Guard(limiter.deadline(), limiter.settings.generation_timeout_s, settle)
-
-
-def _loop_time(deadline: float) -> float:
-    """A time.monotonic() deadline on the running loop's clock."""
-    return asyncio.get_running_loop().time() + (deadline - time.monotonic())

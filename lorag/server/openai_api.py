@@ -143,7 +143,7 @@ async def respond(request: Request, pipeline: Pipeline, job: Job, body: Any, str
     """
     request.state.job = job  # admission gives its adapter lease back at the end (a 429, a stream never started)
     seen = observe(request, job)  # metrics: status, stage timings, tokens
-    guard = admit(request, job)  # the key's token rate (429) and the generation deadline
+    guard = await admit(request, job)  # the key's token rate (429) and the generation deadline
     if body.stream:
         chunks = seen.stream(guard.stream(streamer(pipeline, job, body, keep)))
         return StreamingResponse(sse(chunks, on_end=lambda: release_slot(request)), media_type="text/event-stream",
