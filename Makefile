@@ -16,7 +16,7 @@ PORT ?= 8000
 
 install: system $(VENV)/.installed-$(EXTRA)
 
-# Debian packages the tests start as real servers (redis-server); installed when missing.
+# Debian packages the tests start as real servers (redis-server, postgresql); installed when missing.
 system:
 	bash scripts/system_packages.sh
 

@@ -28,6 +28,7 @@ SUBCOMMANDS: dict[str, str] = {
     "domains": "lorag.serving.domains_cli:domains_group",
     "route": "lorag.serving.domains_cli:route",
     "keys": "lorag.server.keys_cli:keys_group",
+    "state": "lorag.server.state_cli:state_group",
     "fleet": "lorag.fleet.cli:fleet_group",
     "ft": "lorag.finetune.cli:ft_group",
     "completions": "lorag.finetune.completions_cli:completions_group",

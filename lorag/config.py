@@ -178,8 +178,23 @@ class AdaptersSettings(Strict):
     preload: dict[str, AdapterSettings] = Field(default_factory=dict)
 
 
+class StateSettings(Strict):
+    """`[state]`: where shared state lives. The state directory is the embedded default; with
+    `backend = "postgres"` API keys live in PostgreSQL, shared by every replica (docs/scale.md)."""
+
+    backend: Literal["files", "postgres"] = "files"
+    url: str = Field(default="", description="postgresql://user@host/db (or ?host=/socket/dir) for backend postgres.")
+
+    @model_validator(mode="after")
+    def _postgres_needs_a_url(self) -> StateSettings:
+        if self.backend == "postgres" and not self.url:
+            raise ValueError("state.backend = \"postgres\" needs state.url")
+        return self
+
+
 class Settings(Strict):
     state_dir: str = ".lorag"
+    state: StateSettings = Field(default_factory=StateSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Debian packages that the tests start as real servers (part of `make install`):
-#   redis-server: [server.limits] backend = "redis", limits shared by lorag replicas.
+#   redis-server: [server.limits] backend = "redis", limits shared by lorag replicas;
+#   postgresql:   [state] backend = "postgres", keys shared by lorag replicas (initdb, pg_ctl, psql).
 # Installs what is missing with apt-get (as root, or through sudo without a password); elsewhere
 # says which packages to install and fails.
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
+{ command -v psql >/dev/null && compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; } || missing+=(postgresql)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -eq 0 ]; then
   sudo=()

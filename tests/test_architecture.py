@@ -16,7 +16,7 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
          "lorag.knowledge.settings", "lorag.plugins.settings", "lorag.serving.settings", "lorag.models.names",
          "lorag.fleet.settings", "lorag.lanes", "lorag.finetune.settings", "lorag.server.pagination", "lorag.loop.settings",
          "lorag.loop.grader_settings")),
-    (2, ("lorag.adapters", "lorag.knowledge", "lorag.models", "lorag.plugins", "lorag.loop")),
+    (2, ("lorag.adapters", "lorag.knowledge", "lorag.models", "lorag.plugins", "lorag.loop", "lorag.state")),
     (3, ("lorag.engine", "lorag.fleet")),
     (4, ("lorag.serving", "lorag.finetune")),
     (5, ("lorag.server", "lorag.evaluation", "lorag.improve")),

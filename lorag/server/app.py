@@ -153,6 +153,9 @@ def create_app(settings: Settings, engine: ServingEngine | None = None) -> FastA
             recorder.close()  # the queued writes first
             loop_db.close()
             await app.state.limiter.close()
+            keyring = getattr(app.state, "keyring", None)  # made on the first request
+            if keyring is not None:
+                keyring.close()
             log.info("server_stopped")
 
     app = FastAPI(title="lorag", version=__version__, lifespan=lifespan)

@@ -18,7 +18,6 @@ import hmac
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from fastapi import Request
 from pydantic import ValidationError
@@ -26,7 +25,9 @@ from pydantic import ValidationError
 from lorag.config import ApiKey
 from lorag.errors import AuthenticationError, PermissionDenied
 from lorag.logging import get_logger
+from lorag.server.key_stores import key_store
 from lorag.server.keys import KeyStore, KeyStoreError
+from lorag.server.keys_pg import PostgresKeyStore
 from lorag.serving.principal import ANONYMOUS_ADMIN, Principal
 
 log = get_logger("lorag.auth")
@@ -89,11 +90,11 @@ def identify(entries: list[KeyEntry], authorization: str | None, *, required: bo
 class Keyring:
     """The keys one server knows: lorag.toml's, plus the key store's as of its last change."""
 
-    def __init__(self, config_keys: list[ApiKey], store: KeyStore | None) -> None:
+    def __init__(self, config_keys: list[ApiKey], store: KeyStore | PostgresKeyStore | None) -> None:
         self._config = [entry_for(key) for key in config_keys]
         self._store = store
         self._lock = threading.Lock()
-        self._signature: tuple[int, int, int, int] | None = None
+        self._signature: object = None
         self._loaded_at = float("-inf")
         self._entries = list(self._config)
 
@@ -112,13 +113,17 @@ class Keyring:
                     self._loaded_at = time.monotonic()
         return self._entries
 
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+
     def _load_store(self) -> list[KeyEntry]:
         assert self._store is not None
         try:
             return [entry_for(key.as_api_key(), revoked=not key.active) for key in self._store.load()]
         except ValidationError as err:
             problems = "; ".join(f"{'.'.join(map(str, p['loc'])) or 'key'}: {p['msg']}" for p in err.errors())
-            raise KeyStoreError(f"the key store {self._store.path} holds an invalid key ({problems})") from None
+            raise KeyStoreError(f"the key store {self._store.where} holds an invalid key ({problems})") from None
 
 
 def keyring(request: Request) -> Keyring:
@@ -127,7 +132,7 @@ def keyring(request: Request) -> Keyring:
     ring: Keyring | None = getattr(state, "keyring", None)
     if ring is None:
         settings = state.settings
-        ring = Keyring(settings.server.api_keys, KeyStore(Path(settings.state_path)))
+        ring = Keyring(settings.server.api_keys, key_store(settings))
         state.keyring = ring
     return ring
 

@@ -32,13 +32,13 @@ def serve(**flags: Any) -> None:
 
     from lorag.models.check import check_model
     from lorag.server.app import create_app
-    from lorag.server.keys import KeyStore
+    from lorag.server.key_stores import key_store
     from lorag.server.listen import bind_listener
 
     settings = settings_from_flags(**flags)
     check_model(settings.model)  # before uvicorn: a bad model is one line, not a failed start-up
     host = settings.server.host
-    has_keys = bool(settings.server.api_keys) or KeyStore(settings.state_path).has_keys()
+    has_keys = bool(settings.server.api_keys) or key_store(settings).has_keys()
     if not has_keys:
         click.echo(f"No API keys configured: the API is open, so it listens on loopback only"
                    f"{'' if is_loopback(host) else f' (127.0.0.1, not {host})'}. Create one with `lorag keys create` "

@@ -128,11 +128,70 @@ def hash_secret(secret: str) -> str:
     return "sha256:" + hashlib.sha256(secret.encode()).hexdigest()
 
 
+def new_key(name: str, *, taken_ids: set[str], admin: bool = False, domains: list[str] | None = None,
+            knowledge: bool = True, overrides: bool = True, fine_tune: bool = False,
+            reserved_names: frozenset[str] = frozenset()) -> tuple[StoredKey, str]:
+    """A new key (checked: its name and scopes) and its secret, for a store to keep."""
+    if not NAME_RE.match(name):
+        raise LoragError(f"invalid key name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)",
+                         param="name")
+    try:
+        ApiKey.check_scopes(admin, domains, knowledge, overrides)
+    except ValueError as err:
+        raise LoragError(str(err)) from None
+    if name in reserved_names:
+        raise ConflictError(f"a key named {name!r} is already configured in lorag.toml", code="duplicate_key")
+    key_id = "key_" + secrets.token_hex(4)
+    while key_id in taken_ids:
+        key_id = "key_" + secrets.token_hex(4)
+    secret = new_secret()
+    scopes = Scopes(admin=admin, domains=tuple(domains) if domains is not None else None,
+                    knowledge=knowledge, overrides=overrides, fine_tune=fine_tune)
+    return StoredKey(id=key_id, name=name, prefix=secret[:PREFIX_CHARS], hash=hash_secret(secret),
+                     created_at=now_iso(), scopes=scopes), secret
+
+
+def duplicate_name(name: str) -> ConflictError:
+    return ConflictError(f"a key named {name!r} already exists; revoke it first or pick another name",
+                         code="duplicate_key")
+
+
+def check_name_free(keys: list[StoredKey], name: str) -> None:
+    """One active key per name: domains grant access by key name."""
+    if any(k.name == name and k.active for k in keys):
+        raise duplicate_name(name)
+
+
+def find_key(keys: list[StoredKey], name_or_id: str) -> int:
+    """By id, or by the name of an active key (else the latest revoked one of that name)."""
+    for index, key in enumerate(keys):
+        if key.id == name_or_id:
+            return index
+    matches = [i for i, k in enumerate(keys) if k.name == name_or_id]
+    active = [i for i in matches if keys[i].active]
+    if active:
+        return active[0]
+    if matches:
+        return matches[-1]
+    raise UnknownKey(f"no key with name or id {name_or_id!r} (see `lorag keys list`)")
+
+
+def revoked_copy(key: StoredKey, name_or_id: str) -> StoredKey:
+    """The key, revoked now; the entry stays (so the key stays refused)."""
+    if not key.active:
+        raise ConflictError(f"key {name_or_id!r} was already revoked at {key.revoked_at}", code="already_revoked")
+    return StoredKey(**{**key.__dict__, "revoked_at": now_iso()})
+
+
 class KeyStore:
     """Keys in `<state_dir>/keys.json`; every method re-reads the file (other processes write it)."""
 
     def __init__(self, state_path: Path) -> None:
         self.path = Path(state_path) / KEYS_FILE
+        self.where = str(self.path)
+
+    def close(self) -> None:
+        """Nothing held open (the database store has a connection and a listener)."""
 
     def signature(self) -> tuple[int, int, int, int] | None:
         """Changes whenever keys.json is replaced: a cheap stat tells a server to re-read it."""
@@ -160,41 +219,12 @@ class KeyStore:
         """Any key, revoked ones included: once keys exist, the server never falls back to open access."""
         return bool(self.load())
 
-    def create(
-        self,
-        name: str,
-        *,
-        admin: bool = False,
-        domains: list[str] | None = None,
-        knowledge: bool = True,
-        overrides: bool = True,
-        fine_tune: bool = False,
-        reserved_names: frozenset[str] = frozenset(),
-    ) -> tuple[StoredKey, str]:
-        """A new key and its secret; the secret exists only in the return value."""
-        if not NAME_RE.match(name):
-            raise LoragError(f"invalid key name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)",
-                             param="name")
-        try:
-            ApiKey.check_scopes(admin, domains, knowledge, overrides)
-        except ValueError as err:
-            raise LoragError(str(err)) from None
-        if name in reserved_names:
-            raise ConflictError(f"a key named {name!r} is already configured in lorag.toml", code="duplicate_key")
+    def create(self, name: str, **scopes: Any) -> tuple[StoredKey, str]:
+        """A new key and its secret (new_key's options); the secret exists only in the return value."""
         with self._locked():
             keys = self.load()
-            if any(k.name == name and k.active for k in keys):
-                raise ConflictError(f"a key named {name!r} already exists; revoke it first or pick another name",
-                                    code="duplicate_key")
-            ids = {k.id for k in keys}
-            key_id = "key_" + secrets.token_hex(4)
-            while key_id in ids:
-                key_id = "key_" + secrets.token_hex(4)
-            secret = new_secret()
-            scopes = Scopes(admin=admin, domains=tuple(domains) if domains is not None else None,
-                            knowledge=knowledge, overrides=overrides, fine_tune=fine_tune)
-            entry = StoredKey(id=key_id, name=name, prefix=secret[:PREFIX_CHARS], hash=hash_secret(secret),
-                              created_at=now_iso(), scopes=scopes)
+            check_name_free(keys, name)
+            entry, secret = new_key(name, taken_ids={k.id for k in keys}, **scopes)
             self._write([*keys, entry])
         return entry, secret
 
@@ -202,26 +232,11 @@ class KeyStore:
         """Revoke by id, or by the name of an active key; the entry stays (so the key stays refused)."""
         with self._locked():
             keys = self.load()
-            index = self._find(keys, name_or_id)
-            if not keys[index].active:
-                raise ConflictError(f"key {name_or_id!r} was already revoked at {keys[index].revoked_at}",
-                                    code="already_revoked")
-            keys[index] = revoked = StoredKey(**{**keys[index].__dict__, "revoked_at": now_iso()})
+            index = find_key(keys, name_or_id)
+            keys[index] = revoked = revoked_copy(keys[index], name_or_id)
             self._write(keys)
         return revoked
 
-    @staticmethod
-    def _find(keys: list[StoredKey], name_or_id: str) -> int:
-        for index, key in enumerate(keys):
-            if key.id == name_or_id:
-                return index
-        matches = [i for i, k in enumerate(keys) if k.name == name_or_id]
-        active = [i for i in matches if keys[i].active]
-        if active:
-            return active[0]
-        if matches:
-            return matches[-1]
-        raise UnknownKey(f"no key with name or id {name_or_id!r} (see `lorag keys list`)")
 
     def _write(self, keys: list[StoredKey]) -> None:
         payload = json.dumps({"version": FORMAT_VERSION, "keys": [k.to_json() for k in keys]}, indent=2)

@@ -1,4 +1,4 @@
-"""`lorag keys create|list|revoke`: manage the API keys in `<state_dir>/keys.json`.
+"""`lorag keys create|list|revoke`: manage the API keys (`<state_dir>/keys.json`, or the state database).
 
 A running server picks changes up on its next request; no restart, no server call.
 """
@@ -11,13 +11,15 @@ import click
 
 from lorag.cli_options import cli_settings, config_options
 from lorag.config import Settings
+from lorag.server.key_stores import key_store
 from lorag.server.keys import KeyStore, Scopes, StoredKey
+from lorag.server.keys_pg import PostgresKeyStore
 
 
-def _open() -> tuple[Settings, KeyStore]:
+def _open() -> tuple[Settings, KeyStore | PostgresKeyStore]:
     """The chosen config and its key store (which lives in the state dir)."""
     settings = cli_settings()
-    return settings, KeyStore(settings.state_path)
+    return settings, key_store(settings)
 
 
 @click.group("keys")
@@ -51,7 +53,7 @@ def create_cmd(name: str, admin: bool, domains: tuple[str, ...], no_knowledge: b
         click.echo(json.dumps({**entry.public(), "key": secret}, indent=2))
         return
     click.echo(secret)
-    click.echo(f"created key {entry.name!r} ({entry.id}, {entry.scopes.describe()}) in {store.path}; "
+    click.echo(f"created key {entry.name!r} ({entry.id}, {entry.scopes.describe()}) in {store.where}; "
                "the secret above is shown only this once", err=True)
 
 

@@ -1,0 +1,1 @@
+"""State shared by lorag replicas in PostgreSQL: connections, versioned migrations, change notifications."""
