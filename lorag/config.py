@@ -184,6 +184,8 @@ class StateSettings(Strict):
 
     backend: Literal["files", "postgres"] = "files"
     url: str = Field(default="", description="postgresql://user@host/db (or ?host=/socket/dir) for backend postgres.")
+    shared_dir: str = Field(
+        default="", description="A directory every replica mounts: adapter files (backend postgres; default: state_dir).")
 
     @model_validator(mode="after")
     def _postgres_needs_a_url(self) -> StateSettings:

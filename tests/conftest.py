@@ -263,3 +263,20 @@ def async_client(server: Server):  # -> openai.AsyncOpenAI
 def admin(server: Server) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=120) as http:
         yield http
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Any]:
+    """A real PostgreSQL server (Debian's, on a Unix socket) for a test module: tests/postgres_server.py."""
+    import shutil
+    import tempfile
+
+    from tests.postgres_server import PostgresServer
+
+    directory = Path(tempfile.mkdtemp(prefix="lorag-pg-"))  # under /tmp: the postgres user must reach it
+    server = PostgresServer(directory).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)

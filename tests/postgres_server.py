@@ -77,3 +77,4 @@ class PostgresServer:
         if done.returncode != 0:
             raise RuntimeError(f"{Path(command[0]).name} failed: {done.stderr.strip() or done.stdout.strip()}")
         return done.stdout
+

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -30,17 +28,6 @@ from tests.postgres_server import PostgresServer
 
 pytestmark = pytest.mark.timeout(600)
 WAIT_S = 60  # how long a test waits for a change to reach a replica (the bound is 10 s; a loaded machine)
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    directory = Path(tempfile.mkdtemp(prefix="lorag-pg-"))  # under /tmp: the postgres user must reach it
-    server = PostgresServer(directory).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def lorag(*args: str) -> subprocess.CompletedProcess[str]:

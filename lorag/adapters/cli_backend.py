@@ -53,10 +53,10 @@ class AdapterBackend:
         return response.json()
 
     def service(self) -> Any:
-        from lorag.adapters.registry import AdapterRegistry
+        from lorag.adapters.registry_pg import open_registry
         from lorag.adapters.service import AdapterService
 
-        return AdapterService(self.settings, AdapterRegistry(self.settings.state_path))
+        return AdapterService(self.settings, open_registry(self.settings, listen=False))
 
 
 def _answering_server(settings: Settings) -> str | None:

@@ -18,9 +18,10 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 from lorag.adapters.validate import AdapterInfo, AdapterInvalid
 from lorag.errors import ConflictError, LoragError, NotFoundError
@@ -76,22 +77,83 @@ def check_name(name: str, version: str | None = None) -> None:
         raise AdapterInvalid(f"Adapter version {version!r} is invalid: use letters, digits, '.', '_' or '-' (max 32).")
 
 
-class AdapterRegistry:
-    """Thread-safe registry backed by `<state>/adapters/registry.json` (atomic rewrites)."""
+class RegistryDocument(Protocol):
+    """Where the registry's one JSON document lives: registry.json, or a row every replica shares."""
 
-    def __init__(self, state_dir: Path) -> None:
+    where: str
+
+    def read(self) -> dict[str, Any] | None: ...
+
+    def locked(self) -> AbstractContextManager[None]: ...  # writers one at a time, everywhere
+
+    def write(self, data: dict[str, Any]) -> None: ...  # inside locked()
+
+    def generation(self) -> int: ...  # moves when another process may have changed the document
+
+    def close(self) -> None: ...
+
+
+class RegistryFile:
+    """`<root>/registry.json`, rewritten atomically; writers serialised by a lock file."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.path = root / REGISTRY_FILE
+        self.where = str(self.path)
+
+    def read(self) -> dict[str, Any] | None:
+        if not self.path.exists():
+            return None
+        try:
+            data: dict[str, Any] = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise LoragError(f"Adapter registry {self.path} is unreadable: {err}") from None
+        return data
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Serialise writers across processes (the CLI and a server on the same state dir)."""
+        with open(self.root / ".lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def write(self, data: dict[str, Any]) -> None:
+        _write_atomically(self.path, json.dumps(data, indent=2))
+
+    def generation(self) -> int:
+        return 0  # a process re-reads the file before each write; other processes' writes reach it at restart
+
+    def close(self) -> None:
+        pass
+
+
+class AdapterRegistry:
+    """Thread-safe registry: one JSON document (registry.json, or a shared database row) and
+    the adapters' files under `<root>/adapters`. Every write re-reads the document under the
+    writers' lock first, so nothing cached is ever written back."""
+
+    def __init__(self, state_dir: Path, document: RegistryDocument | None = None) -> None:
         self.root = state_dir / "adapters"
         self.root.mkdir(parents=True, exist_ok=True)
-        self._file = self.root / REGISTRY_FILE
+        self.document = document or RegistryFile(self.root)
         self._lock = threading.RLock()
         self._names: dict[str, _Named] = {}
         self._next_id = 1
+        self._generation = self.document.generation()
         self._load()
 
     # -- reading -----------------------------------------------------------------
 
     def resolve(self, ref: str) -> AdapterVersion:
         """The version a request for `ref` gets now ('name' -> its current version)."""
+        self._refresh()
+        return self._resolve_loaded(ref)
+
+    def _resolve_loaded(self, ref: str) -> AdapterVersion:
+        """resolve() on the document as last read (writers: just read under the lock)."""
         name, version = split_ref(ref)
         with self._lock:
             named = self._names.get(name)
@@ -108,14 +170,17 @@ class AdapterRegistry:
 
     def current(self) -> list[AdapterVersion]:
         """The current version of every name."""
+        self._refresh()
         with self._lock:
             return [n.versions[n.current] for _, n in sorted(self._names.items())]
 
     def all_versions(self) -> list[AdapterVersion]:
+        self._refresh()
         with self._lock:
             return [v for _, n in sorted(self._names.items()) for _, v in sorted(n.versions.items())]
 
     def describe(self, name: str) -> dict:
+        self._refresh()
         with self._lock:
             named = self._names.get(name)
             if named is None:
@@ -179,10 +244,17 @@ class AdapterRegistry:
             self._save()
             return reserved
 
-    def activate(self, name: str, version: str) -> AdapterVersion:
-        """Point `name` at `version`; requests already running keep the version they started with."""
+    def activate(self, name: str, version: str, *, if_current: str | None = None) -> AdapterVersion:
+        """Point `name` at `version`; requests already running keep the version they started with.
+
+        `if_current` makes it a compare-and-swap: refused (409) unless `name` still points there
+        when the writers' lock is held, so of two replicas switching from the same version, one wins.
+        """
         with self._lock, self._file_lock():
-            entry = self.resolve(f"{name}@{version}")
+            entry = self._resolve_loaded(f"{name}@{version}")
+            if if_current is not None and self._names[name].current != if_current:
+                raise ConflictError(f"Adapter {name} is at {self._names[name].current}, not {if_current}: "
+                                    "someone else activated a version first.", code="activation_conflict")
             self._names[name].current = version
             self._save()
             return entry
@@ -222,22 +294,23 @@ class AdapterRegistry:
 
     @contextmanager
     def _file_lock(self) -> Iterator[None]:
-        """Serialise writers across processes (the CLI and a server on the same state dir)."""
-        with open(self.root / ".lock", "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
+        """Writers one at a time across processes and replicas, each on the latest document."""
+        with self.document.locked():
+            self._load()
+            yield
+
+    def _refresh(self) -> None:
+        """Re-read the document when another process may have changed it (a shared database's NOTIFY)."""
+        generation = self.document.generation()
+        if generation != self._generation:
+            with self._lock:
+                self._generation = generation
                 self._load()
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _load(self) -> None:
-        if not self._file.exists():
+        data = self.document.read()
+        if data is None:
             return
-        try:
-            data = json.loads(self._file.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            raise LoragError(f"Adapter registry {self._file} is unreadable: {err}") from None
         self._next_id = int(data.get("next_id", 1))
         names: dict[str, _Named] = {}
         for name, raw in data.get("adapters", {}).items():
@@ -259,7 +332,7 @@ class AdapterRegistry:
                 for name, n in self._names.items()
             },
         }
-        _write_atomically(self._file, json.dumps(data, indent=2))
+        self.document.write(data)
 
 
 def version_to_json(entry: AdapterVersion) -> dict:

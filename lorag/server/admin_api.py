@@ -28,6 +28,8 @@ class AddAdapter(BaseModel):
 class Activate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: str = Field(min_length=1)
+    # Compare-and-swap: activate only if the name still points at this version (else 409).
+    if_current: str | None = None
 
 
 async def get_adapters(request: Request) -> AdapterService:
@@ -88,7 +90,7 @@ async def activate_adapter(
     name: str, body: Activate, service: AdapterService = Depends(get_adapters),
     _: Principal = Depends(require_admin),
 ) -> dict[str, Any]:
-    entry = await asyncio.to_thread(service.registry.activate, name, body.version)
+    entry = await asyncio.to_thread(service.registry.activate, name, body.version, if_current=body.if_current)
     return version_to_json(entry)
 
 

@@ -153,6 +153,7 @@ def create_app(settings: Settings, engine: ServingEngine | None = None) -> FastA
             recorder.close()  # the queued writes first
             loop_db.close()
             await app.state.limiter.close()
+            pipeline.registry.document.close()
             keyring = getattr(app.state, "keyring", None)  # made on the first request
             if keyring is not None:
                 keyring.close()

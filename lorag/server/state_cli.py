@@ -1,4 +1,4 @@
-"""`lorag state migrate`: create or upgrade the shared state database, and move a state directory's keys in.
+"""`lorag state migrate`: create or upgrade the shared state database; move a state directory's keys and adapter registry in.
 
 Run it once before pointing replicas at PostgreSQL (`[state] backend = "postgres"`); running it
 again applies only what is new and copies only keys not there yet. Servers apply missing
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import click
 
+from lorag.adapters.registry import RegistryFile
+from lorag.adapters.registry_pg import RegistryRow
 from lorag.cli_options import cli_settings, config_options
 from lorag.server.keys import KeyStore
 from lorag.server.keys_pg import PostgresKeyStore
@@ -37,6 +39,25 @@ def migrate_cmd(url: str | None) -> None:
         added = store.import_keys(keys)
     finally:
         store.close()
+    adapters = import_registry(url, RegistryFile(settings.state_path / "adapters"))
     click.echo(f"schema: {'applied migrations ' + ', '.join(map(str, applied)) if applied else 'up to date'}")
     click.echo(f"API keys: {added} of {len(keys)} copied from {settings.state_path / 'keys.json'} "
                f"({len(keys) - added} already there)")
+    click.echo(f"adapter registry: {adapters}")
+
+
+def import_registry(url: str, source: RegistryFile) -> str:
+    """Copy registry.json in unless the database already has adapters; what happened, in words."""
+    document = source.read()
+    if not document or not document.get("adapters"):
+        return f"nothing to copy ({source.where} has no adapters)"
+    row = RegistryRow(url, listen=False)
+    try:
+        with row.locked():
+            if (row.read() or {}).get("adapters"):
+                return "already in the database (left as it is)"
+            row.write(document)
+    finally:
+        row.close()
+    return (f"{len(document['adapters'])} adapters copied from {source.where}; their files stay under "
+            f"{source.root}: every replica must reach that path ([state] shared_dir)")

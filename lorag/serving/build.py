@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from lorag import lanes
 from lorag.adapters.leases import Lease
-from lorag.adapters.registry import AdapterRegistry, AdapterVersion
+from lorag.adapters.registry import AdapterVersion
+from lorag.adapters.registry_pg import open_registry
 from lorag.config import Settings
 from lorag.knowledge.link import KnowledgeLink
 from lorag.plugins.host import PluginHost
@@ -76,5 +77,5 @@ def build_pipeline(settings: Settings, engine: TextEngine | None = None, *,
     if engine is None:
         engine = build_engine(settings)
     lanes.configure(settings.threads)
-    return Pipeline(settings, engine, AdapterRegistry(settings.state_path),
+    return Pipeline(settings, engine, open_registry(settings),
                     plugins or PluginHost.from_settings(settings), knowledge or KnowledgeLink(settings))

@@ -33,6 +33,12 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         CREATE UNIQUE INDEX api_keys_one_active_name ON api_keys (name) WHERE revoked_at IS NULL;
     """),
+    (2, "adapter registry", """
+        CREATE TABLE adapter_registry (
+            id   integer PRIMARY KEY CHECK (id = 1),
+            doc  jsonb NOT NULL
+        );
+    """),
 ]
 
 
