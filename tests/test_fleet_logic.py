@@ -53,6 +53,19 @@ def test_homes_spread_over_the_servers_by_weight() -> None:
     assert {a: picker.homes[a] for a in few} == before  # a new adapter moves no old one
 
 
+def test_every_replica_gives_an_adapter_the_same_home() -> None:
+    """Replicas share no routing state: homes depend only on the adapter set and the server list
+    (rendezvous hashing), so lorags in front of one fleet send an adapter to the same server."""
+    adapters = ["a", "b", "c", *(f"adapter-{i}" for i in range(40))]
+    replicas = [Picker("least_loaded", affinity_slack=2) for _ in range(3)]
+    for turn, picker in enumerate(replicas):
+        fleet = servers(0, 0, 0, 0)
+        fleet[3].weight = 2.0
+        order = fleet[turn:] + fleet[:turn]  # each replica lists (and learned of) the servers in its own order
+        picker.assign(list(reversed(adapters)) if turn % 2 else adapters, order)
+    assert replicas[0].homes == replicas[1].homes == replicas[2].homes and len(replicas[0].homes) == len(adapters)
+
+
 def test_weights_divide_the_load() -> None:
     fleet = servers(4, 2)
     fleet[0].weight = 4.0  # four times the capacity: 4 in flight is a load of 1
