@@ -11,7 +11,6 @@ files go under `[state] shared_dir`, a directory every replica mounts.
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,71 +21,50 @@ import psycopg
 from lorag.adapters.registry import AdapterRegistry, RegistryDocument
 from lorag.config import Settings
 from lorag.errors import LoragError
-from lorag.state.database import StateDatabaseError, connect, describe, migrate
-from lorag.state.listener import ChangeListener
+from lorag.state.database import describe
+from lorag.state.session import StateSession
 
 CHANNEL = "lorag_adapters"
 
 
 class RegistryRow:
-    """RegistryDocument over the `adapter_registry` row; one connection, used under a lock."""
+    """RegistryDocument over the `adapter_registry` row, in a state session of its own."""
 
     def __init__(self, url: str, *, listen: bool = True) -> None:
-        self.url = url
         self.where = "the state database ([state] url)"
-        self._lock = threading.RLock()
-        self._conn: psycopg.Connection[Any] | None = None
-        self._listener = ChangeListener(url, (CHANNEL,)) if listen else None
+        self.session = StateSession(url, CHANNEL, failure=lambda message: LoragError(f"the adapter registry: {message}"))
+        self.listen = listen
 
     def read(self) -> dict[str, Any] | None:
-        with self._lock:
-            row = self._execute("SELECT doc FROM adapter_registry WHERE id = 1").fetchone()
+        row = self.session.run(lambda conn: conn.execute("SELECT doc FROM adapter_registry WHERE id = 1").fetchone())
         return dict(row[0]) if row else None
 
     @contextmanager
     def locked(self) -> Iterator[None]:
-        with self._lock:
-            conn = self._connection()
+        """The row locked (FOR UPDATE) for the writer's whole turn; its writes commit together."""
+        with self.session.lock:
             try:
+                conn = self.session.connection()
                 with conn.transaction():
                     conn.execute("INSERT INTO adapter_registry (id, doc) VALUES (1, '{}') ON CONFLICT DO NOTHING")
                     conn.execute("SELECT 1 FROM adapter_registry WHERE id = 1 FOR UPDATE")
                     yield
             except psycopg.Error as err:
-                self._conn = None
-                raise LoragError(f"the adapter registry in the state database failed: {describe(err)}") from None
+                self.session.forget()
+                raise self.session.failure(f"the state database failed: {describe(err)}") from None
 
     def write(self, data: dict[str, Any]) -> None:
-        with self._lock:
-            self._execute("UPDATE adapter_registry SET doc = %s WHERE id = 1", (json.dumps(data),))
-            self._execute(f"NOTIFY {CHANNEL}")
+        def update(conn: psycopg.Connection[Any]) -> None:
+            conn.execute("UPDATE adapter_registry SET doc = %s WHERE id = 1", (json.dumps(data),))
+            conn.execute(f"NOTIFY {CHANNEL}")
+
+        self.session.run(update)
 
     def generation(self) -> int:
-        return self._listener.generation(CHANNEL) if self._listener is not None else 0
+        return self.session.generation() if self.listen else 0
 
     def close(self) -> None:
-        if self._listener is not None:
-            self._listener.stop()
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-    def _connection(self) -> psycopg.Connection[Any]:
-        if self._conn is None or self._conn.closed:
-            try:
-                migrate(self.url)
-                self._conn = connect(self.url)
-            except StateDatabaseError as err:
-                raise LoragError(f"the adapter registry: {err.message}") from None
-        return self._conn
-
-    def _execute(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
-        try:
-            return self._connection().execute(sql, params)
-        except psycopg.Error as err:
-            self._conn = None
-            raise LoragError(f"the adapter registry in the state database failed: {describe(err)}") from None
+        self.session.close()
 
 
 def open_registry(settings: Settings, *, listen: bool = True) -> AdapterRegistry:

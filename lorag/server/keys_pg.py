@@ -12,7 +12,6 @@ is one UPDATE of one row, decided in the database.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from typing import Any
 
@@ -29,8 +28,7 @@ from lorag.server.keys import (
     new_key,
     revoked_copy,
 )
-from lorag.state.database import StateDatabaseError, connect, describe, migrate
-from lorag.state.listener import ChangeListener
+from lorag.state.session import StateSession
 
 CHANNEL = "lorag_keys"
 FAILED_RETRY_S = 1.0  # after a failed read, refuse at once for this long instead of waiting on a connect
@@ -41,25 +39,19 @@ class PostgresKeyStore:
     """The KeyStore interface (load, has_keys, create, revoke, signature) over the api_keys table."""
 
     def __init__(self, url: str) -> None:
-        self.url = url
         self.where = "the state database ([state] url)"
-        self._conn: psycopg.Connection[Any] | None = None
-        self._lock = threading.Lock()
-        self._listener: ChangeListener | None = None
+        self.session = StateSession(url, CHANNEL, failure=lambda message: KeyStoreError(f"API keys: {message}"))
         self._failed_at = float("-inf")
-        self._migrated = False
 
     def signature(self) -> int:
         """Moves whenever a key changed anywhere, or this process may have missed a change."""
-        if self._listener is None:
-            self._listener = ChangeListener(self.url, (CHANNEL,))
-        return self._listener.generation(CHANNEL)
+        return self.session.generation()
 
     def load(self) -> list[StoredKey]:
         if time.monotonic() - self._failed_at < FAILED_RETRY_S:
             raise KeyStoreError("cannot read the API keys from the state database (it failed a moment ago)")
         try:
-            rows = self._run(lambda conn: conn.execute(f"SELECT {COLUMNS} FROM api_keys ORDER BY created_at, id")
+            rows = self.session.run(lambda conn: conn.execute(f"SELECT {COLUMNS} FROM api_keys ORDER BY created_at, id")
                              .fetchall())
         except KeyStoreError:
             self._failed_at = time.monotonic()
@@ -85,7 +77,7 @@ class PostgresKeyStore:
                 raise duplicate_name(name) from None
             return entry, secret
 
-        return self._run(insert)
+        return self.session.run(insert)
 
     def revoke(self, name_or_id: str) -> StoredKey:
         """Revoke by id, or by the name of an active key, in one transaction (rows locked)."""
@@ -99,7 +91,7 @@ class PostgresKeyStore:
                 conn.execute(f"NOTIFY {CHANNEL}")
             return revoked
 
-        return self._run(update)
+        return self.session.run(update)
 
     def import_keys(self, keys: list[StoredKey]) -> int:
         """`lorag state migrate`: copy keys (a keys.json's) in; ids already there are left alone."""
@@ -115,35 +107,10 @@ class PostgresKeyStore:
                 conn.execute(f"NOTIFY {CHANNEL}")
             return added
 
-        return self._run(insert)
+        return self.session.run(insert)
 
     def close(self) -> None:
-        if self._listener is not None:
-            self._listener.stop()
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-    def _run(self, work: Any) -> Any:
-        """`work(connection)` on this store's connection (opened, migrated, and reopened once if it broke)."""
-        with self._lock:
-            for attempt in (1, 2):
-                try:
-                    if self._conn is None or self._conn.closed:
-                        if not self._migrated:
-                            migrate(self.url)
-                            self._migrated = True
-                        self._conn = connect(self.url)
-                    return work(self._conn)
-                except (psycopg.OperationalError, StateDatabaseError) as err:
-                    self._conn = None
-                    if attempt == 2:
-                        message = err.message if isinstance(err, StateDatabaseError) else describe(err)
-                        raise KeyStoreError(f"API keys: {message}") from None
-                except psycopg.Error as err:
-                    raise KeyStoreError(f"the state database refused an API key statement: {describe(err)}") from None
-        raise AssertionError("unreachable")
+        self.session.close()
 
 
 def _key(row: tuple[Any, ...]) -> StoredKey:
