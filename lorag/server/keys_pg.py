@@ -51,8 +51,8 @@ class PostgresKeyStore:
         if time.monotonic() - self._failed_at < FAILED_RETRY_S:
             raise KeyStoreError("cannot read the API keys from the state database (it failed a moment ago)")
         try:
-            rows = self.session.run(lambda conn: conn.execute(f"SELECT {COLUMNS} FROM api_keys ORDER BY created_at, id")
-                             .fetchall())
+            rows = self.session.run(
+                lambda conn: conn.execute(f"SELECT {COLUMNS} FROM api_keys ORDER BY created_at, id").fetchall())
         except KeyStoreError:
             self._failed_at = time.monotonic()
             raise
