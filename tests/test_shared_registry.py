@@ -127,3 +127,21 @@ def test_state_migrate_moves_a_registry_in(tmp_path: Path, postgres: PostgresSer
     assert "adapter registry: 1 adapters copied" in moved.stdout
     with replicas(tmp_path, url, count=1) as (a,):
         assert served(a, "support") == "support@v1"
+
+
+def test_with_the_database_gone_a_replica_serves_the_versions_it_last_read(tmp_path: Path,
+                                                                           postgres: PostgresServer) -> None:
+    url = postgres.database("registry_outage")
+    with replicas(tmp_path, url, count=1) as (a,):
+        a.pipeline.registry.register("steady", adapter_folder(tmp_path, "v1"), INFO, version="v1")
+        assert wait_until_served(a, "steady", "steady@v1") == "steady@v1"
+        postgres.stop()
+        try:
+            deadline = time.monotonic() + WAIT_S
+            while a.pipeline.registry.document.generation() == a.pipeline.registry._generation:
+                assert time.monotonic() < deadline, "the listener never noticed the database going"
+                time.sleep(0.05)
+            # A failed re-read keeps what was read (keys, by contrast, fail closed: docs/operations.md).
+            assert a.pipeline.registry.resolve("steady").ref == "steady@v1"
+        finally:
+            postgres.start()

@@ -25,11 +25,13 @@ from typing import Any, Protocol
 
 from lorag.adapters.validate import AdapterInfo, AdapterInvalid
 from lorag.errors import ConflictError, LoragError, NotFoundError
+from lorag.logging import get_logger
 
 # ':' for fine-tuned models' OpenAI ids (ft:<base>:<org>:<suffix>:<job-id>[:ckpt-step-N]).
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,191}$")
 VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
 REGISTRY_FILE = "registry.json"
+log = get_logger("lorag.adapters")
 
 
 @dataclass(frozen=True)
@@ -300,12 +302,19 @@ class AdapterRegistry:
             yield
 
     def _refresh(self) -> None:
-        """Re-read the document when another process may have changed it (a shared database's NOTIFY)."""
+        """Re-read the document when another process may have changed it (a shared database's NOTIFY).
+
+        If it cannot be read now, requests go on with the versions last read (logged), and the next
+        change the listener counts (it counts its reconnect attempts too) tries again.
+        """
         generation = self.document.generation()
         if generation != self._generation:
             with self._lock:
                 self._generation = generation
-                self._load()
+                try:
+                    self._load()
+                except LoragError as err:
+                    log.warning("adapter_registry_stale", where=self.document.where, error=err.message)
 
     def _load(self) -> None:
         data = self.document.read()

@@ -17,7 +17,7 @@ from lorag.logging import get_logger
 
 log = get_logger("lorag.state")
 MIGRATION_LOCK = 0x6C6F726167  # pg_advisory_lock key: "lorag"
-CONNECT_TIMEOUT_S = 10
+CONNECT_TIMEOUT_S = 3  # reads of keys and the registry may wait this long (on the event loop) when it is gone
 
 # (version, what it does, SQL). Append only.
 MIGRATIONS: list[tuple[int, str, str]] = [
