@@ -38,7 +38,11 @@ def serve(**flags: Any) -> None:
     settings = settings_from_flags(**flags)
     check_model(settings.model)  # before uvicorn: a bad model is one line, not a failed start-up
     host = settings.server.host
-    has_keys = bool(settings.server.api_keys) or key_store(settings).has_keys()
+    store = key_store(settings)
+    try:
+        has_keys = bool(settings.server.api_keys) or store.has_keys()
+    finally:
+        store.close()  # the server's keyring opens its own
     if not has_keys:
         click.echo(f"No API keys configured: the API is open, so it listens on loopback only"
                    f"{'' if is_loopback(host) else f' (127.0.0.1, not {host})'}. Create one with `lorag keys create` "

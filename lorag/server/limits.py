@@ -169,8 +169,7 @@ class Limiter:
         if bucket is not None:
             bucket.level -= used - reserved
         if self.shared is not None and self.settings.tokens_per_s_per_key:
-            shared = self.shared
-            self._background(shared.settle(key, used - reserved))
+            self._background(self.shared.settle(key, used - reserved))
         log.info("tokens_settled", key=key, reserved=reserved, used=used)
 
     def deadline(self) -> float | None:
