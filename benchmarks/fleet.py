@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/fleet.py [--requests 96] [--tokens 32] [--rounds 6] [--workdir DIR]
     .venv/bin/python benchmarks/fleet.py --only overhead [--plugins off pii]
+    .venv/bin/python benchmarks/fleet.py --only workers [--workers 2]
 
 1. Overhead (baseline: the raw server): one vLLM OpenAI server (tiny random model, LoRA on),
    loaded with streamed chat completions at concurrency 16 over the base model and 3 adapters,
@@ -23,6 +24,12 @@
    Prints tokens/s and adapter loads per 1,000 requests: the times an adapter entered a
    server's GPU slots, as lorag's slot model counts them (LRU over max_loras slots per server;
    vLLM exposes no load counter).
+3. Workers (baseline: `lorag serve` with one process): the overhead's server and load, through
+   `lorag serve --workers N` and through one lorag process, alternating per round. Prints tokens/s,
+   TTFT and lorag's CPU per 1k tokens (all its processes), then the median per-round ratio of
+   throughput N workers / 1. Workers help where lorag's process is the bottleneck: a core of its
+   own per worker. On a machine whose cores the server's model worker and API process already
+   take, expect about 1x.
 
 The machine is shared and noisy: read the ratios, measured in the same run, not the absolutes.
 """
@@ -89,10 +96,10 @@ default = {PLUGINS[plugins]}
     return config
 
 
-def start_lorag(config: Path, port: int, log: Path) -> tuple[subprocess.Popen, str]:
+def start_lorag(config: Path, port: int, log: Path, workers: int = 1) -> tuple[subprocess.Popen, str]:
     url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen([sys.executable, "-m", "lorag.cli", "serve", "--config", str(config)],
-                               stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen([sys.executable, "-m", "lorag.cli", "serve", "--config", str(config),
+                                "--workers", str(workers)], stdout=log.open("wb"), stderr=subprocess.STDOUT)
     wait_until_up(process, url, log, probe="/ready", timeout_s=300)
     return process, url
 
@@ -130,8 +137,13 @@ def keep_off(cores: set[int], server: VllmServer) -> set[int]:
 
 
 def cpu_seconds(pid: int) -> float:
-    times = psutil.Process(pid).cpu_times()
-    return times.user + times.system
+    """CPU of a process and its children alive now (a `--workers` lorag is a parent and N workers)."""
+    process = psutil.Process(pid)
+    total = 0.0
+    for member in [process, *process.children(recursive=True)]:
+        times = member.cpu_times()
+        total += times.user + times.system
+    return total
 
 
 def overhead(args: argparse.Namespace, model: Path, adapters: dict[str, Path], workdir: Path) -> None:
@@ -210,6 +222,45 @@ def report_overhead(rows: dict[str, list[Row]]) -> None:
               f"(target <= {targets.get(side, 1.0)})", flush=True)
 
 
+def workers(args: argparse.Namespace, model: Path, adapters: dict[str, Path], workdir: Path) -> None:
+    print(f"== workers: one vLLM server, lorag with --workers {args.workers} vs 1 ==", flush=True)
+    chosen = dict(list(adapters.items())[:3])
+    server = start_vllm_servers(model, BASE, workdir / "workers", [free_port()], max_loras=len(chosen) + 1,
+                                max_lora_rank=RANK)[0]
+    sides = {1: "lorag-1", args.workers: f"lorag-{args.workers}"}
+    rows: dict[int, list[Row]] = {count: [] for count in sides}
+    try:
+        rest = keep_off(model_cores(server), server)
+        print(f"  lorag and the load on cores {sorted(rest) or 'any'}", flush=True)
+        lorags: dict[int, tuple[subprocess.Popen, str]] = {}
+        try:
+            for count in sides:
+                port = free_port()
+                config = lorag_config(workdir / "workers", model, [server], chosen, port, "least_loaded", args)
+                lorags[count] = start_lorag(config, port, workdir / "workers" / f"lorag-w{count}.log", workers=count)
+            for round_ in range(args.rounds):
+                order = list(sides) if round_ % 2 == 0 else list(sides)[::-1]
+                for count in order:
+                    process, url = lorags[count]
+                    row = measure(server, process.pid, url, [BASE, *(f"{n}@v1" for n in chosen)], args)
+                    rows[count].append(row)
+                    print(f"  round {round_ + 1:<2} {sides[count]:<9} {row.tps:8.1f} tok/s  ttft {row.ttft:7.1f} ms  "
+                          f"lorag CPU {row.lorag_cpu:.3f} s per 1k tokens  load average {loadavg()}", flush=True)
+        finally:
+            for process, _ in lorags.values():
+                stop_process(process)
+    finally:
+        server.stop()
+    for count, name in sides.items():
+        print(f"  median  {name:<9} {statistics.median(r.tps for r in rows[count]):8.1f} tok/s  ttft "
+              f"{statistics.median(r.ttft for r in rows[count]):7.1f} ms  lorag CPU "
+              f"{statistics.median(r.lorag_cpu for r in rows[count]):.3f} s per 1k tokens", flush=True)
+    pairs = list(zip(rows[1], rows[args.workers], strict=True))
+    print(f"  ratio   --workers {args.workers} / 1 (median of {len(pairs)} rounds): throughput "
+          f"{statistics.median(b.tps / a.tps for a, b in pairs):.3f}x, TTFT "
+          f"{statistics.median(b.ttft / a.ttft for a, b in pairs):.3f}x", flush=True)
+
+
 def routing(args: argparse.Namespace, model: Path, adapters: dict[str, Path], workdir: Path) -> None:
     print(f"== routing: two vLLM servers, {len(adapters)} adapters, max_loras {MAX_LORAS} ==", flush=True)
     servers = start_vllm_servers(model, BASE, workdir / "two", [free_port(), free_port()],
@@ -255,7 +306,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--adapters", type=int, default=4, help="for routing: more than max_loras per server")
-    parser.add_argument("--only", choices=["overhead", "routing"])
+    parser.add_argument("--only", choices=["overhead", "routing", "workers"])
+    parser.add_argument("--workers", type=int, default=2, help="workers: lorag's processes against 1")
     parser.add_argument("--plugins", nargs="+", choices=sorted(PLUGINS), default=["off", "pii"],
                         help="overhead: lorag's plugins, one lorag per choice (pii: the PII plugin on)")
     parser.add_argument("--null", choices=["auto", "on", "off"], default="auto",
@@ -272,6 +324,8 @@ def main() -> None:
     print(f"workdir {workdir}; model and {len(adapters)} adapters ready; load average {loadavg()}", flush=True)
     if args.only in (None, "overhead"):
         overhead(args, model, adapters, workdir)
+    if args.only in (None, "workers"):
+        workers(args, model, adapters, workdir)
     if args.only in (None, "routing"):
         routing(args, model, adapters, workdir)
     print(f"done in {time.perf_counter() - started:.0f} s", flush=True)

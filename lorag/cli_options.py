@@ -72,6 +72,7 @@ def settings_from_flags(**flags: Any) -> Settings:
         "engine.max_lora_rank": flags.get("max_lora_rank"),
         "server.host": flags.get("host"),
         "server.port": flags.get("port"),
+        "server.workers": flags.get("workers"),
     }
     settings = load_settings(config, overrides)
     for key in flags.get("api_keys") or ():

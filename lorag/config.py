@@ -153,6 +153,8 @@ class ServerSettings(Strict):
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     # SIGTERM: stop accepting, let in-flight requests (streams too) finish for this long, then exit.
     drain_timeout_s: int = Field(default=30, ge=0)
+    # Processes serving one port (`lorag serve --workers N`); above 1, the remote backend only.
+    workers: int = Field(default=1, ge=1, le=64)
 
     @field_validator("api_keys")
     @classmethod
@@ -234,6 +236,13 @@ class Settings(Strict):
             if name in self.plugins.domains and self.plugins.domains[name] != domain.plugins:
                 raise ValueError(f"domains.{name}.plugins: also set in [plugins.domains.{name}]; keep one")
             self.plugins.domains[name] = domain.plugins
+        return self
+
+    @model_validator(mode="after")
+    def _workers_need_a_fleet(self) -> Settings:
+        # Each worker holds its own engine: in process, N workers would load the model N times.
+        if self.server.workers > 1 and self.engine.backend != "remote":
+            raise ValueError('server.workers above 1 needs [engine] backend = "remote" (vLLM servers behind lorag)')
         return self
 
     @field_validator("state_dir")

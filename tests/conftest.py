@@ -158,11 +158,12 @@ allowed_roots = ["{models.root}"]
 
 def start_server(models: Models, workdir: Path, *, preload: bool = True, state_dir: Path | None = None,
                  extra_config: str = "", env: dict[str, str] | None = None, extra_keys: str = "",
-                 engine_lines: str = "") -> Server:
+                 engine_lines: str = "", serve_args: tuple[str, ...] = ()) -> Server:
     """A `lorag serve` subprocess on a free port; `extra_config` is appended to its lorag.toml.
 
     `extra_keys`: more inline tables for server.api_keys, each followed by a comma;
     `engine_lines`: more keys of the [engine] table (the fleet tests' remote backend).
+    `serve_args`: more flags for `lorag serve` (e.g. --workers).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -172,7 +173,7 @@ def start_server(models: Models, workdir: Path, *, preload: bool = True, state_d
     log_path = workdir / "server.log"
     env = {"LORAG_LOG_FORMAT": "json", "VLLM_LOGGING_LEVEL": "WARNING", **(env or dict(os.environ))}
     process = subprocess.Popen(
-        [sys.executable, "-m", "lorag.cli", "serve", "--config", str(config)],
+        [sys.executable, "-m", "lorag.cli", "serve", "--config", str(config), *serve_args],
         stdout=log_path.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=workdir,
     )
     server = Server(f"http://127.0.0.1:{port}", process, log_path, state_dir, config)

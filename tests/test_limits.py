@@ -267,6 +267,25 @@ def test_the_request_window_admits_per_minute_per_key_and_says_when_to_retry() -
     assert limiter.count_request("a", 2, now=60) == 0
 
 
+def test_each_of_n_workers_counting_in_memory_enforces_a_nth_of_every_limit() -> None:
+    """`lorag serve --workers 2` without Redis: two processes, each half of the limits, never more in all."""
+
+    async def admitted(limiter: Limiter) -> int:
+        count = 0
+        for _ in range(10):
+            try:
+                await limiter.enter("a")
+                count += 1
+            except RateLimited:
+                pass
+        return count
+
+    settings = LimitsSettings(requests_per_min_per_key=5, max_concurrent_per_key=0)
+    assert asyncio.run(admitted(Limiter(settings))) == 5
+    assert asyncio.run(admitted(Limiter(settings, processes=2))) == 2  # 5 // 2: at least 1, never over
+    assert asyncio.run(admitted(Limiter(LimitsSettings(requests_per_min_per_key=1), processes=2))) == 1
+
+
 def test_deadline_stops_a_stream_and_closes_it() -> None:
     closed: list[bool] = []
 

@@ -137,3 +137,25 @@ def test_an_unreachable_database_is_one_line_and_a_failed_exit() -> None:
     done = lorag("state", "migrate", "--url", "postgresql://nobody@/nowhere?host=/nonexistent-socket-dir")
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "state database" in done.stderr
+
+
+def test_with_the_database_gone_stored_keys_fail_closed_and_lorag_toml_keys_go_on(tmp_path: Path,
+                                                                                  postgres: PostgresServer) -> None:
+    """A stored key's revocation cannot be checked without the database: 500. A key written in
+    lorag.toml needs no database: it keeps working, and the server stays responsive."""
+    from tests.echo_server import USER_KEY
+
+    url = postgres.database("keys_outage")
+    config = config_for(tmp_path, url)
+    with replicas(tmp_path, url, count=1) as (a,):
+        stored = lorag("keys", "create", "--name", "batch", "--config", str(config)).stdout.strip()
+        assert wait_for([a], stored, 200) == [200]
+        postgres.stop()
+        try:
+            assert wait_for([a], stored, 500) == [500]  # within MAX_AGE_S: the listener says it was cut
+            assert status(a, USER_KEY) == 200
+            refused = httpx.get(f"{a.url}/v1/models", headers={"authorization": f"Bearer {stored}"}, timeout=60)
+            assert refused.json()["error"]["code"] == "key_store_unreadable"
+        finally:
+            postgres.start()
+        assert wait_for([a], stored, 200) == [200]

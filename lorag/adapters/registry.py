@@ -126,7 +126,13 @@ class RegistryFile:
         _write_atomically(self.path, json.dumps(data, indent=2))
 
     def generation(self) -> int:
-        return 0  # a process re-reads the file before each write; other processes' writes reach it at restart
+        """Moves when the file was replaced (every write is a rename): workers and the CLI on one
+        state directory see each other's changes at their next look, for the price of a stat."""
+        try:
+            stat = os.stat(self.path)
+        except OSError:
+            return 0
+        return hash((stat.st_ino, stat.st_mtime_ns, stat.st_size))
 
     def close(self) -> None:
         pass

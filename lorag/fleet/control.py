@@ -9,6 +9,12 @@ the difference. vLLM's own runtime loading reaches one replica and does not surv
 restart (vllm-project/vllm #12174); this is the part that makes it a fleet. A server that
 refuses an adapter is reported and gets no traffic for it. Health comes from /health every
 `health_interval_s` and from request failures, with back-off.
+
+Several lorags may stand in front of one fleet (replicas sharing PostgreSQL, `--workers`). Then
+one of them leads (lorag.state.leader): only the leader repairs servers and unloads, from the
+shared registry it re-reads before each pass, and an adapter nobody wants any more stays loaded
+for `unload_grace_s` first, since a request on another replica may still be using it. Followers
+only read what each server holds; one loads an adapter itself only when no server holds it yet.
 """
 
 from __future__ import annotations
@@ -25,13 +31,15 @@ from lorag.errors import LoragError
 from lorag.fleet.client import ServerClient, ServerError
 from lorag.fleet.routing import Picker, ServerState
 from lorag.logging import get_logger
+from lorag.state.leader import LeaderKeeper, fleet_leadership, shares_fleet
 
 if TYPE_CHECKING:
-    from lorag.adapters.registry import AdapterVersion
+    from lorag.adapters.registry import AdapterRegistry, AdapterVersion
     from lorag.config import Settings
 
 log = get_logger("lorag.fleet")
 ADMIN_TIMEOUT_S = 30.0  # loading an adapter reads its weights: give it time
+NO_DEADLINE_GRACE_S = 3600.0  # unload grace when requests have no generation deadline
 
 
 class AdapterRefused(LoragError):
@@ -56,6 +64,11 @@ class FleetControl:
         self._tasks: list[asyncio.Task[None]] = []
         self._unloads: set[asyncio.Task[None]] = set()  # fire-and-forget, but referenced until done
         self._opened = False
+        self.shared = shares_fleet(settings)  # other lorags in front of the same servers
+        self.keeper = LeaderKeeper(fleet_leadership(settings), "fleet", self.fleet.health_interval_s)
+        self.registry: AdapterRegistry | None = None  # set by the server: the leader follows it
+        self._local_only: set[str] = set()  # loaded here, never registered (a fine-tuning canary)
+        self._unwanted: dict[tuple[str, str], float] = {}  # (server, adapter) held but not wanted -> since
 
     # -- life cycle --------------------------------------------------------------------
 
@@ -67,6 +80,18 @@ class FleetControl:
     def alive(self) -> bool:
         """lorag itself keeps running when servers go away; /ready says whether any is usable."""
         return self._opened
+
+    @property
+    def leading(self) -> bool:
+        return self.keeper.leading
+
+    @property
+    def unload_grace_s(self) -> float:
+        """How long an adapter no replica wants stays loaded: the longest a request elsewhere may run."""
+        if self.fleet.unload_grace_s is not None:
+            return self.fleet.unload_grace_s
+        timeout = self.settings.server.limits.generation_timeout_s
+        return timeout + 30 if timeout else NO_DEADLINE_GRACE_S
 
     @property
     def loaded_adapters(self) -> int:
@@ -81,18 +106,30 @@ class FleetControl:
             # which keeps it isolated from adapters in the same batch wherever the engine needs that.
             self.desired[NULL_ADAPTER_NAME] = str(await asyncio.to_thread(write_null_adapter_for, self.settings))
             self.null_name = self.picker.everywhere = NULL_ADAPTER_NAME
+        await self.keeper.start()  # before the first pass: the leader repairs, followers read
+        self.keeper.on_change(self._leadership_changed)
         await asyncio.gather(*(self.check(name) for name in self.states))
         self._tasks = [asyncio.create_task(self._every(self.fleet.health_interval_s, self.check)),
                        asyncio.create_task(self._every(self.fleet.reconcile_interval_s, self.reconcile))]
         self._opened = True
-        log.info("fleet_open", servers={s.name: s.up for s in self.states.values()}, null_adapter=self.null_name)
+        log.info("fleet_open", servers={s.name: s.up for s in self.states.values()}, null_adapter=self.null_name,
+                 leader=self.leading)
 
     async def shutdown(self) -> None:
         for task in self._tasks:
             task.cancel()
         self._tasks = []
         self._opened = False
+        await self.keeper.stop()
         await asyncio.gather(*(client.close() for client in self.clients.values()), return_exceptions=True)
+
+    def _leadership_changed(self, leading: bool) -> None:
+        """A new leader repairs every server now, not at the next interval."""
+        if leading:
+            self._background(self._reconcile_all())
+
+    async def _reconcile_all(self) -> None:
+        await asyncio.gather(*(self.reconcile(name) for name in self.states), return_exceptions=True)
 
     async def _every(self, interval_s: float, step: Callable[[str], Any]) -> None:
         while True:
@@ -141,13 +178,16 @@ class FleetControl:
         self.picker.assign([a for a in self.desired if a != self.null_name], list(self.states.values()))
 
     async def load_adapter(self, adapter: AdapterVersion) -> None:
-        """Load on every server that is up; refused by all of them is an error, by some a report."""
+        """Load on every server that is up and does not hold it yet; refused by all of them is an
+        error, by some a report."""
         self.desired[adapter.ref] = adapter.path
         self._retired.pop(adapter.ref, None)
         self._assign_homes()
+        if self.shared and self.registry is not None and not await self._registered(adapter.ref):
+            self._local_only.add(adapter.ref)  # the leader must not take it for a removed version
         up = [s for s in self.states.values() if s.up]
-        results = await asyncio.gather(*(self._load(s, adapter.ref, adapter.path) for s in up))
-        if up and not any(results):
+        await asyncio.gather(*(self._load(s, adapter.ref, adapter.path) for s in up if not s.holds(adapter.ref)))
+        if up and not any(s.holds(adapter.ref) for s in up):
             del self.desired[adapter.ref]
             self._assign_homes()
             reasons = "; ".join(f"{s.name}: {s.refused.get(adapter.ref)}" for s in up)
@@ -161,8 +201,25 @@ class FleetControl:
     def retire_adapter(self, adapter: AdapterVersion, on_released: Callable[[], Any] | None = None) -> None:
         """Route no new request to it; once no request holds it, unload it everywhere, then `on_released()`."""
         self.desired.pop(adapter.ref, None)
+        self._local_only.discard(adapter.ref)
         self._assign_homes()
         self.leases.retire(adapter, on_released)
+
+    def needs_loading(self, adapter: AdapterVersion) -> bool:
+        """A version this process has not loaded (registered elsewhere, or before it started) that no
+        server holds yet: loading it now beats waiting for the leader's next pass."""
+        if adapter.ref in self.desired or self.leases.retired(adapter):
+            return False
+        held = any(s.up and s.holds(adapter.ref) for s in self.states.values())
+        if held:
+            self.desired[adapter.ref] = adapter.path
+            self._assign_homes()
+        return not held
+
+    async def _registered(self, ref: str) -> bool:
+        registry = self.registry
+        assert registry is not None
+        return ref in {v.ref for v in await asyncio.to_thread(registry.all_versions)}
 
     def _retired_unused(self, adapter: AdapterVersion, on_released: Callable[[], Any] | None) -> None:
         self._retired[adapter.ref] = on_released
@@ -186,11 +243,12 @@ class FleetControl:
         return True
 
     def _release_unused(self, name: str) -> None:
-        """Unload a retired adapter from the servers where no request uses it; all done: call back."""
+        """Unload a retired adapter from the servers where no request uses it; all done: call back.
+        Shared by several lorags, the leader unloads it after `unload_grace_s` instead."""
         if name not in self._retired:
             return
         for state in self.states.values():
-            if name in state.loaded and not self._in_use.get((state.name, name)):
+            if not self.shared and name in state.loaded and not self._in_use.get((state.name, name)):
                 state.loaded.discard(name)
                 self._background(self._unload(state, name))
         if not any(self._in_use.get((s, name)) for s in self.states):
@@ -230,7 +288,8 @@ class FleetControl:
     # -- reconcile ---------------------------------------------------------------------
 
     async def reconcile(self, name: str) -> None:
-        """Make one server hold exactly the adapters it should: load the missing, unload the extra."""
+        """Make one server hold exactly the adapters it should: load the missing, unload the extra.
+        A follower only reads what the server holds; the leader repairs."""
         state = self.states[name]
         if not state.up:
             return
@@ -244,12 +303,18 @@ class FleetControl:
             state.base_id = base.get("id")
             state.max_model_len = base.get("max_model_len") or state.max_model_len
             held = {str(c["id"]) for c in cards if c.get("parent")}
+            if not self.leading:
+                state.loaded = held
+                state.ready = True
+                return
+            if self.shared:
+                await self._follow_registry()
             repairs = 0
             for adapter, path in list(self.desired.items()):
                 if adapter not in held:
                     repairs += await self._load(state, adapter, path)
-            extra = [a for a in held if a not in self.desired and not self._in_use.get((name, a))
-                     and not self.leases.holds(a)]
+            extra = self._unload_due(name, [a for a in held if a not in self.desired
+                                            and not self._in_use.get((name, a)) and not self.leases.holds(a)])
             for adapter in extra:
                 await self._unload(state, adapter)
             repairs += len(extra)
@@ -258,6 +323,36 @@ class FleetControl:
                 state.repairs += repairs
                 log.info("server_reconciled", server=name, repairs=repairs, loaded=len(state.loaded))
             state.ready = True
+
+    async def _follow_registry(self) -> None:
+        """The leader's view of what servers should hold: every registered version (plus what this
+        process loaded unregistered); a version removed through another replica leaves it."""
+        registry = self.registry
+        if registry is None:
+            return
+        registered = {v.ref: v.path for v in await asyncio.to_thread(registry.all_versions)}
+        before = set(self.desired)
+        for ref, path in registered.items():
+            self.desired.setdefault(ref, path)
+        for ref in list(self.desired):
+            if ref != self.null_name and ref not in registered and ref not in self._local_only:
+                del self.desired[ref]
+        if set(self.desired) != before:
+            self._assign_homes()
+
+    def _unload_due(self, server: str, extra: list[str]) -> list[str]:
+        """The extra adapters to unload now: all of them when lorag is alone; shared, those extra
+        for `unload_grace_s` (a request through another replica may still use one)."""
+        if not self.shared:
+            return extra
+        now = time.monotonic()
+        for key in [k for k in self._unwanted if k[0] == server and k[1] not in extra]:
+            del self._unwanted[key]
+        since = {a: self._unwanted.setdefault((server, a), now) for a in extra}
+        due = [a for a in extra if now - since[a] >= self.unload_grace_s]
+        for adapter in due:
+            del self._unwanted[(server, adapter)]
+        return due
 
     # -- status ------------------------------------------------------------------------
 

@@ -69,8 +69,8 @@ class RemoteEngine(FleetControl):
     async def generate(self, prompt_token_ids: list[int], params: Any, request_id: str,
                        adapter: AdapterVersion | None) -> AsyncGenerator[RemoteOutput, None]:
         """Stream one request from one server; before any output, a failed server is replaced."""
-        if adapter is not None and adapter.ref not in self.desired and not self.leases.retired(adapter):
-            await self.load_adapter(adapter)  # registered before this process started (chat, eval)
+        if adapter is not None and self.needs_loading(adapter):
+            await self.load_adapter(adapter)  # registered elsewhere or before this process started
         with self.leases.hold(adapter):  # the request's own lease, for callers that took none
             name = adapter.ref if adapter is not None else self.null_name
             whole = getattr(getattr(params, "output_kind", None), "name", "") == "FINAL_ONLY"
@@ -130,6 +130,7 @@ class RemoteEngine(FleetControl):
         request's own deadline still applies) instead of failing at once."""
         waited_from: float | None = None
         loop = asyncio.get_running_loop()
+        read_at = loop.time()
         while True:
             state = self.picker.pick(list(self.states.values()), name, exclude=tried)
             if state is not None:
@@ -141,6 +142,9 @@ class RemoteEngine(FleetControl):
                 log.warning("server_wait", adapter=name, tried=sorted(tried))
             if not set(self.states) - tried or loop.time() - waited_from >= self.fleet.wait_for_server_s:
                 raise EngineUnavailable(self._why_none(name, tried))
+            if not self.leading and loop.time() - read_at >= self.fleet.health_interval_s:
+                read_at = loop.time()  # a follower sees the leader's repairs only by looking
+                await self._reconcile_all()
             await asyncio.sleep(SERVER_POLL_S)
 
     def _why_none(self, name: str | None, tried: set[str]) -> str:

@@ -77,6 +77,10 @@ class FleetSettings(Strict):
     # Idle connections to a server are closed after this long: below the server's own keep-alive
     # (vLLM's is 5 s, VLLM_HTTP_TIMEOUT_KEEP_ALIVE), so lorag rarely writes to one the server closed.
     keepalive_s: float = Field(default=4.0, gt=0)
+    # Several lorags in front of the fleet: an adapter none of them wants any more (removed, or
+    # never registered) stays loaded this long before the leader unloads it, since a request
+    # through another replica may still use it. Default: server.limits.generation_timeout_s + 30.
+    unload_grace_s: float | None = Field(default=None, ge=0)
 
 
 def check_servers(backend: str, servers: list[FleetServer]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,8 @@ async def show_fleet(request: Request, _: Principal = Depends(require_admin)) ->
     servers = fleet_status(request)
     if servers is None:
         return {"backend": "local", "servers": []}
-    return {"backend": "remote", "servers": servers}
+    engine = request.app.state.pipeline.engine
+    return {"backend": "remote", "leader": engine.leading, "pid": os.getpid(), "servers": servers}
 
 
 def fleet_status(request: Request) -> list[dict[str, Any]] | None:

@@ -23,6 +23,7 @@ from lorag.adapters.service import AdapterService
 from lorag.config import Settings
 from lorag.finetune.files import FileStore
 from lorag.finetune.service import FineTuningService
+from lorag.fleet.control import FleetControl
 from lorag.improve.promotion import Promoter
 from lorag.logging import get_logger
 from lorag.loop.completions import CompletionStore
@@ -117,6 +118,8 @@ def create_app(settings: Settings, engine: ServingEngine | None = None) -> FastA
     engine = engine or build_engine(settings)
     pipeline = build_pipeline(settings, engine)
     adapters = AdapterService(settings, pipeline.registry, engine)
+    if isinstance(engine, FleetControl):
+        engine.registry = pipeline.registry  # the fleet's leader repairs servers from the shared registry
     files = FileStore(settings.state_path, settings.fine_tuning.max_file_bytes)
     fine_tuning = FineTuningService(settings, files, adapters, engine)
     fine_tuning.promoter = Promoter(pipeline, adapters)

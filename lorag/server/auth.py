@@ -33,6 +33,7 @@ from lorag.serving.principal import ANONYMOUS_ADMIN, Principal
 log = get_logger("lorag.auth")
 # Re-read keys.json at least this often even if its stat looks unchanged (belt and braces).
 MAX_AGE_S = 10.0
+RETRY_S = 1.0  # after the key store failed, how long requests get that error before it is asked again
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class Keyring:
         self._signature: object = None
         self._loaded_at = float("-inf")
         self._entries = list(self._config)
+        self._failure: tuple[float, KeyStoreError] | None = None  # the store's last failure, and when
 
     def entries(self) -> list[KeyEntry]:
         """Current keys; a stat per call, a re-read only when keys.json changed (or is getting old)."""
@@ -106,7 +108,7 @@ class Keyring:
         if signature != self._signature or time.monotonic() - self._loaded_at > MAX_AGE_S:
             with self._lock:
                 if signature != self._signature or time.monotonic() - self._loaded_at > MAX_AGE_S:
-                    self._entries = self._config + self._load_store()
+                    self._entries = self._config + self._load_store_or_fail()
                     if signature != self._signature:
                         log.info("api_keys_loaded", config=len(self._config), stored=len(self._entries) - len(self._config))
                     self._signature = signature
@@ -116,6 +118,30 @@ class Keyring:
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
+
+    def config_principal(self, authorization: str | None) -> Principal | None:
+        """A lorag.toml key: known without the store, so it goes on working while the store cannot
+        be read (a stored key is refused then: its revocation cannot be checked)."""
+        if not self._config:
+            return None
+        try:
+            return identify(self._config, authorization, required=True)
+        except AuthenticationError:
+            return None
+
+    def _load_store_or_fail(self) -> list[KeyEntry]:
+        """The store's keys; after a failure, the same error for RETRY_S without asking again (a
+        database that is gone would otherwise cost every request its connect timeout)."""
+        now = time.monotonic()
+        if self._failure is not None and now - self._failure[0] < RETRY_S:
+            raise self._failure[1]
+        try:
+            entries = self._load_store()
+        except KeyStoreError as err:
+            self._failure = (now, err)
+            raise
+        self._failure = None
+        return entries
 
     def _load_store(self) -> list[KeyEntry]:
         assert self._store is not None
@@ -141,7 +167,16 @@ async def require_key(request: Request) -> Principal:
     """FastAPI dependency: any valid key (or none configured). Async, as are the others here: a
     stat and a hash on the event loop cost less than the thread hop FastAPI gives a plain def."""
     required = bool(getattr(request.app.state, "keys_required", False))
-    return identify(keyring(request).entries(), request.headers.get("authorization"), required=required)
+    ring = keyring(request)
+    authorization = request.headers.get("authorization")
+    try:
+        entries = ring.entries()
+    except KeyStoreError:
+        principal = ring.config_principal(authorization)
+        if principal is None:
+            raise
+        return principal
+    return identify(entries, authorization, required=required)
 
 
 async def require_admin(request: Request) -> Principal:

@@ -26,6 +26,8 @@ def is_loopback(host: str) -> bool:
 @click.option("--host", help="Bind address (default 127.0.0.1).")
 @click.option("--port", type=int, help="Port (default 8000).")
 @click.option("--api-key", "api_keys", multiple=True, help="Admin API key clients must send (repeatable).")
+@click.option("--workers", type=click.IntRange(1, 64),
+              help="Processes serving the port (default 1; above 1 with the remote backend only).")
 def serve(**flags: Any) -> None:
     """Serve the base model and its adapters on an OpenAI-compatible API."""
     import uvicorn
@@ -49,6 +51,13 @@ def serve(**flags: Any) -> None:
                    "(or set server.api_keys) to require keys and listen on other addresses.", err=True)
         host = host if is_loopback(host) else "127.0.0.1"
     listener = bind_listener(host, settings.server.port)  # the port is ours before the engine's long start
+    if settings.server.workers > 1:
+        from lorag.server.workers import serve_workers
+
+        click.echo(f"lorag serving {settings.model.served_name} on http://{host}:{settings.server.port}/v1 "
+                   f"with {settings.server.workers} workers", err=True)
+        serve_workers(settings, listener, has_keys)
+        return
     app = create_app(settings)
     app.state.keys_required = has_keys  # keys at start: never fall back to open access (e.g. all revoked)
     click.echo(f"lorag serving {settings.model.served_name} on http://{host}:{settings.server.port}/v1", err=True)

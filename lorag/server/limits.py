@@ -93,9 +93,10 @@ class Limiter:
     of every limit (never unlimited), and tries Redis again after RETRY_S.
     """
 
-    def __init__(self, settings: LimitsSettings, shared: SharedCounts | None = None) -> None:
+    def __init__(self, settings: LimitsSettings, shared: SharedCounts | None = None, processes: int = 1) -> None:
         self.settings = settings
         self.shared = shared
+        self.processes = processes  # `--workers N` counting here: each enforces 1/N
         self.in_flight: dict[str, int] = {}  # this replica's requests in flight, for metrics and local slots
         self.windows: dict[str, deque[float]] = {}
         self.buckets: dict[str, TokenBucket] = {}
@@ -226,13 +227,18 @@ class Limiter:
                           "(server.limits.max_concurrent_per_key). Retry when one finishes.",
                           retry_after_s=1, kind="requests")
 
+    def _share(self) -> int:
+        """Into how many parts a limit counted here is split: 1/replicas while Redis is down,
+        1/workers for `--workers N` counting in memory, else the whole of it."""
+        return self.settings.replicas if self.shared is not None else self.processes
+
     def _local(self, budget: float) -> float:
-        """A limit as this replica enforces it alone: all of it, or 1/replicas while Redis is down."""
-        return budget if self.shared is None else budget / self.settings.replicas
+        """A limit as this process enforces it alone."""
+        return budget / self._share()
 
     def _local_count(self, budget: int) -> int:
         """The same for a count: at least 1, never 0 (0 would mean unlimited)."""
-        return budget if self.shared is None else max(1, budget // self.settings.replicas)
+        return max(1, budget // self._share()) if self._share() > 1 else budget
 
     def _lease_s(self) -> float:
         """How long a shared slot outlives a replica killed while holding it."""
@@ -270,7 +276,7 @@ class Limiter:
 def install(app: FastAPI) -> None:
     settings: LimitsSettings = app.state.settings.server.limits
     shared = SharedCounts(settings.redis_url, settings.redis_timeout_s) if settings.backend == "redis" else None
-    app.state.limiter = Limiter(settings, shared)
+    app.state.limiter = Limiter(settings, shared, processes=app.state.settings.server.workers)
 
 
 async def admission(request: Request, principal: Principal = Depends(require_key)) -> AsyncIterator[None]:
