@@ -51,6 +51,7 @@ from lorag.finetune.request import (
 from lorag.finetune.runner import JobRunner
 from lorag.logging import get_logger
 from lorag.serving.resolution import may_name
+from lorag.state.leader import jobs_leadership
 
 if TYPE_CHECKING:
     from lorag.adapters.service import AdapterService
@@ -74,7 +75,9 @@ class FineTuningService:
         self.adapters = adapters
         self.engine = engine
         self.store = JobStore(settings.state_path)
-        self.runner = JobRunner(settings.fine_tuning, self.store, self._validate, self._finish, self._fail)
+        # Workers sharing the state directory: one runner works the queue, the others stand by.
+        self.runner = JobRunner(settings.fine_tuning, self.store, self._validate, self._finish, self._fail,
+                                jobs_leadership(settings))
         self.promoter: Gate | None = None  # set by the server (lorag.improve.promotion.Promoter)
 
     # -- create ----------------------------------------------------------------------------
