@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import statistics
 import subprocess
@@ -136,14 +137,20 @@ def keep_off(cores: set[int], server: VllmServer) -> set[int]:
     return rest
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU of a process and its children alive now (a `--workers` lorag is a parent and N workers)."""
+def cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU per process of a process tree (a `--workers` lorag is a parent and N workers)."""
     process = psutil.Process(pid)
-    total = 0.0
+    seconds = {}
     for member in [process, *process.children(recursive=True)]:
-        times = member.cpu_times()
-        total += times.user + times.system
-    return total
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = member.cpu_times()
+            seconds[member.pid] = times.user + times.system
+    return seconds
+
+
+def cpu_spent(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU the processes alive at both looks spent between them (one that came or went is left out)."""
+    return sum(after[pid] - before[pid] for pid in before.keys() & after.keys())
 
 
 def overhead(args: argparse.Namespace, model: Path, adapters: dict[str, Path], workdir: Path) -> None:
@@ -195,11 +202,12 @@ class Row:
 def measure(server: VllmServer, lorag_pid: int | None, url: str, models: list[str], args: argparse.Namespace) -> Row:
     """One load on `url`, with the CPU the server's API process and lorag (when in front) spent on it."""
     tokens = args.requests * args.tokens
-    api_before = cpu_seconds(server.process.pid)
-    lorag_before = cpu_seconds(lorag_pid) if lorag_pid else 0.0
+    api_before = psutil.Process(server.process.pid).cpu_times()
+    lorag_before = cpu_seconds(lorag_pid) if lorag_pid else {}
     tps, ttft = run_load(url, models, args)
-    api_cpu = 1000 * (cpu_seconds(server.process.pid) - api_before) / tokens
-    lorag_cpu = 1000 * (cpu_seconds(lorag_pid) - lorag_before) / tokens if lorag_pid else 0.0
+    api_after = psutil.Process(server.process.pid).cpu_times()
+    api_cpu = 1000 * (api_after.user + api_after.system - api_before.user - api_before.system) / tokens
+    lorag_cpu = 1000 * cpu_spent(lorag_before, cpu_seconds(lorag_pid)) / tokens if lorag_pid else 0.0
     return Row(tps, ttft, api_cpu, lorag_cpu)
 
 

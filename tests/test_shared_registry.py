@@ -145,3 +145,35 @@ def test_with_the_database_gone_a_replica_serves_the_versions_it_last_read(tmp_p
             assert a.pipeline.registry.resolve("steady").ref == "steady@v1"
         finally:
             postgres.start()
+
+
+def test_a_removed_versions_files_outlive_the_grace_and_orphans_are_swept(
+        tmp_path: Path, postgres: PostgresServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another replica may still load a version it resolved just before the removal: its files stay
+    for the grace (the deadline, plus a margin, shortened here), then go; a folder left by a replica
+    that stopped before its timer fired is swept at the next start, a fresh one is left alone."""
+    import lorag.adapters.leases
+
+    monkeypatch.setattr(lorag.adapters.leases, "REMOVAL_MARGIN_S", 1.0)
+    state = {"backend": "postgres", "url": postgres.database("registry_files"), "shared_dir": str(tmp_path / "shared")}
+    settings = echo_settings(tmp_path / "replica", state=state, server={"limits": {"generation_timeout_s": 1}})
+    with echo_server(settings) as a:
+        a.pipeline.registry.register("kept", adapter_folder(tmp_path, "k1"), INFO, version="v1")
+        a.pipeline.registry.register("kept", adapter_folder(tmp_path, "k2"), INFO, version="v2")
+        folder = Path(a.pipeline.registry.resolve("kept@v1").path)
+        removed = httpx.delete(f"{a.url}/admin/adapters/kept?version=v1", timeout=60,
+                               headers={"authorization": f"Bearer {ADMIN_KEY}"})
+        assert removed.status_code == 200, removed.text
+        assert folder.is_dir()  # still there for a replica that resolved it a moment ago
+        deadline = time.monotonic() + WAIT_S
+        while folder.exists():
+            assert time.monotonic() < deadline, "the removed version's files were never deleted"
+            time.sleep(0.1)
+        service = a.app.state.adapters
+        root = a.pipeline.registry.root
+        stale, fresh = root / "gone" / "v1", root / "gone" / "v2"
+        for orphan in (stale, fresh):
+            orphan.mkdir(parents=True)
+        os.utime(stale, (time.time() - 3600, time.time() - 3600))
+        assert service.sweep() == [stale]
+        assert fresh.is_dir() and Path(a.pipeline.registry.resolve("kept@v2").path).is_dir()

@@ -15,9 +15,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorag.adapters.registry import AdapterVersion
+
+if TYPE_CHECKING:
+    from lorag.config import Settings
+
+REMOVAL_MARGIN_S = 30.0  # beyond a request's deadline: a replica that learns of a removal late
+NO_DEADLINE_GRACE_S = 3600.0  # requests without a generation deadline
+
+
+def removal_grace_s(settings: Settings) -> float:
+    """How long a removed version stays usable when replicas share it (loaded on the fleet's
+    servers, its files on the shared directory): another replica's request that resolved it just
+    before the removal may run until its deadline."""
+    timeout = settings.server.limits.generation_timeout_s
+    return timeout + REMOVAL_MARGIN_S if timeout else NO_DEADLINE_GRACE_S
 
 # Called once a retired version has no lease left: (the version, the caller's on_released or None).
 Release = Callable[[AdapterVersion, Callable[[], Any] | None], None]

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import shutil
+import threading
+import time
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
+from lorag.adapters.leases import removal_grace_s
 from lorag.adapters.registry import AdapterRegistry, AdapterVersion, check_name, version_to_json
 from lorag.adapters.validate import check_inside_roots, model_module_names, validate_adapter
 from lorag.config import Settings
@@ -96,9 +100,45 @@ class AdapterService:
         return removed
 
     def _released(self, entry: AdapterVersion, then: Callable[[AdapterVersion], Any] | None) -> None:
-        self.registry.delete_files(entry)
+        if self.shared:
+            self._delete_later(entry)
+        else:
+            self.registry.delete_files(entry)
         if then is not None:
             then(entry)
+
+    @property
+    def shared(self) -> bool:
+        """Replicas share the registry and its files: another may still answer with a removed version."""
+        return self.settings.state.backend == "postgres"
+
+    @property
+    def grace_s(self) -> float:
+        """How long a removed version's files outlive its removal when replicas share them."""
+        return removal_grace_s(self.settings)
+
+    def _delete_later(self, entry: AdapterVersion) -> None:
+        timer = threading.Timer(self.grace_s, self.registry.delete_files, [entry])
+        timer.daemon = True  # a process that stops first leaves them to the next start's sweep
+        timer.start()
+        log.info("adapter_files_kept", adapter=entry.ref, for_s=self.grace_s)
+
+    def sweep(self) -> list[Path]:
+        """Delete version folders no registered version uses, older than the grace (removed by a
+        replica that stopped before its timer fired); fresh ones may be an add in progress."""
+        if not self.shared:
+            return []
+        used = {Path(entry.path).resolve() for entry in self.registry.all_versions()}
+        cutoff = time.time() - self.grace_s
+        swept = []
+        for folder in self.registry.root.glob("*/*"):
+            if folder.is_dir() and not folder.name.startswith(".") and folder.resolve() not in used \
+                    and folder.stat().st_mtime < cutoff:
+                shutil.rmtree(folder, ignore_errors=True)
+                swept.append(folder)
+        if swept:
+            log.info("adapter_files_swept", folders=[str(f) for f in swept])
+        return swept
 
     def list(self) -> list[dict[str, Any]]:
         current = {(e.name, e.version) for e in self.registry.current()}

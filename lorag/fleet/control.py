@@ -26,7 +26,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
-from lorag.adapters.leases import AdapterLeases, Lease
+from lorag.adapters.leases import AdapterLeases, Lease, removal_grace_s
 from lorag.errors import LoragError
 from lorag.fleet.client import ServerClient, ServerError
 from lorag.fleet.routing import Picker, ServerState
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 
 log = get_logger("lorag.fleet")
 ADMIN_TIMEOUT_S = 30.0  # loading an adapter reads its weights: give it time
-NO_DEADLINE_GRACE_S = 3600.0  # unload grace when requests have no generation deadline
 
 
 class AdapterRefused(LoragError):
@@ -90,8 +89,7 @@ class FleetControl:
         """How long an adapter no replica wants stays loaded: the longest a request elsewhere may run."""
         if self.fleet.unload_grace_s is not None:
             return self.fleet.unload_grace_s
-        timeout = self.settings.server.limits.generation_timeout_s
-        return timeout + 30 if timeout else NO_DEADLINE_GRACE_S
+        return removal_grace_s(self.settings)
 
     @property
     def loaded_adapters(self) -> int:

@@ -137,6 +137,7 @@ def create_app(settings: Settings, engine: ServingEngine | None = None) -> FastA
             if not engine.started:
                 await engine.start()
             await preload_adapters(settings, adapters)
+            await asyncio.to_thread(adapters.sweep)  # files of versions removed by a replica that stopped
             await fine_tuning.runner.start()  # after the engine: a job trained before a restart is registered now
         except BaseException:
             stop_warmup.set()
