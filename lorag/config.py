@@ -182,12 +182,15 @@ class AdaptersSettings(Strict):
 
 class StateSettings(Strict):
     """`[state]`: where shared state lives. The state directory is the embedded default; with
-    `backend = "postgres"` API keys live in PostgreSQL, shared by every replica (docs/scale.md)."""
+    `backend = "postgres"` API keys, the adapter registry, stored completions and feedback, and
+    fine-tuning files' and jobs' records live in PostgreSQL, their bytes under `shared_dir`,
+    shared by every replica (docs/scale.md)."""
 
     backend: Literal["files", "postgres"] = "files"
     url: str = Field(default="", description="postgresql://user@host/db (or ?host=/socket/dir) for backend postgres.")
     shared_dir: str = Field(
-        default="", description="A directory every replica mounts: adapter files (backend postgres; default: state_dir).")
+        default="", description="A directory every replica mounts: adapter files, fine-tuning files and job "
+                                "folders (backend postgres; default: state_dir).")
 
     @model_validator(mode="after")
     def _postgres_needs_a_url(self) -> StateSettings:

@@ -14,6 +14,8 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -210,6 +212,36 @@ def test_the_leader_repairs_a_server_that_lost_an_adapter(replicas: list[Server]
     assert ref in held(vllm)
     httpx.post(f"{vllm.url}/v1/unload_lora_adapter", json={"lora_name": ref}, timeout=60).raise_for_status()
     wait_for(lambda: ref in held(vllm), WAIT_S, f"{ref} loaded again by the leader")
+
+
+def lorag_keys(replica: Server, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lorag.cli", "keys", *args, "--config", str(replica.config_path)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def statuses(replicas: list[Server], secret: str, expected: int) -> list[int]:
+    """Each replica's answer to the key, once all give `expected` (or WAIT_S has passed)."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        got = [httpx.get(f"{r.api}/models", headers={"authorization": f"Bearer {secret}"}, timeout=60).status_code
+               for r in replicas]
+        if all(code == expected for code in got) or time.monotonic() > deadline:
+            return got
+        time.sleep(0.1)
+
+
+def test_a_key_created_through_one_replica_works_on_all_and_a_revoked_one_on_none_after_listeners_were_cut(
+        replicas: list[Server], postgres: PostgresServer) -> None:
+    a, b, c = replicas
+    made = lorag_keys(a, "create", "--name", "e2e")
+    assert made.returncode == 0, made.stderr
+    secret = made.stdout.strip()
+    assert statuses(replicas, secret, 200) == [200, 200, 200]
+    cut = postgres.sql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                       "WHERE application_name = 'lorag-listener'")
+    assert int(cut) >= 3  # every replica's LISTEN connection
+    assert lorag_keys(b, "revoke", "e2e").returncode == 0
+    assert statuses(replicas, secret, 401) == [401, 401, 401]
 
 
 def test_kill_9_of_the_leader_under_load_the_others_keep_serving_and_one_takes_over(

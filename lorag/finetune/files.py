@@ -5,6 +5,10 @@ meta.json are fsynced, and one rename makes the folder visible. Listing skips do
 crash mid-upload leaves only a partial folder nobody sees (sweep() removes it once it is old);
 deleting renames the folder out of sight first, for the same reason.
 
+Where the records live is the `FileRecords` given: meta.json beside the content (`DirRecords`,
+the default), or PostgreSQL for every replica (lorag.finetune.records_pg, `[state] backend =
+"postgres"`, the contents then under the shared directory); the bytes are handled here either way.
+
 A key sees only its own files and admins see all; any other file, expired or missing, is the
 same 404, so a key cannot learn that another's file exists. Everything is read from disk on each
 call: a worker process beside the server may add files (a job's results) at any time.
@@ -102,11 +106,73 @@ def not_found(file_id: str) -> FileNotFound:
     return FileNotFound(f"No such file: {file_id!r}.", param="file_id")
 
 
-class FileStore:
-    """Files under `<state_dir>/files`, refused past `max_bytes`; `clock` is the time expiry is judged by."""
+class FileRecords(Protocol):
+    """Where the files' records (meta) live; the contents are `<root>/<file-id>/content` either way."""
 
-    def __init__(self, state_dir: Path, max_bytes: int, *, clock: Callable[[], float] = time.time) -> None:
-        self.root = Path(state_dir) / FILES_DIR
+    root: Path
+
+    def publish(self, folder: Path, meta: dict[str, Any]) -> None:
+        """Make a staged folder (its content fsynced) the file `meta["id"]`, with its record, or raise."""
+
+    def read(self, file_id: str) -> dict[str, Any] | None: ...
+
+    def all(self) -> builtins.list[dict[str, Any]]: ...
+
+    def rewrite(self, meta: dict[str, Any]) -> None:
+        """A live file's record changed (its size, after replace_content)."""
+
+    def remove(self, file_id: str) -> bool:
+        """Record and content gone; False when it was already gone."""
+
+
+class DirRecords:
+    """Each file's record as meta.json in its folder: the folder's one rename publishes both."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def publish(self, folder: Path, meta: dict[str, Any]) -> None:
+        _write_meta(folder / "meta.json", meta)
+        fsync_path(folder)
+        os.rename(folder, self.root / meta["id"])
+        fsync_path(self.root)
+
+    def read(self, file_id: str) -> dict[str, Any] | None:
+        try:
+            with open(self.root / file_id / "meta.json", encoding="utf-8") as handle:
+                meta: dict[str, Any] = json.load(handle)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as err:  # never written half (see above): a damaged disk
+            log.warning("file_meta_unreadable", file_id=file_id, error=repr(err))
+            return None
+        return meta
+
+    def all(self) -> builtins.list[dict[str, Any]]:
+        try:
+            names = [entry.name for entry in os.scandir(self.root) if FILE_ID_RE.match(entry.name)]
+        except FileNotFoundError:
+            return []
+        return [meta for meta in map(self.read, names) if meta is not None]
+
+    def rewrite(self, meta: dict[str, Any]) -> None:
+        folder = self.root / meta["id"]
+        _write_meta(folder / ".meta.new", meta)
+        os.replace(folder / ".meta.new", folder / "meta.json")
+        fsync_path(folder)
+
+    def remove(self, file_id: str) -> bool:
+        return remove_folder(self.root, file_id)
+
+
+class FileStore:
+    """Files under `<state_dir>/files` (or where `records` keeps them), refused past `max_bytes`;
+    `clock` is the time expiry is judged by."""
+
+    def __init__(self, state_dir: Path, max_bytes: int, *, clock: Callable[[], float] = time.time,
+                 records: FileRecords | None = None) -> None:
+        self.records: FileRecords = records or DirRecords(Path(state_dir) / FILES_DIR)
+        self.root = self.records.root
         self.max_bytes = max_bytes
         self.clock = clock
 
@@ -148,7 +214,7 @@ class FileStore:
 
     def commit(self, staged: Staged, *, filename: str, purpose: str, owner: str, expires_after_s: int | None,
                purposes: tuple[str, ...] = UPLOAD_PURPOSES) -> dict[str, Any]:
-        """Make a staged file visible (meta.json, fsync, one rename); any failure discards it."""
+        """Make a staged file visible (its record published); any failure discards it."""
         try:
             check_purpose(purpose, purposes)
             check_expiry(expires_after_s)
@@ -158,13 +224,7 @@ class FileStore:
                     "status_details": None,
                     "expires_at": now + expires_after_s if expires_after_s is not None else None,
                     "owner": owner, "created_ns": time.time_ns()}
-            with open(staged.folder / "meta.json", "w", encoding="utf-8") as handle:
-                json.dump(meta, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            fsync_path(staged.folder)
-            os.rename(staged.folder, self.root / staged.id)
-            fsync_path(self.root)
+            self.records.publish(staged.folder, meta)
         except BaseException:
             self.discard(staged)
             raise
@@ -204,12 +264,7 @@ class FileStore:
                 _finish(handle, data)
             os.replace(fresh, folder / "content")
             meta["bytes"] = len(data)
-            with open(folder / ".meta.new", "w", encoding="utf-8") as handle:
-                json.dump(meta, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(folder / ".meta.new", folder / "meta.json")
-            fsync_path(folder)
+            self.records.rewrite(meta)
         except FileNotFoundError:  # deleted meanwhile
             return False
         log.info("file_rewritten", file_id=file_id, bytes=len(data))
@@ -264,10 +319,8 @@ class FileStore:
         """Every live file's meta, and how many expired ones were deleted on the way (stale partials go too)."""
         live: builtins.list[dict[str, Any]] = []
         expired = 0
-        for file_id in self._names():
-            meta = self._read(file_id)
-            if meta is None:
-                continue
+        for meta in self.records.all():
+            file_id = meta["id"]
             if self._expired(meta):
                 if self._remove(file_id):
                     log.info("file_expired", file_id=file_id)
@@ -286,37 +339,14 @@ class FileStore:
             raise not_found(file_id)
         return meta
 
-    def _names(self) -> builtins.list[str]:
-        try:
-            return [entry.name for entry in os.scandir(self.root) if FILE_ID_RE.match(entry.name)]
-        except FileNotFoundError:
-            return []
-
     def _read(self, file_id: str) -> dict[str, Any] | None:
-        if not FILE_ID_RE.match(file_id):
-            return None
-        try:
-            with open(self.root / file_id / "meta.json", encoding="utf-8") as handle:
-                meta: dict[str, Any] = json.load(handle)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as err:  # never written half (see above): a damaged disk
-            log.warning("file_meta_unreadable", file_id=file_id, error=repr(err))
-            return None
-        return meta
+        return self.records.read(file_id) if FILE_ID_RE.match(file_id) else None
 
     def _expired(self, meta: dict[str, Any]) -> bool:
         return meta.get("expires_at") is not None and meta["expires_at"] <= self.clock()
 
     def _remove(self, file_id: str) -> bool:
-        """Out of sight in one rename, then removed; False when it was already gone."""
-        hidden = self.root / f".{file_id}.deleting.{secrets.token_hex(4)}"
-        try:
-            os.rename(self.root / file_id, hidden)
-        except FileNotFoundError:
-            return False
-        shutil.rmtree(hidden, ignore_errors=True)
-        return True
+        return self.records.remove(file_id)
 
     def _clear_stale(self) -> None:
         """Partial or half-deleted folders left by a crash, once nothing can still be writing them."""
@@ -330,6 +360,24 @@ class FileStore:
             with contextlib.suppress(OSError):
                 if max([folder.stat().st_mtime] + [p.stat().st_mtime for p in folder.iterdir()]) < cutoff:
                     shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_folder(root: Path, file_id: str) -> bool:
+    """A file's folder out of sight in one rename, then removed; False when it was already gone."""
+    hidden = root / f".{file_id}.deleting.{secrets.token_hex(4)}"
+    try:
+        os.rename(root / file_id, hidden)
+    except FileNotFoundError:
+        return False
+    shutil.rmtree(hidden, ignore_errors=True)
+    return True
+
+
+def _write_meta(path: Path, meta: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(meta, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def public(meta: dict[str, Any]) -> dict[str, Any]:

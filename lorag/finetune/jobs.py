@@ -13,6 +13,13 @@
 
 A job directory appears whole (filled under a staging name, then renamed), so the queue never
 holds a job without its data.
+
+Where the records live is the `JobRecords` given: job.json itself (`DirJobRecords`, the default),
+or a PostgreSQL row for every replica (lorag.finetune.records_pg, `[state] backend = "postgres"`,
+the directories then under the shared directory; job.json is then the row's copy for the worker,
+which reads its settings there). A record changes by read-change-write under a lock every process
+honours: an flock on the job's job.lock, or the row's lock; so a cancel from one process is never
+overwritten by another's progress update.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from lorag.adapters.checkpoints import write_dir_atomically, write_json_atomically
 from lorag.adapters.data import DataFileError
@@ -33,6 +40,7 @@ from lorag.errors import NotFoundError
 from lorag.finetune.naming import new_id
 
 JOB_FILE = "job.json"
+JOB_LOCK = "job.lock"  # flocked around each change of job.json (files backend)
 EVENTS_FILE = "events.jsonl"
 WORKER_FILE = "worker.json"
 WORKER_LOG = "worker.log"
@@ -59,10 +67,74 @@ def public(record: dict[str, Any]) -> dict[str, Any]:
     return {key: record.get(key) for key in PUBLIC}
 
 
+class JobRecords(Protocol):
+    """Where the jobs' records live; a job is known by its directory (its name is the job's id)."""
+
+    def create(self, job_dir: Path, record: dict[str, Any], fill: Callable[[Path], None]) -> None:
+        """The directory, whole (`fill(staging)` copies the data in), then its record."""
+
+    def read(self, job_dir: Path) -> dict[str, Any] | None: ...
+
+    def update(self, job_dir: Path, changes: dict[str, Any]) -> dict[str, Any] | None:
+        """Atomic read-change-write against every process; None when there is no such job."""
+
+    def all(self, root: Path) -> list[dict[str, Any]]: ...
+
+
+class DirJobRecords:
+    """job.json in each job directory; changes under an flock on the job's job.lock."""
+
+    def create(self, job_dir: Path, record: dict[str, Any], fill: Callable[[Path], None]) -> None:
+        write_dir_atomically(job_dir, with_record(record, fill))
+
+    def read(self, job_dir: Path) -> dict[str, Any] | None:
+        path = job_dir / JOB_FILE
+        if not path.is_file():
+            return None
+        record: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        return record
+
+    def update(self, job_dir: Path, changes: dict[str, Any]) -> dict[str, Any] | None:
+        if not (job_dir / JOB_FILE).is_file():
+            return None
+        with _locked(job_dir / JOB_LOCK):  # other processes on this state directory take turns too
+            record = self.read(job_dir)
+            if record is None:
+                return None
+            record.update(changes)
+            write_json_atomically(job_dir / JOB_FILE, record)
+            return record
+
+    def all(self, root: Path) -> list[dict[str, Any]]:
+        records = []
+        for child in root.iterdir():
+            if child.is_dir() and not child.name.startswith("."):
+                try:
+                    found = self.read(child)
+                except (OSError, json.JSONDecodeError):
+                    continue
+                if found is not None:
+                    records.append(found)
+        return records
+
+
+def with_record(record: dict[str, Any], fill: Callable[[Path], None]) -> Callable[[Path], None]:
+    """`fill`, then the record written as job.json into the staging directory."""
+
+    def build(staging: Path) -> None:
+        fill(staging)
+        (staging / JOB_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
+
+    return build
+
+
 class JobStore:
-    def __init__(self, state_dir: Path) -> None:
+    """The jobs under `<state_dir>/fine_tuning/jobs`, their records where `records` keeps them."""
+
+    def __init__(self, state_dir: Path, records: JobRecords | None = None) -> None:
         self.root = state_dir / "fine_tuning" / "jobs"
         self.root.mkdir(parents=True, exist_ok=True)
+        self.records: JobRecords = records or DirJobRecords()
         self._lock = threading.RLock()
         self._events: dict[str, tuple[int, list[dict[str, Any]]]] = {}  # job id -> (bytes read, events)
 
@@ -73,40 +145,28 @@ class JobStore:
 
     def create(self, record: dict[str, Any], fill: Callable[[Path], None]) -> dict[str, Any]:
         """A new job directory, whole: `fill(staging)` copies its data in, then the record is written."""
-
-        def build(staging: Path) -> None:
-            fill(staging)
-            (staging / JOB_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
-
         with self._lock:
-            write_dir_atomically(self.dir_of(record["id"]), build)
+            self.records.create(self.dir_of(record["id"]), record, fill)
         return record
 
     def get(self, job_id: str) -> dict[str, Any]:
-        path = self.dir_of(job_id) / JOB_FILE
-        if not job_id.startswith("ftjob-") or "/" in job_id or not path.is_file():
-            raise JobNotFound(f"No fine-tuning job '{job_id}'.", param="fine_tuning_job_id")
-        record: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        record = self.records.read(self.dir_of(job_id)) if _well_formed(job_id) else None
+        if record is None:
+            raise _not_found(job_id)
         return record
 
     def update(self, job_id: str, **changes: Any) -> dict[str, Any]:
-        """Change fields of a record (read, change, write atomically, under the store's lock)."""
+        """Change fields of a record: read, change and write as one step for every process (the
+        store's thread lock, and the records' own lock across processes)."""
         with self._lock:
-            record = self.get(job_id)
-            record.update(changes)
-            write_json_atomically(self.dir_of(job_id) / JOB_FILE, record)
+            record = self.records.update(self.dir_of(job_id), changes) if _well_formed(job_id) else None
+            if record is None:
+                raise _not_found(job_id)
             return record
 
     def all(self) -> list[dict[str, Any]]:
         """Every job, oldest first (the queue's order)."""
-        records = []
-        for child in self.root.iterdir():
-            if child.is_dir() and not child.name.startswith(".") and (child / JOB_FILE).is_file():
-                try:
-                    records.append(self.get(child.name))
-                except (OSError, json.JSONDecodeError):
-                    continue
-        return sorted(records, key=lambda r: (r.get("created_ns", r["created_at"] * 10**9), r["id"]))
+        return sorted(self.records.all(self.root), key=queue_order)
 
     # -- events --------------------------------------------------------------------------
 
@@ -133,6 +193,18 @@ class JobStore:
                     continue
             self._events[job_id] = (offset + len(complete), found)
             return found[::-1]
+
+
+def queue_order(record: dict[str, Any]) -> tuple[int, str]:
+    return int(record.get("created_ns") or record["created_at"] * 10**9), str(record["id"])
+
+
+def _well_formed(job_id: str) -> bool:
+    return job_id.startswith("ftjob-") and "/" not in job_id
+
+
+def _not_found(job_id: str) -> JobNotFound:
+    return JobNotFound(f"No fine-tuning job '{job_id}'.", param="fine_tuning_job_id")
 
 
 def add_event(job_dir: Path, message: str, *, level: Level = "info", kind: Literal["message", "metrics"] = "message",

@@ -171,6 +171,9 @@ class JobRunner:
         for record in await asyncio.to_thread(self.store.all):  # every job's record: file reads
             if record["status"] == "validating_files":
                 await self._validate(record)
+            elif record["id"] in self.workers and record.get("stop_requested") in ASKED \
+                    and record["id"] not in self._stopping:
+                self.signal(record["id"], record["stop_requested"])  # asked on a host that cannot reach the worker
             elif record["status"] == "running" and record["id"] in self.workers:
                 self._refresh(record)
         free = self.settings.max_concurrent - len(self.workers)

@@ -32,7 +32,6 @@ from lorag.finetune.jobs import (
     TRAINING_DATA,
     VALIDATION_DATA,
     JobNotFound,
-    JobStore,
     add_event,
     copy_data,
     data_error,
@@ -49,6 +48,7 @@ from lorag.finetune.request import (
     resolve,
 )
 from lorag.finetune.runner import JobRunner
+from lorag.finetune.stores import open_job_store
 from lorag.logging import get_logger
 from lorag.serving.resolution import may_name
 from lorag.state.leader import jobs_leadership
@@ -74,7 +74,7 @@ class FineTuningService:
         self.files = files
         self.adapters = adapters
         self.engine = engine
-        self.store = JobStore(settings.state_path)
+        self.store = open_job_store(settings)  # the state directory's, or shared by every replica
         # Workers sharing the state directory: one runner works the queue, the others stand by.
         self.runner = JobRunner(settings.fine_tuning, self.store, self._validate, self._finish, self._fail,
                                 jobs_leadership(settings))

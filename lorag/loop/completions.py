@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from lorag.errors import NotFoundError
-from lorag.loop.database import Database
+from lorag.loop.database import LoopDatabase
 
 Order = Literal["asc", "desc"]
 DAY_S = 86_400
@@ -69,7 +69,7 @@ def missing(completion_id: str) -> NotFoundError:
 class CompletionStore:
     """Stored completions in the loop database; `owner=None` is an admin's view of every key's."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: LoopDatabase) -> None:
         self.db = db
 
     def add(self, *records: StoredCompletion) -> list[str]:
@@ -78,18 +78,22 @@ class CompletionStore:
         An id already stored (a client that sent the same x-request-id twice) keeps its first record;
         the ids left out are returned, and the rest of the batch is stored all the same.
         """
+        if not records:
+            return []
         rows = [(record.id, record.owner, record.created, record.expires_at, record.model, record.domain,
                  record.adapter, record.prompt_hash, _dump(record.metadata), _dump(record.messages),
                  _dump(record.response), _dump(record.context)) for record in records]
         with self.db.transaction() as conn:
             written = conn.executemany(
-                "INSERT OR IGNORE INTO completions (id, owner, created, expires_at, model, domain, adapter, prompt_hash, "
-                "metadata, messages, response, context) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows).rowcount
+                "INSERT INTO completions (id, owner, created, expires_at, model, domain, adapter, prompt_hash, "
+                "metadata, messages, response, context) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                rows).rowcount
             if written == len(records):
                 return []
             # The rare case: which were left out. The first record of an id won; it is ours if its response is.
-            stored = dict(conn.execute(f"SELECT id, response FROM completions WHERE id IN ({','.join('?' * len(rows))})",
-                                       [row[0] for row in rows]).fetchall())
+            found = conn.execute(f"SELECT id, response FROM completions WHERE id IN ({','.join('?' * len(rows))})",
+                                 [row[0] for row in rows]).fetchall()
+            stored = {row["id"]: row["response"] for row in found}
         kept: set[str] = set()
         left_out = []
         for row in rows:
@@ -157,7 +161,7 @@ class CompletionStore:
             where.append("model = ?")
             params.append(model)
         for key, value in (metadata or {}).items():
-            where.append("EXISTS (SELECT 1 FROM json_each(metadata) WHERE json_each.key = ? AND json_each.value = ?)")
+            where.append(self.db.metadata_clause)
             params.extend([key, value])
         return where, params
 

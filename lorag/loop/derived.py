@@ -10,23 +10,23 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
-from lorag.loop.database import Database
+from lorag.loop.database import LoopDatabase
 from lorag.loop.training_data import PROVENANCE
 
 
-def record_derived(db: Database, file_id: str, completion_ids: Iterable[str]) -> None:
+def record_derived(db: LoopDatabase, file_id: str, completion_ids: Iterable[str]) -> None:
     with db.transaction() as conn:
-        conn.executemany("INSERT OR IGNORE INTO derived (file_id, completion_id) VALUES (?, ?)",
+        conn.executemany("INSERT INTO derived (file_id, completion_id) VALUES (?, ?) ON CONFLICT DO NOTHING",
                          [(file_id, cid) for cid in set(completion_ids)])
 
 
-def files_from(db: Database, completion_id: str) -> list[str]:
+def files_from(db: LoopDatabase, completion_id: str) -> list[str]:
     """The training files that hold lines made from `completion_id`."""
     return [row["file_id"] for row in db.rows("SELECT file_id FROM derived WHERE completion_id = ? ORDER BY file_id",
                                               (completion_id,))]
 
 
-def forget(db: Database, completion_id: str) -> None:
+def forget(db: LoopDatabase, completion_id: str) -> None:
     with db.transaction() as conn:
         conn.execute("DELETE FROM derived WHERE completion_id = ?", (completion_id,))
 

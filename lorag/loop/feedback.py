@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from lorag.errors import LoragError
 from lorag.loop.completions import CompletionStore
-from lorag.loop.database import Database
+from lorag.loop.database import LoopDatabase
 
 Thumbs = Literal["up", "down"]
 MAX_TEXT = 32_768
@@ -76,7 +76,7 @@ def _text(value: str | None, param: str) -> str | None:
 class FeedbackStore:
     """Ratings and preferences in the loop database, next to the completions they are about."""
 
-    def __init__(self, db: Database, completions: CompletionStore) -> None:
+    def __init__(self, db: LoopDatabase, completions: CompletionStore) -> None:
         self.db = db
         self.completions = completions
 
@@ -138,7 +138,9 @@ class FeedbackStore:
 def _scope(columns: tuple[str, ...], ids: list[str] | None, owner: str | None) -> tuple[str, list[Any]]:
     """A WHERE clause: any of `columns` among `ids`, and written by `owner` (None: no filter)."""
     where, params = ["1 = 1"], []
-    if ids is not None:
+    if ids is not None and not ids:
+        where.append("1 = 0")  # `IN ()` is SQLite's only
+    elif ids is not None:
         marks = ",".join("?" * len(ids))
         where.append("(" + " OR ".join(f"{column} IN ({marks})" for column in columns) + ")")
         params.extend(ids * len(columns))

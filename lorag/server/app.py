@@ -21,13 +21,13 @@ from fastapi.responses import JSONResponse
 from lorag import __version__
 from lorag.adapters.service import AdapterService
 from lorag.config import Settings
-from lorag.finetune.files import FileStore
 from lorag.finetune.service import FineTuningService
+from lorag.finetune.stores import open_file_store
 from lorag.fleet.control import FleetControl
 from lorag.improve.promotion import Promoter
 from lorag.logging import get_logger
 from lorag.loop.completions import CompletionStore
-from lorag.loop.database import loop_database
+from lorag.loop.database_pg import open_loop_database
 from lorag.loop.feedback import FeedbackStore
 from lorag.server import (
     admin_api,
@@ -120,10 +120,10 @@ def create_app(settings: Settings, engine: ServingEngine | None = None) -> FastA
     adapters = AdapterService(settings, pipeline.registry, engine)
     if isinstance(engine, FleetControl):
         engine.registry = pipeline.registry  # the fleet's leader repairs servers from the shared registry
-    files = FileStore(settings.state_path, settings.fine_tuning.max_file_bytes)
+    files = open_file_store(settings)  # the state directory's, or shared by every replica
     fine_tuning = FineTuningService(settings, files, adapters, engine)
     fine_tuning.promoter = Promoter(pipeline, adapters)
-    loop_db = loop_database(settings.state_path)
+    loop_db = open_loop_database(settings)  # SQLite in the state directory, or [state] backend's PostgreSQL
     completions = CompletionStore(loop_db)
     recorder = CompletionRecorder(settings, completions)
 

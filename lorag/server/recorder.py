@@ -7,8 +7,9 @@ the answers finished: a record waits up to FLUSH_AFTER_S for others, and all of 
 one transaction (one commit and a few GIL hand-overs per batch, not per answer: each
 hand-over stalls the event loop; benchmarks/stored_completions.py). A read through the API
 first writes what is queued and waits for it, so a client that lists right after its answer
-sees it; shutting down writes it too. A failed write is logged, never turned into an error for a request that
-has already been answered.
+sees it (on the replica that answered; with `[state] backend = "postgres"` the others see it
+once its batch commits); shutting down writes it too. A failed write is logged, never turned
+into an error for a request that has already been answered.
 """
 
 from __future__ import annotations

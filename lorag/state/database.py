@@ -39,6 +39,74 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             doc  jsonb NOT NULL
         );
     """),
+    # The loop's records, column for column as in loop.sqlite3 (lorag.loop.database): the JSON is
+    # text, kept byte for byte as it was sent; `seq` is the insertion order lists page by.
+    (3, "loop records", """
+        CREATE TABLE completions (
+            seq          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            id           text NOT NULL UNIQUE,
+            owner        text NOT NULL,
+            created      bigint NOT NULL,
+            expires_at   bigint NOT NULL,
+            model        text NOT NULL,
+            domain       text,
+            adapter      text,
+            prompt_hash  text NOT NULL,
+            metadata     text NOT NULL,
+            messages     text NOT NULL,
+            response     text NOT NULL,
+            context      text NOT NULL
+        );
+        CREATE INDEX completions_by_owner ON completions (owner, seq);
+        CREATE INDEX completions_by_expiry ON completions (expires_at);
+        CREATE TABLE ratings (
+            seq            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            id             text NOT NULL UNIQUE,
+            completion_id  text NOT NULL REFERENCES completions (id) ON DELETE CASCADE,
+            owner          text NOT NULL,
+            score          double precision,
+            corrected      text,
+            comment        text,
+            created        bigint NOT NULL,
+            updated        bigint NOT NULL,
+            UNIQUE (completion_id, owner)
+        );
+        CREATE TABLE preferences (
+            seq       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            id        text NOT NULL UNIQUE,
+            chosen    text NOT NULL REFERENCES completions (id) ON DELETE CASCADE,
+            rejected  text NOT NULL REFERENCES completions (id) ON DELETE CASCADE,
+            pair      text NOT NULL,
+            owner     text NOT NULL,
+            comment   text,
+            created   bigint NOT NULL,
+            updated   bigint NOT NULL,
+            UNIQUE (pair, owner)
+        );
+        CREATE INDEX preferences_by_chosen ON preferences (chosen);
+        CREATE INDEX preferences_by_rejected ON preferences (rejected);
+        CREATE TABLE derived (
+            file_id        text NOT NULL,
+            completion_id  text NOT NULL,
+            PRIMARY KEY (completion_id, file_id)
+        );
+    """),
+    # Fine-tuning files' and jobs' records (lorag.finetune.records_pg), each the JSON document the
+    # files backend keeps as meta.json or job.json; their bytes stay under [state] shared_dir.
+    (4, "fine-tuning files and jobs", """
+        CREATE TABLE fine_tuning_files (
+            id          text PRIMARY KEY,
+            created_ns  bigint NOT NULL,
+            record      jsonb NOT NULL
+        );
+        CREATE INDEX fine_tuning_files_by_age ON fine_tuning_files (created_ns, id);
+        CREATE TABLE fine_tuning_jobs (
+            id          text PRIMARY KEY,
+            created_ns  bigint NOT NULL,
+            record      jsonb NOT NULL
+        );
+        CREATE INDEX fine_tuning_jobs_by_age ON fine_tuning_jobs (created_ns, id);
+    """),
 ]
 
 

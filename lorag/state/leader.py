@@ -36,6 +36,7 @@ log = get_logger("lorag.state")
 
 class Leadership(Protocol):
     held: bool
+    blocking: bool  # try_hold waits on the network: the keeper runs it in a thread
 
     def try_hold(self) -> bool:
         """Take the lock if free, or check it is still ours; blocking (call it in a thread)."""
@@ -45,6 +46,8 @@ class Leadership(Protocol):
 
 class FileLeadership:
     """flock on `path`: one holder among the processes of one host."""
+
+    blocking = False
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -72,6 +75,8 @@ class FileLeadership:
 
 class PostgresLeadership:
     """A session advisory lock on its own connection: one holder among every replica of a database."""
+
+    blocking = True
 
     def __init__(self, url: str, role: str) -> None:
         self.url = url
@@ -108,6 +113,7 @@ class AlwaysLeader:
     """A process alone: it leads without a lock."""
 
     held = True
+    blocking = False
 
     def try_hold(self) -> bool:
         return True
@@ -139,7 +145,8 @@ class LeaderKeeper:
 
     async def check(self) -> bool:
         before = self.leadership.held
-        now = await asyncio.to_thread(self.leadership.try_hold)
+        hold = self.leadership.try_hold
+        now = await asyncio.to_thread(hold) if self.leadership.blocking else hold()
         if now != before:
             log.info("leader_acquired" if now else "leader_lost", role=self.role, pid=os.getpid())
             for callback in self._listeners:
@@ -173,7 +180,10 @@ def fleet_leadership(settings: Settings) -> Leadership:
 
 
 def jobs_leadership(settings: Settings) -> Leadership:
-    """Among the processes sharing a state directory (its job queue): its lock."""
+    """Among the processes sharing the job queue: the database's lock (every replica's queue), or
+    the state directory's."""
+    if settings.state.backend == "postgres":
+        return PostgresLeadership(settings.state.url, "jobs")
     if settings.server.workers > 1:
         return FileLeadership(settings.state_path / "leader-jobs.lock")
     return AlwaysLeader()
