@@ -21,6 +21,7 @@ from lorag.adapters.registry import AdapterRegistry, AdapterVersion, check_name,
 from lorag.adapters.validate import check_inside_roots, model_module_names, validate_adapter
 from lorag.config import Settings
 from lorag.logging import get_logger
+from lorag.state.leader import has_peers
 
 log = get_logger("lorag.adapters")
 
@@ -109,8 +110,9 @@ class AdapterService:
 
     @property
     def shared(self) -> bool:
-        """Replicas share the registry and its files: another may still answer with a removed version."""
-        return self.settings.state.backend == "postgres"
+        """Replicas or workers share the registry and its files: another may still answer with a
+        removed version."""
+        return has_peers(self.settings)
 
     @property
     def grace_s(self) -> float:

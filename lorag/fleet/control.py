@@ -31,7 +31,7 @@ from lorag.errors import LoragError
 from lorag.fleet.client import ServerClient, ServerError
 from lorag.fleet.routing import Picker, ServerState
 from lorag.logging import get_logger
-from lorag.state.leader import LeaderKeeper, fleet_leadership, shares_fleet
+from lorag.state.leader import LeaderKeeper, fleet_leadership, has_peers
 
 if TYPE_CHECKING:
     from lorag.adapters.registry import AdapterRegistry, AdapterVersion
@@ -63,7 +63,7 @@ class FleetControl:
         self._tasks: list[asyncio.Task[None]] = []
         self._unloads: set[asyncio.Task[None]] = set()  # fire-and-forget, but referenced until done
         self._opened = False
-        self.shared = shares_fleet(settings)  # other lorags in front of the same servers
+        self.shared = has_peers(settings)  # other lorags in front of the same servers
         self.keeper = LeaderKeeper(fleet_leadership(settings), "fleet", self.fleet.health_interval_s)
         self.registry: AdapterRegistry | None = None  # set by the server: the leader follows it
         self._local_only: set[str] = set()  # loaded here, never registered (a fine-tuning canary)

@@ -165,8 +165,9 @@ class LeaderKeeper:
         await asyncio.to_thread(self.leadership.release)
 
 
-def shares_fleet(settings: Settings) -> bool:
-    """Whether other lorag processes may stand in front of the same servers (replicas, workers)."""
+def has_peers(settings: Settings) -> bool:
+    """Whether other lorag processes share this one's state and servers (replicas on PostgreSQL,
+    `--workers`): then what one removes, another may still be using."""
     return settings.state.backend == "postgres" or settings.server.workers > 1
 
 
