@@ -259,6 +259,12 @@ class Settings(Strict):
     def state_path(self) -> Path:
         return Path(self.state_dir).expanduser().resolve()
 
+    @property
+    def shared_path(self) -> Path:
+        """Where every replica finds the bytes of shared state: `[state] shared_dir`, else the state directory."""
+        shared = self.state.shared_dir
+        return Path(shared).expanduser().resolve() if shared else self.state_path
+
 
 def format_validation_error(err: ValidationError, source: str) -> str:
     """One line per problem: `source: key.path: what was expected`."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -74,5 +73,5 @@ def open_registry(settings: Settings, *, listen: bool = True) -> AdapterRegistry
     if settings.state.backend != "postgres":
         return AdapterRegistry(settings.state_path)
     document: RegistryDocument = RegistryRow(settings.state.url, listen=listen)
-    root = Path(settings.state.shared_dir).expanduser().resolve() if settings.state.shared_dir else settings.state_path
+    root = settings.shared_path
     return AdapterRegistry(root, document)

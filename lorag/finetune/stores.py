@@ -4,7 +4,6 @@ replica (`[state] backend = "postgres"`)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lorag.finetune.files import FileStore
@@ -17,19 +16,13 @@ if TYPE_CHECKING:
 SHARED_DIR = "fine_tuning"  # under the shared directory: files/<file-id>/content, jobs/<ftjob-id>/...
 
 
-def shared_root(settings: Settings) -> Path:
-    """Where every replica finds the blobs: `[state] shared_dir`, else the state directory."""
-    shared = settings.state.shared_dir
-    return Path(shared).expanduser().resolve() if shared else settings.state_path
-
-
 def open_file_store(settings: Settings) -> FileStore:
     max_bytes = settings.fine_tuning.max_file_bytes
     if settings.state.backend != "postgres":
         return FileStore(settings.state_path, max_bytes)
     from lorag.finetune.records_pg import CHANNEL, FileRows
 
-    root = shared_root(settings) / SHARED_DIR
+    root = settings.shared_path / SHARED_DIR
     return FileStore(root, max_bytes, records=FileRows(StateSession(settings.state.url, CHANNEL), root / "files"))
 
 
@@ -38,4 +31,4 @@ def open_job_store(settings: Settings) -> JobStore:
         return JobStore(settings.state_path)
     from lorag.finetune.records_pg import CHANNEL, JobRows
 
-    return JobStore(shared_root(settings), JobRows(StateSession(settings.state.url, CHANNEL)))
+    return JobStore(settings.shared_path, JobRows(StateSession(settings.state.url, CHANNEL)))

@@ -238,7 +238,7 @@ class Limiter:
 
     def _local_count(self, budget: int) -> int:
         """The same for a count: at least 1, never 0 (0 would mean unlimited)."""
-        return max(1, budget // self._share()) if self._share() > 1 else budget
+        return max(1, budget // self._share())
 
     def _lease_s(self) -> float:
         """How long a shared slot outlives a replica killed while holding it."""
